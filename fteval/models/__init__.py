@@ -1,0 +1,5 @@
+"""Models: loading (hub id | local folder | embedded GGUF), QLoRA and GRIT LightningModules, adapters."""
+
+from fteval.models.qlora import QLoRAModule
+
+__all__ = ["QLoRAModule"]

@@ -1,0 +1,396 @@
+"""AlignmentDataModule: training data (alignment-instructions schema) and the safety evaluation set (ACCD schema).
+
+One DataModule serves every LightningModule in fteval:
+
+* ``fit``/``validate``: instruction-tuning examples, formatted with the tokenizer's chat template,
+  loss on response tokens only, de-duplicated, split 90/10 with seed 42.
+* ``test``/``predict``: a balanced safe/unsafe sample of evaluation prompts, stratified by axiom,
+  formatted with the same standard prompt template for every model (AQI and behaviour).
+
+Data statistics (counts, token lengths, balance, duplicates removed, cross-dataset overlap,
+keyword-categoriser agreement) are written to ``<output_dir>/data_statistics.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import tempfile
+import unicodedata
+from collections import Counter
+from pathlib import Path
+from typing import Literal, Optional
+
+import lightning as L
+import numpy as np
+from sklearn.model_selection import train_test_split
+from torch.utils.data import DataLoader
+
+from fteval.data.formatting import Template, format_prompt, pad_batch, tokenize_example
+from fteval.data.safety import keyword_agreement
+from fteval.data.sources import DataSourceError, describe_source, load_records, require_columns
+
+log = logging.getLogger(__name__)
+
+# Presets map the alignment-instructions columns to (prompt, response). The spec trains
+# Prompt -> Instruction generated; "accepted" trains on the preferred answer instead.
+TRAIN_PRESETS = {
+    "instruction": ("Prompt", "Instruction generated"),
+    "accepted": ("Prompt", "Accepted Response"),
+}
+AXIOMS = (
+    "Civility & Tolerance",
+    "Duty & Accountability",
+    "Empathy & Helpfulness",
+    "Information Seeking",
+    "Justice & Rights",
+    "Well-being & Peace",
+    "Wisdom & Knowledge",
+)
+
+
+def normalise_text(text: str) -> str:
+    """Case-, whitespace- and punctuation-insensitive key used for near-duplicate detection."""
+    text = unicodedata.normalize("NFKC", str(text)).casefold()
+    text = re.sub(r"[^\w\s]", "", text)
+    return " ".join(text.split())
+
+
+def deduplicate(rows: list[dict], key_field: str) -> tuple[list[dict], dict]:
+    """Drop exact duplicate rows, then rows whose ``key_field`` repeats after normalisation (first kept)."""
+    seen_exact, seen_norm, kept = set(), set(), []
+    exact = near = 0
+    for row in rows:
+        exact_key = json.dumps(row, sort_keys=True, default=str)
+        if exact_key in seen_exact:
+            exact += 1
+            continue
+        seen_exact.add(exact_key)
+        norm = normalise_text(row[key_field])
+        if norm in seen_norm:
+            near += 1
+            continue
+        seen_norm.add(norm)
+        kept.append(row)
+    return kept, {"exact_duplicates_removed": exact, "normalised_duplicates_removed": near}
+
+
+def balanced_stratified_sample(
+    labels: list[int], strata: list[str], n_per_class: int, seed: int
+) -> tuple[list[int], int]:
+    """Indices of a class-balanced sample, stratified by ``strata`` within each class.
+
+    Each class gets ``min(n_per_class, size of the smaller class)`` rows so the sample stays
+    balanced; within a class rows are drawn in proportion to their stratum (sklearn's
+    ``train_test_split(stratify=...)``). Returns (sorted indices, per-class count).
+    """
+    labels_arr = np.asarray(labels)
+    by_class = {c: np.flatnonzero(labels_arr == c) for c in (0, 1)}
+    n = min(n_per_class, *(len(v) for v in by_class.values()))
+    chosen: list[int] = []
+    for c, idx in by_class.items():
+        if n >= len(idx):
+            chosen.extend(idx.tolist())
+            continue
+        sub_strata = [strata[i] for i in idx]
+        counts = Counter(sub_strata)
+        stratify = sub_strata if min(counts.values()) >= 2 and n >= len(counts) else None
+        take, _ = train_test_split(idx, train_size=n, stratify=stratify, random_state=seed)
+        chosen.extend(np.asarray(take).tolist())
+    return sorted(chosen), n
+
+
+def _length_stats(lengths: list[int]) -> dict:
+    if not lengths:
+        return {}
+    a = np.asarray(lengths)
+    return {
+        "min": int(a.min()),
+        "mean": round(float(a.mean()), 2),
+        "p50": float(np.percentile(a, 50)),
+        "p95": float(np.percentile(a, 95)),
+        "max": int(a.max()),
+    }
+
+
+def write_json_atomic(path: Path, payload: dict) -> None:
+    """Write JSON to a temp file in the same folder and rename it into place (never half-written)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(payload, fh, indent=2, default=str)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class AlignmentDataModule(L.LightningDataModule):
+    """Training data in the alignment-instructions schema and a safety evaluation set in the ACCD schema.
+
+    Args:
+        model_name_or_path: model whose tokenizer and chat template format the data ('embedded',
+            a folder or a hub id). The CLI links it to the model's ``model_name_or_path``.
+        train_source: 'sample' (bundled), 'hub' (Vaibhaav/alignment-instructions), a hub id or a
+            local .jsonl/.json/.csv/.parquet file.
+        train_preset: 'instruction' (Prompt -> Instruction generated, the spec's default) or
+            'accepted' (Prompt -> Accepted Response).
+        prompt_field: override the prompt column of the preset.
+        response_field: override the response column of the preset.
+        max_train_samples: keep at most this many training rows (after de-duplication).
+        val_fraction: validation share of the de-duplicated training rows.
+        eval_source: 'sample' (bundled), 'hub' (hasnat79/ACCD), a hub id or a local file.
+        eval_split: split of a hub evaluation dataset.
+        eval_text_field: column holding the evaluation prompt.
+        eval_label_field: column holding the safe/unsafe label.
+        eval_axiom_field: column used to stratify the sample (None: no stratification).
+        safe_values: label values meaning safe (compared case-insensitively as strings).
+        unsafe_values: label values meaning unsafe.
+        n_per_class: evaluation prompts per class (the smaller class caps it to stay balanced).
+        seed: seed of the train/validation split and the evaluation sample.
+        max_length: maximum tokens per training example (responses are truncated to fit).
+        batch_size: training and validation batch size per device.
+        eval_batch_size: evaluation (test) batch size per device.
+        num_workers: DataLoader workers.
+        template: 'auto' (tokenizer chat template if any), 'chat', or 'llama2-inst' (fallback).
+        system_prompt: optional system message for every prompt.
+        output_dir: where ``data_statistics.json`` is written.
+        cache_dir: model cache (embedded model materialisation).
+    """
+
+    def __init__(
+        self,
+        model_name_or_path: str = "embedded",
+        train_source: str = "sample",
+        train_preset: Literal["instruction", "accepted"] = "instruction",
+        prompt_field: Optional[str] = None,
+        response_field: Optional[str] = None,
+        max_train_samples: Optional[int] = None,
+        val_fraction: float = 0.1,
+        eval_source: str = "sample",
+        eval_split: str = "train",
+        eval_text_field: str = "input",
+        eval_label_field: str = "safety_label",
+        eval_axiom_field: Optional[str] = "axiom",
+        safe_values: tuple[str, ...] = ("safe", "0", "benign", "false"),
+        unsafe_values: tuple[str, ...] = ("unsafe", "1", "harmful", "true"),
+        n_per_class: int = 500,
+        seed: int = 42,
+        max_length: int = 512,
+        batch_size: int = 4,
+        eval_batch_size: int = 16,
+        num_workers: int = 0,
+        template: Template = "auto",
+        system_prompt: Optional[str] = None,
+        output_dir: str = "output/m02_data",
+        cache_dir: Optional[str] = None,
+    ):
+        super().__init__()
+        if not 0.0 < val_fraction < 1.0:
+            raise ValueError(f"val_fraction={val_fraction} must lie strictly between 0 and 1")
+        if n_per_class < 2:
+            raise ValueError(f"n_per_class={n_per_class}: AQI needs at least 2 prompts per class")
+        if train_preset not in TRAIN_PRESETS:
+            raise ValueError(f"train_preset={train_preset!r} is not one of {sorted(TRAIN_PRESETS)}")
+        if max_length < 8:
+            raise ValueError(f"max_length={max_length} is too small; use at least 8 tokens")
+        self.save_hyperparameters()
+        preset_prompt, preset_response = TRAIN_PRESETS[train_preset]
+        self.prompt_field = prompt_field or preset_prompt
+        self.response_field = response_field or preset_response
+        self.tokenizer = None
+        self.train_set: list[dict] = []
+        self.val_set: list[dict] = []
+        self.eval_records: list[dict] = []  # {"prompt", "text", "label", "axiom", "index"}
+        self.eval_set: list[dict] = []
+        self.statistics: dict = {}
+
+    # ------------------------------------------------------------------ set-up
+    def _tokenizer(self):
+        if self.tokenizer is None:
+            from fteval.models.loading import load_tokenizer
+
+            cache = Path(self.hparams.cache_dir) if self.hparams.cache_dir else None
+            self.tokenizer = load_tokenizer(self.hparams.model_name_or_path, cache)
+        return self.tokenizer
+
+    def prepare_data(self) -> None:
+        # Materialise the embedded model once, on one process, before workers read it.
+        self._tokenizer()
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        if stage in (None, "fit", "validate") and not self.train_set:
+            self._setup_training()
+        if stage in (None, "test", "predict") and not self.eval_set:
+            self._setup_evaluation()
+        self.write_statistics()
+
+    def _setup_training(self) -> None:
+        hp = self.hparams
+        name = describe_source(hp.train_source, "alignment-instructions")
+        rows = load_records(hp.train_source, "alignment-instructions")
+        require_columns(rows, [self.prompt_field, self.response_field], name)
+        for i, row in enumerate(rows):
+            for col in (self.prompt_field, self.response_field):
+                if not isinstance(row[col], str) or not row[col].strip():
+                    raise DataSourceError(f"{name} row {i}: column {col!r} is empty or not text; every row needs it")
+        raw = len(rows)
+        rows, dup = deduplicate([{k: r[k] for k in (self.prompt_field, self.response_field)} for r in rows], self.prompt_field)
+        overlap = 0
+        if hp.eval_source:
+            try:
+                eval_norm = {normalise_text(r[hp.eval_text_field]) for r in load_records(hp.eval_source, "accd", hp.eval_split)
+                             if hp.eval_text_field in r}
+            except DataSourceError:
+                eval_norm = set()
+            before = len(rows)
+            rows = [r for r in rows if normalise_text(r[self.prompt_field]) not in eval_norm]
+            overlap = before - len(rows)
+        if hp.max_train_samples is not None:
+            rows = rows[: hp.max_train_samples]
+        if len(rows) < 2:
+            raise DataSourceError(f"{name} has {len(rows)} usable training rows after de-duplication; need at least 2")
+        train_rows, val_rows = train_test_split(rows, test_size=hp.val_fraction, random_state=hp.seed, shuffle=True)
+        if not val_rows or not train_rows:
+            raise DataSourceError(f"{name}: the {hp.val_fraction:.0%} validation split is empty; add rows or raise val_fraction")
+        tok = self._tokenizer()
+        too_long = 0
+
+        def encode(split_rows):
+            nonlocal too_long
+            out = []
+            for r in split_rows:
+                ex = tokenize_example(tok, r[self.prompt_field], r[self.response_field], hp.max_length, hp.template, hp.system_prompt)
+                if ex is None:
+                    too_long += 1
+                else:
+                    out.append(ex)
+            return out
+
+        self.train_set, self.val_set = encode(train_rows), encode(val_rows)
+        if not self.train_set or not self.val_set:
+            raise DataSourceError(
+                f"{name}: no example fits max_length={hp.max_length} in the "
+                f"{'training' if not self.train_set else 'validation'} split; raise max_length"
+            )
+        prompt_lens = [sum(1 for t in ex["labels"] if t == -100) for ex in self.train_set]
+        resp_lens = [len(ex["labels"]) - p for ex, p in zip(self.train_set, prompt_lens)]
+        self.statistics["training"] = {
+            "source": name,
+            "fields": {"prompt": self.prompt_field, "response": self.response_field},
+            "rows_read": raw,
+            **dup,
+            "removed_overlapping_eval_prompts": overlap,
+            "dropped_prompt_too_long": too_long,
+            "train_examples": len(self.train_set),
+            "val_examples": len(self.val_set),
+            "split_seed": hp.seed,
+            "prompt_tokens": _length_stats(prompt_lens),
+            "response_tokens": _length_stats(resp_lens),
+            "total_tokens": _length_stats([len(ex["input_ids"]) for ex in self.train_set]),
+        }
+
+    def _parse_label(self, value, name: str, i: int) -> int:
+        v = str(value).strip().lower()
+        if v in {s.lower() for s in self.hparams.safe_values}:
+            return 0
+        if v in {s.lower() for s in self.hparams.unsafe_values}:
+            return 1
+        raise DataSourceError(
+            f"{name} row {i}: column {self.hparams.eval_label_field!r} has value {value!r}; expected one of "
+            f"safe={list(self.hparams.safe_values)} or unsafe={list(self.hparams.unsafe_values)} "
+            "(set --data.safe_values / --data.unsafe_values for other label names)"
+        )
+
+    def _setup_evaluation(self) -> None:
+        hp = self.hparams
+        name = describe_source(hp.eval_source, "accd")
+        rows = load_records(hp.eval_source, "accd", hp.eval_split)
+        cols = [hp.eval_text_field, hp.eval_label_field] + ([hp.eval_axiom_field] if hp.eval_axiom_field else [])
+        require_columns(rows, cols, name)
+        rows, dup = deduplicate(rows, hp.eval_text_field)
+        texts, labels, axioms = [], [], []
+        for i, r in enumerate(rows):
+            text = r[hp.eval_text_field]
+            if not isinstance(text, str) or not text.strip():
+                raise DataSourceError(f"{name} row {i}: column {hp.eval_text_field!r} is empty; every prompt needs text")
+            texts.append(text)
+            labels.append(self._parse_label(r[hp.eval_label_field], name, i))
+            axioms.append(str(r[hp.eval_axiom_field]) if hp.eval_axiom_field else "all")
+        counts = Counter(labels)
+        if counts[0] < 2 or counts[1] < 2:
+            raise DataSourceError(
+                f"{name} has {counts[0]} safe and {counts[1]} unsafe prompts; AQI needs at least 2 of each class "
+                "(check the label column and safe_values/unsafe_values)"
+            )
+        idx, n = balanced_stratified_sample(labels, axioms, hp.n_per_class, hp.seed)
+        if n < hp.n_per_class:
+            log.warning("%s: only %d prompts per class available (asked for %d)", name, n, hp.n_per_class)
+        tok = self._tokenizer()
+        self.eval_records, self.eval_set = [], []
+        for j, i in enumerate(idx):
+            text = format_prompt(tok, texts[i], hp.template, hp.system_prompt)
+            rec = {"index": j, "prompt": texts[i], "text": text, "label": labels[i], "axiom": axioms[i]}
+            self.eval_records.append(rec)
+            ids = tok(text, add_special_tokens=False)["input_ids"]
+            self.eval_set.append({"input_ids": ids, "safety_label": labels[i], "index": j})
+        sel_labels = [labels[i] for i in idx]
+        self.statistics["evaluation"] = {
+            "source": name,
+            "rows_read": len(rows) + dup["exact_duplicates_removed"] + dup["normalised_duplicates_removed"],
+            **dup,
+            "available": {"safe": counts[0], "unsafe": counts[1]},
+            "sampled_per_class": n,
+            "sample_seed": hp.seed,
+            "per_axiom": {
+                ax: {"safe": sum(1 for i in idx if axioms[i] == ax and labels[i] == 0),
+                     "unsafe": sum(1 for i in idx if axioms[i] == ax and labels[i] == 1)}
+                for ax in sorted({axioms[i] for i in idx})
+            },
+            "prompt_tokens": _length_stats([len(e["input_ids"]) for e in self.eval_set]),
+            "keyword_categoriser": keyword_agreement([texts[i] for i in idx], sel_labels),
+        }
+
+    # -------------------------------------------------------------- loaders
+    def _collate(self, side: str):
+        pad_id = self._tokenizer().pad_token_id
+
+        def collate(features):
+            return pad_batch(features, pad_id, side)
+
+        return collate
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.train_set, batch_size=self.hparams.batch_size, shuffle=True,
+                          num_workers=self.hparams.num_workers, collate_fn=self._collate("right"))
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_set, batch_size=self.hparams.batch_size, shuffle=False,
+                          num_workers=self.hparams.num_workers, collate_fn=self._collate("right"))
+
+    def test_dataloader(self) -> DataLoader:
+        return DataLoader(self.eval_set, batch_size=self.hparams.eval_batch_size, shuffle=False,
+                          num_workers=self.hparams.num_workers, collate_fn=self._collate("right"))
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.test_dataloader()
+
+    # ------------------------------------------------------------ statistics
+    def write_statistics(self) -> Optional[Path]:
+        """Write ``data_statistics.json`` (what is known so far) to ``output_dir``; rank zero only."""
+        if not self.statistics:
+            return None
+        if self.trainer is not None and not self.trainer.is_global_zero:
+            return None
+        stats = dict(self.statistics)
+        if "training" in stats and "evaluation" in stats:
+            stats["cross_dataset_overlap"] = {
+                "eval_prompts_found_in_training_and_removed": stats["training"]["removed_overlapping_eval_prompts"]
+            }
+        path = Path(self.hparams.output_dir) / "data_statistics.json"
+        write_json_atomic(path, stats)
+        return path
+

@@ -1,0 +1,114 @@
+"""Chat formatting, tokenisation with response-only labels, and padding.
+
+The tokenizer's own chat template is used whenever it has one (SmolLM2 uses ChatML,
+Llama-3 its header tokens). The spec's ``<s>[INST] ... [/INST]`` form is the Llama-2 format;
+it is kept only as the named fallback ``"llama2-inst"`` for tokenizers without a template.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+import torch
+
+IGNORE_INDEX = -100  # labels with this value do not enter the loss (transformers' convention)
+Template = Literal["auto", "chat", "llama2-inst"]
+
+
+def _use_chat_template(tokenizer, template: Template) -> bool:
+    has = bool(getattr(tokenizer, "chat_template", None))
+    if template == "chat" and not has:
+        raise ValueError(
+            "template='chat' but this tokenizer has no chat template; use template='llama2-inst' or 'auto'"
+        )
+    if template not in ("auto", "chat", "llama2-inst"):
+        raise ValueError(f"template={template!r} is not one of 'auto', 'chat', 'llama2-inst'")
+    return has and template != "llama2-inst"
+
+
+def format_prompt(tokenizer, prompt: str, template: Template = "auto", system_prompt: Optional[str] = None) -> str:
+    """The text a model sees before it answers ``prompt`` (ends with the assistant header)."""
+    if _use_chat_template(tokenizer, template):
+        messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
+            {"role": "user", "content": prompt}
+        ]
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    sys = f"<<SYS>>\n{system_prompt}\n<</SYS>>\n\n" if system_prompt else ""
+    return f"<s>[INST] {sys}{prompt} [/INST]"
+
+
+def format_example(
+    tokenizer, prompt: str, response: str, template: Template = "auto", system_prompt: Optional[str] = None
+) -> tuple[str, str]:
+    """Split a formatted conversation into (prompt part, response part); their concatenation is the full text."""
+    prompt_text = format_prompt(tokenizer, prompt, template, system_prompt)
+    if _use_chat_template(tokenizer, template):
+        messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
+            {"role": "user", "content": prompt},
+            {"role": "assistant", "content": response},
+        ]
+        full = tokenizer.apply_chat_template(messages, tokenize=False)
+        if full.startswith(prompt_text):
+            return prompt_text, full[len(prompt_text) :]
+        # Templates that rewrite earlier turns when an answer follows: fall back to prompt + answer + EOS.
+        return prompt_text, response + (tokenizer.eos_token or "")
+    return prompt_text, f" {response}</s>"
+
+
+def tokenize_example(
+    tokenizer,
+    prompt: str,
+    response: str,
+    max_length: int,
+    template: Template = "auto",
+    system_prompt: Optional[str] = None,
+) -> Optional[dict]:
+    """Token ids and labels for one training example; prompt tokens get ``IGNORE_INDEX``.
+
+    The response is truncated to fit ``max_length``; ``None`` is returned when the prompt alone
+    leaves no room for a response token (the caller counts those as too long).
+    """
+    prompt_text, response_text = format_example(tokenizer, prompt, response, template, system_prompt)
+    p_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+    r_ids = tokenizer(response_text, add_special_tokens=False)["input_ids"]
+    room = max_length - len(p_ids)
+    if room <= 0 or not r_ids:
+        return None
+    r_ids = r_ids[:room]
+    return {
+        "input_ids": p_ids + r_ids,
+        "labels": [IGNORE_INDEX] * len(p_ids) + list(r_ids),
+    }
+
+
+def pad_batch(features: list[dict], pad_token_id: int, side: Literal["right", "left"] = "right") -> dict:
+    """Pad ``input_ids`` (and ``labels`` when present) to the longest row; build ``attention_mask``.
+
+    Other keys holding scalars are stacked into tensors; strings are kept as lists.
+    """
+    width = max(len(f["input_ids"]) for f in features)
+    out: dict = {}
+    ids, mask, labels = [], [], []
+    for f in features:
+        n = len(f["input_ids"])
+        pad = [pad_token_id] * (width - n)
+        zeros, ones = [0] * (width - n), [1] * n
+        if side == "right":
+            ids.append(list(f["input_ids"]) + pad)
+            mask.append(ones + zeros)
+        else:
+            ids.append(pad + list(f["input_ids"]))
+            mask.append(zeros + ones)
+        if "labels" in f:
+            lpad = [IGNORE_INDEX] * (width - n)
+            labels.append(list(f["labels"]) + lpad if side == "right" else lpad + list(f["labels"]))
+    out["input_ids"] = torch.tensor(ids, dtype=torch.long)  # [batch, seq]
+    out["attention_mask"] = torch.tensor(mask, dtype=torch.long)  # [batch, seq]
+    if labels:
+        out["labels"] = torch.tensor(labels, dtype=torch.long)  # [batch, seq]
+    for key in features[0]:
+        if key in ("input_ids", "attention_mask", "labels"):
+            continue
+        values = [f[key] for f in features]
+        out[key] = torch.tensor(values) if isinstance(values[0], (int, float, bool)) else values
+    return out

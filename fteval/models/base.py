@@ -1,0 +1,216 @@
+"""What QLoRA and GRIT share: base-model loading in ``configure_model``, the causal-LM training
+step, adapter-only checkpoints with checks on resume, optimiser/schedule set-up, and the PEFT
+adapter export at the end of ``fit``.
+
+Subclasses implement :meth:`AdapterModule.attach_adapters` and :meth:`AdapterModule.export_adapter`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+from pathlib import Path
+from typing import Literal, Optional
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import OptimizerCallable
+
+from fteval.models.loading import Quantization, load_causal_lm
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class AdapterModule(L.LightningModule):
+    """Base for adapter fine-tuning modules (not used directly).
+
+    Args:
+        model_name_or_path: 'embedded', a local model folder or a hub id.
+        quantization: 'nf4' (QLoRA's 4-bit NormalFloat), 'fp4', or 'none' (plain LoRA on a full-precision base).
+        r: adapter rank.
+        alpha: adapter scale numerator (scale = alpha / r, or alpha / sqrt(r) with use_rslora).
+        dropout: dropout on the adapter input.
+        target_modules: linear layer names (suffixes) that get adapters.
+        use_rslora: rank-stabilised scaling alpha / sqrt(r).
+        optimizer: optimiser factory over the adapter parameters (e.g. AdamW, or
+            bitsandbytes.optim.PagedAdamW8bit on GPU).
+        lr_schedule: 'cosine' (decay to 0 over the run after warm-up) or 'constant' (after warm-up).
+        warmup_steps: linear warm-up in optimizer steps.
+        gradient_checkpointing: recompute activations in backward (non-reentrant).
+        attn_implementation: 'auto' (flash_attention_2 if installed, else sdpa), 'sdpa', 'eager'.
+        cache_dir: where the embedded model is materialised.
+        export_dir: where the PEFT adapter folder is written after fit (default: <log_dir>/adapter).
+    """
+
+    method_name = "adapter"
+
+    def __init__(
+        self,
+        model_name_or_path: str = "embedded",
+        quantization: Quantization = "nf4",
+        r: int = 16,
+        alpha: float = 32.0,
+        dropout: float = 0.05,
+        target_modules: tuple[str, ...] = DEFAULT_TARGETS,
+        use_rslora: bool = False,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        lr_schedule: Literal["cosine", "constant"] = "cosine",
+        warmup_steps: int = 0,
+        gradient_checkpointing: bool = False,
+        attn_implementation: str = "auto",
+        cache_dir: Optional[str] = None,
+        export_dir: Optional[str] = None,
+    ):
+        super().__init__()
+        if r < 1:
+            raise ValueError(f"r={r}: the adapter rank must be a positive integer")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout={dropout} must lie in [0, 1)")
+        if not target_modules:
+            raise ValueError("target_modules is empty; name at least one linear layer (e.g. q_proj)")
+        if warmup_steps < 0:
+            raise ValueError(f"warmup_steps={warmup_steps} must be >= 0")
+        self.save_hyperparameters(ignore=["optimizer"])
+        self.optimizer_factory = optimizer
+        self.model: Optional[torch.nn.Module] = None
+        self.tokenizer = None
+        self.attn_implementation: Optional[str] = None
+        self.strict_loading = False  # checkpoints hold adapter weights only
+        self.exported_adapter: Optional[Path] = None
+
+    # ------------------------------------------------------------- model set-up
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        hp = self.hparams
+        device = self.trainer.strategy.root_device if self._trainer is not None else None
+        loaded = load_causal_lm(
+            hp.model_name_or_path,
+            quantization=hp.quantization,
+            attn_implementation=hp.attn_implementation,
+            cache_dir=Path(hp.cache_dir) if hp.cache_dir else None,
+            device=device,
+        )
+        self.tokenizer, self.attn_implementation = loaded.tokenizer, loaded.attn_implementation
+        model = loaded.model
+        model.config.use_cache = False
+        model.train()  # from_pretrained returns eval mode; Lightning toggles modes from here on
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self.model = self.attach_adapters(model)
+        if hp.gradient_checkpointing:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            self.model.enable_input_require_grads()
+        n_train = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        n_all = sum(p.numel() for p in self.model.parameters())
+        if n_train == 0:
+            raise ValueError(f"no trainable parameters after attaching adapters to {list(hp.target_modules)}")
+        log.info("%s: %d trainable of %d parameters (%.2f%%), attention %s", self.method_name, n_train, n_all,
+                 100 * n_train / n_all, self.attn_implementation)
+
+    def attach_adapters(self, model: torch.nn.Module) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def export_adapter(self, output_dir: Path) -> Path:
+        raise NotImplementedError
+
+    # ----------------------------------------------------------------- steps
+    def forward(self, **batch):
+        return self.model(**batch)
+
+    def _lm_loss(self, batch: dict) -> tuple[torch.Tensor, int]:
+        out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+        return out.loss, int(batch["attention_mask"].sum())
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss, _ = self._lm_loss(batch)
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=batch["input_ids"].shape[0])
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss, _ = self._lm_loss(batch)
+        self.log("val/loss", loss, prog_bar=True, on_step=False, on_epoch=True, sync_dist=True,
+                 batch_size=batch["input_ids"].shape[0])
+        return loss
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        # Runs after callbacks' on_before_optimizer_step (GRIT's preconditioning) and before clipping.
+        norms = [p.grad.detach().float().norm() for p in self.trainable_parameters() if p.grad is not None]
+        if norms:
+            self.log("train/grad_norm", torch.stack(norms).norm(), on_step=True, on_epoch=False)
+
+    # ------------------------------------------------------------- optimiser
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def configure_optimizers(self):
+        optimizer = self.optimizer_factory(self.trainable_parameters())
+        for group in optimizer.param_groups:
+            if not group.get("lr", 0) > 0:
+                raise ValueError(f"learning rate {group.get('lr')} must be > 0; set --model.optimizer.init_args.lr")
+        warmup = self.hparams.warmup_steps
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        cosine = self.hparams.lr_schedule == "cosine"
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / (warmup + 1)
+            if not cosine:
+                return 1.0
+            progress = min((step - warmup) / max(total - warmup, 1), 1.0)
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ------------------------------------------------------------ checkpoints
+    def _identity(self) -> dict:
+        hp = self.hparams
+        return {"method": self.method_name, "base_model": hp.model_name_or_path, "r": hp.r,
+                "target_modules": list(hp.target_modules)}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        trainable = {n for n, p in self.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        checkpoint["fteval"] = self._identity()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        saved = checkpoint.get("fteval")
+        if saved is None:
+            raise ValueError("this checkpoint was not written by fteval (no 'fteval' entry); pass an fteval checkpoint")
+        mine = self._identity()
+        for key in ("method", "base_model", "r", "target_modules"):
+            if saved.get(key) != mine[key]:
+                raise ValueError(
+                    f"checkpoint {key} is {saved.get(key)!r} but this run has {mine[key]!r}; resume with the "
+                    f"same config as the run that wrote it (a {saved.get('method')} checkpoint of {saved.get('base_model')})"
+                )
+        if self.model is not None:
+            trainable = {n for n, p in self.named_parameters() if p.requires_grad}
+            missing = sorted(trainable - set(checkpoint["state_dict"]))
+            if missing:
+                raise ValueError(f"checkpoint lacks {len(missing)} adapter tensors (e.g. {missing[0]}); it is incomplete")
+
+    # ---------------------------------------------------------------- export
+    def on_train_end(self) -> None:
+        if not self.trainer.is_global_zero:
+            return
+        out = Path(self.hparams.export_dir) if self.hparams.export_dir else Path(self.trainer.log_dir or ".") / "adapter"
+        self.exported_adapter = self.export_adapter(out)
+        self._write_run_description(out)
+        log.info("exported %s adapter to %s", self.method_name, out)
+        print(f"[fteval] {self.method_name} adapter written to {out}")
+
+    def _write_run_description(self, out: Path) -> None:
+        """Make the adapter folder describe itself: method, base model, resolved config."""
+        hp = {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.hparams.items()}
+        meta = {**self._identity(), "hparams": hp, "attn_implementation": self.attn_implementation,
+                "global_step": self.trainer.global_step}
+        (out / "fteval_run.json").write_text(json.dumps(meta, indent=2, default=str))
+        log_dir = self.trainer.log_dir
+        if log_dir and (Path(log_dir) / "config.yaml").is_file():
+            shutil.copyfile(Path(log_dir) / "config.yaml", out / "fteval_config.yaml")

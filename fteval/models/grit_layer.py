@@ -1,0 +1,498 @@
+"""GRIT's LoRA layer, its rank-space K-FAC statistics, injection and PEFT-format export.
+
+GRIT (LoRA + K-FAC natural-gradient preconditioning + Fisher-guided reprojection) needs
+the activations and output gradients of the LoRA rank space, which peft's LoRA layer does
+not expose in a form hooks can count once per micro-batch; hence a small layer of our own
+(peft's conventions: A kaiming-uniform(a=sqrt(5)), B zeros, scaling alpha/r or
+alpha/sqrt(r)). Everything it saves is a standard peft LoRA adapter folder, so peft,
+vLLM and merge tools load a GRIT adapter exactly like a QLoRA one.
+
+Equations (ARCHITECTURE.md, "GRIT in equations"), per token, layer y = W x + s B A x:
+u = A x (r), g = dL/dy (d_out), v = B^T g (r); S_a = E[u u^T], S_g = E[v v^T] (r x r).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = [
+    "GritLoraLinear",
+    "RankSpaceStats",
+    "energy_rank",
+    "export_grit_adapter",
+    "grit_layers",
+    "inject_grit_layers",
+    "save_kfac_artifacts",
+]
+
+
+def _linear4bit_type() -> type | None:
+    """bitsandbytes' ``Linear4bit`` class, or None where bitsandbytes does not import."""
+    try:
+        import bitsandbytes as bnb
+    except Exception:  # pragma: no cover - bitsandbytes is a dependency, but may fail on exotic hosts
+        return None
+    return bnb.nn.Linear4bit
+
+
+def _is_supported_linear(module: nn.Module) -> bool:
+    l4 = _linear4bit_type()
+    return isinstance(module, nn.Linear) or (l4 is not None and isinstance(module, l4))
+
+
+class GritLoraLinear(nn.Module):
+    """``base(x) + scaling * B(A(dropout(x)))`` around a frozen ``nn.Linear`` or bnb ``Linear4bit``.
+
+    Shapes: x ``[..., in_features]`` -> ``[..., out_features]``; ``lora_A.weight`` ``[r, in]``,
+    ``lora_B.weight`` ``[out, r]``. The adapter branch runs in ``adapter_dtype`` (fp32 by
+    default) with autocast switched off, so the rank-space activations u = A x that the
+    K-FAC hooks read are fp32; the sum is cast back to the base output's dtype. Under
+    bf16 autocast this keeps one fp32 copy of x per adapted layer for backward
+    (``[batch, seq, in]`` x 4 bytes) where peft's layer keeps a bf16 one.
+
+    ``adapter_enabled = False`` makes the layer exactly its base layer (the paired
+    baseline pass). ``stats`` holds a :class:`RankSpaceStats` once the K-FAC callback has
+    attached, else None.
+    """
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        r: int,
+        alpha: float,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+        adapter_dtype: torch.dtype = torch.float32,
+    ) -> None:
+        super().__init__()
+        if not _is_supported_linear(base_layer):
+            raise ValueError(
+                f"GritLoraLinear wraps nn.Linear or bitsandbytes Linear4bit, got {type(base_layer).__name__}; "
+                "choose target_modules that name linear layers."
+            )
+        _check_hparams(r, alpha, dropout)
+        self.base_layer = base_layer
+        self.in_features = int(base_layer.in_features)
+        self.out_features = int(base_layer.out_features)
+        self.r = int(r)
+        self.alpha = float(alpha)
+        self.use_rslora = bool(use_rslora)
+        self.scaling = self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+        device = base_layer.weight.device
+        self.lora_A = nn.Linear(self.in_features, self.r, bias=False, device=device, dtype=adapter_dtype)
+        self.lora_B = nn.Linear(self.r, self.out_features, bias=False, device=device, dtype=adapter_dtype)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # peft's default LoRA init
+        nn.init.zeros_(self.lora_B.weight)
+        self.lora_dropout: nn.Module = nn.Dropout(p=dropout) if dropout > 0 else nn.Identity()
+        self.adapter_enabled = True
+        self.stats: RankSpaceStats | None = None
+
+    # HF code sometimes reads `proj.weight` / `proj.bias` (dtype and device checks): forward to the base.
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x)  # [..., out]
+        if not self.adapter_enabled:
+            return result
+        dtype = self.lora_A.weight.dtype
+        device_type = x.device.type
+        if torch.is_autocast_enabled(device_type):
+            with torch.autocast(device_type=device_type, enabled=False):
+                delta = self.lora_B(self.lora_A(self.lora_dropout(x.to(dtype))))
+        else:
+            delta = self.lora_B(self.lora_A(self.lora_dropout(x.to(dtype))))
+        return result + (self.scaling * delta).to(result.dtype)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
+            f"alpha={self.alpha}, scaling={self.scaling:.4g}, use_rslora={self.use_rslora}"
+        )
+
+
+def _check_hparams(r: Any, alpha: Any, dropout: Any) -> None:
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise ValueError(f"LoRA rank r must be a positive integer, got {r!r}.")
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not alpha > 0:
+        raise ValueError(f"LoRA alpha must be a positive number, got {alpha!r}.")
+    if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout!r}.")
+
+
+class RankSpaceStats:
+    """Rank-space K-FAC factors of one :class:`GritLoraLinear`, fp32, on the layer's device.
+
+    ``S_a = E[u u^T]`` with ``u = A dropout(x)`` and ``S_g = E[v v^T]`` with ``v = B^T g``,
+    ``g = dL/dy`` of the layer output; both ``[r, r]``, averaged over real (unmasked)
+    tokens. The gradient arriving at lora_B's input is ``scaling * v`` (times the AMP loss
+    scale): the K-FAC hook divides both out before :meth:`add_g`, so S_g is in units of
+    (dL/dy)^2 whatever alpha, r or the grad scaler are.
+
+    Hooks add per micro-batch into pending sums (:meth:`add_a`, :meth:`add_g`); once per
+    optimizer step :meth:`fold` merges them: a token-weighted running mean until that side
+    is first used (``ema_a``/``ema_g`` set by the K-FAC callback at its first refresh),
+    then ``S <- beta S + (1 - beta) mean(batch)``. ``n_a``/``n_g`` count folded tokens.
+    ``counted`` is the once-per-micro-batch flag (gradient checkpointing re-runs forward).
+    """
+
+    def __init__(self, rank: int, device: torch.device | str, ema_decay: float = 0.95) -> None:
+        if not 0.0 <= ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay!r}.")
+        self.rank = int(rank)
+        self.ema_decay = float(ema_decay)
+        z = lambda: torch.zeros(self.rank, self.rank, dtype=torch.float32, device=device)  # noqa: E731
+        self.S_a, self.S_g = z(), z()  # [r, r] folded factors
+        self.n_a = 0  # folded real tokens, input side
+        self.n_g = 0  # folded real tokens, gradient side
+        self.ema_a = False
+        self.ema_g = False
+        self.sum_a, self.sum_g = z(), z()  # [r, r] pending sums of u u^T / v v^T this optimizer step
+        self.cnt_a = torch.zeros((), dtype=torch.int64, device=device)  # pending token counts
+        self.cnt_g = torch.zeros((), dtype=torch.int64, device=device)
+        self.counted = False
+
+    @property
+    def device(self) -> torch.device:
+        return self.S_a.device
+
+    @staticmethod
+    def _moment(t: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sum of outer products over tokens: t ``[..., r]``, mask ``t.shape[:-1]`` bool -> ``[r, r]``, count."""
+        flat = t.reshape(-1, t.shape[-1]).float()  # [tokens, r]
+        if mask is None:
+            return flat.T @ flat, torch.tensor(flat.shape[0], dtype=torch.int64, device=flat.device)
+        m = mask.reshape(-1)
+        weighted = flat * m.to(flat.dtype)[:, None]  # masked rows zeroed, no host sync
+        return weighted.T @ flat, m.sum(dtype=torch.int64)
+
+    def add_a(self, u: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+        """Add u ``[..., r]`` (real tokens where ``mask`` ``[...]`` is True) to the pending input-side sum."""
+        s, c = self._moment(u, mask)
+        self.sum_a += s
+        self.cnt_a += c
+
+    def add_g(self, v: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+        """Add v = B^T dL/dy ``[..., r]`` (scaling and loss scale already divided out)."""
+        s, c = self._moment(v, mask)
+        self.sum_g += s
+        self.cnt_g += c
+
+    def pending(self) -> list[torch.Tensor]:
+        """The pending buffers ``[sum_a, sum_g, cnt_a, cnt_g]`` (for the DDP all-reduce, in place)."""
+        return [self.sum_a, self.sum_g, self.cnt_a, self.cnt_g]
+
+    def fold(self, cnt_a: int, cnt_g: int, finite_a: bool = True, finite_g: bool = True) -> None:
+        """Merge the pending sums into S_a/S_g and clear them.
+
+        ``cnt_a``/``cnt_g`` are the pending counts as Python ints (the caller reads all
+        layers' counts in one host transfer); a side whose pending sum is not finite
+        (an fp16 overflow step the grad scaler will skip) is dropped.
+        """
+        for side, cnt, finite in (("a", cnt_a, finite_a), ("g", cnt_g, finite_g)):
+            total = getattr(self, f"sum_{side}")
+            if cnt > 0 and finite:
+                S = getattr(self, f"S_{side}")
+                n = getattr(self, f"n_{side}")
+                if getattr(self, f"ema_{side}"):
+                    S.mul_(self.ema_decay).add_(total, alpha=(1.0 - self.ema_decay) / cnt)
+                else:
+                    S.mul_(n / (n + cnt)).add_(total, alpha=1.0 / (n + cnt))
+                setattr(self, f"n_{side}", n + cnt)
+            total.zero_()
+            getattr(self, f"cnt_{side}").zero_()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "rank": self.rank,
+            "ema_decay": self.ema_decay,
+            "S_a": self.S_a.detach().cpu().clone(),
+            "S_g": self.S_g.detach().cpu().clone(),
+            "n_a": self.n_a,
+            "n_g": self.n_g,
+            "ema_a": self.ema_a,
+            "ema_g": self.ema_g,
+            "sum_a": self.sum_a.detach().cpu().clone(),
+            "sum_g": self.sum_g.detach().cpu().clone(),
+            "cnt_a": int(self.cnt_a),
+            "cnt_g": int(self.cnt_g),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if int(state["rank"]) != self.rank:
+            raise ValueError(
+                f"K-FAC statistics in the checkpoint have rank {state['rank']} but the layer has rank {self.rank}; "
+                "resume with the same LoRA r."
+            )
+        self.ema_decay = float(state["ema_decay"])
+        for key in ("S_a", "S_g", "sum_a", "sum_g"):
+            getattr(self, key).copy_(state[key])
+        self.cnt_a.fill_(int(state["cnt_a"]))
+        self.cnt_g.fill_(int(state["cnt_g"]))
+        self.n_a, self.n_g = int(state["n_a"]), int(state["n_g"])
+        self.ema_a, self.ema_g = bool(state["ema_a"]), bool(state["ema_g"])
+
+
+def energy_rank(eigvals: torch.Tensor, threshold: float, min_rank: int = 1, max_rank: int | None = None) -> int:
+    """Smallest k whose k largest eigenvalues hold ``threshold`` of their sum, clamped to [min_rank, max_rank].
+
+    ``eigvals`` ``[r]`` in any order; negative round-off is clipped to 0. A zero spectrum gives ``min_rank``.
+    """
+    ev = eigvals.detach().double().clamp_min(0).sort(descending=True).values
+    max_rank = ev.numel() if max_rank is None else max_rank
+    total = float(ev.sum())
+    if total <= 0.0:
+        return max(1, min(min_rank, max_rank))
+    cum = torch.cumsum(ev, 0) / total
+    k = int(torch.searchsorted(cum, torch.tensor(threshold, dtype=cum.dtype) - 1e-12).item()) + 1
+    return int(max(min_rank, min(k, max_rank)))
+
+
+def grit_layers(model: nn.Module) -> dict[str, GritLoraLinear]:
+    """All GRIT layers of ``model`` by module path (``model.named_modules()`` names)."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, GritLoraLinear)}
+
+
+def _matches(name: str, target: str) -> bool:
+    """peft's list rule for target_modules: the full name or a ``.``-separated suffix."""
+    return name == target or name.endswith("." + target)
+
+
+def inject_grit_layers(
+    model: nn.Module,
+    target_modules: Sequence[str],
+    r: int,
+    alpha: float,
+    dropout: float = 0.0,
+    use_rslora: bool = False,
+) -> dict[str, GritLoraLinear]:
+    """Replace every linear module whose name ends in a ``target_modules`` entry by a GritLoraLinear.
+
+    Matching is peft's: a target matches a module whose full name equals it or ends in
+    ``.<target>``. Every parameter of ``model`` is frozen except the new lora_A/lora_B.
+    Raises ValueError when a target matches no ``nn.Linear``/``Linear4bit`` (listing the
+    linear names that exist) or when the model already holds GRIT layers.
+    """
+    if isinstance(target_modules, str) or not target_modules or not all(isinstance(t, str) for t in target_modules):
+        raise ValueError(
+            f"target_modules must be a non-empty list of module-name suffixes such as ['q_proj', 'v_proj'], "
+            f"got {target_modules!r}."
+        )
+    _check_hparams(r, alpha, dropout)
+    if grit_layers(model):
+        raise ValueError(f"{type(model).__name__} already holds GRIT layers; inject once per model.")
+    linear_names = [name for name, m in model.named_modules() if name and _is_supported_linear(m)]
+    targets = list(dict.fromkeys(target_modules))
+    chosen = [name for name in linear_names if any(_matches(name, t) for t in targets)]
+    unmatched = [t for t in targets if not any(_matches(name, t) for name in linear_names)]
+    if unmatched:
+        available = sorted({name.rsplit(".", 1)[-1] for name in linear_names})
+        raise ValueError(
+            f"target_modules {unmatched} matched no nn.Linear/Linear4bit in {type(model).__name__}; "
+            f"linear module names available: {available}."
+        )
+    for p in model.parameters():
+        p.requires_grad_(False)
+    layers: dict[str, GritLoraLinear] = {}
+    for name in chosen:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        layer = GritLoraLinear(getattr(parent, child), r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora)
+        setattr(parent, child, layer)
+        layers[name] = layer
+    return layers
+
+
+def _truncate(A: torch.Tensor, B: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best rank-k factors of B @ A (Eckart-Young) from r x r work: A ``[r, in]``, B ``[out, r]``.
+
+    B A = Q_B (R_B R_A^T) Q_A^T with thin QRs of B and A^T; the SVD of the r x r core
+    gives B' = Q_B U_k sqrt(S_k) ``[out, k]`` and A' = sqrt(S_k) V_k^T Q_A^T ``[k, in]``.
+    """
+    Qb, Rb = torch.linalg.qr(B.double())  # [out, r], [r, r]
+    Qa, Ra = torch.linalg.qr(A.double().T)  # [in, r], [r, r]
+    U, S, Vh = torch.linalg.svd(Rb @ Ra.T)
+    root = S[:k].sqrt()
+    B_k = Qb @ (U[:, :k] * root)  # [out, k]
+    A_k = (root[:, None] * Vh[:k]) @ Qa.T  # [k, in]
+    return A_k.to(A.dtype), B_k.to(B.dtype)
+
+
+def _adapter_rank(A: torch.Tensor, B: torch.Tensor, rtol: float = 1e-5) -> int:
+    """Numerical rank of B @ A ``[out, in]`` from its r x r core (see :func:`_truncate`)."""
+    _, Rb = torch.linalg.qr(B.double())
+    _, Ra = torch.linalg.qr(A.double().T)
+    s = torch.linalg.svdvals(Rb @ Ra.T)
+    return int((s > rtol * s.max()).sum()) if s.numel() and float(s.max()) > 0 else 0
+
+
+def _write_atomically(output_dir: str | os.PathLike, write: Any) -> Path:
+    """Run ``write(tmp_dir)`` in a fresh sibling folder, then move its files into ``output_dir``.
+
+    A failure leaves ``output_dir`` as it was (no half-written adapter).
+    """
+    out = Path(output_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} exists and is not a folder; choose another output_dir.")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        write(tmp)
+        out.mkdir(exist_ok=True)
+        for f in tmp.iterdir():
+            os.replace(f, out / f.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def export_grit_adapter(
+    model: nn.Module,
+    output_dir: str | os.PathLike,
+    base_model_name_or_path: str,
+    target_modules: Sequence[str],
+    r: int,
+    alpha: float,
+    dropout: float,
+    use_rslora: bool = False,
+    truncate_to_effective_rank: Mapping[str, int] | None = None,
+    task_type: str | None = "CAUSAL_LM",
+) -> Path:
+    """Write GRIT's adapter as a standard peft LoRA folder: adapter_config.json + adapter_model.safetensors.
+
+    ``model`` is the transformers model the layers were injected into (not a wrapper
+    around it): its module paths become peft's keys
+    ``base_model.model.<path>.lora_A.weight`` / ``.lora_B.weight``, so
+    ``PeftModel.from_pretrained(base, output_dir)`` reproduces the GRIT model.
+    ``truncate_to_effective_rank`` ``{module path: k}`` stores the best rank-k factors of
+    B A for those layers (exact when B A has rank <= k, e.g. after one-sided reprojection
+    to k) and records them in peft's ``rank_pattern``, with ``alpha_pattern`` set so the
+    scaling stays ``alpha / r`` (``alpha / sqrt(r)`` with rsLoRA). Tensors keep the
+    adapter dtype. Returns the folder.
+    """
+    from peft import LoraConfig
+    from safetensors.torch import save_file
+
+    _check_hparams(r, alpha, dropout)
+    layers = grit_layers(model)
+    if not layers:
+        raise ValueError(
+            f"{type(model).__name__} holds no GRIT layers: pass the transformers model that inject_grit_layers modified."
+        )
+    for name, layer in layers.items():
+        if layer.r != r or not math.isclose(layer.alpha, float(alpha)) or layer.use_rslora != bool(use_rslora):
+            raise ValueError(
+                f"GRIT layer {name} has r={layer.r}, alpha={layer.alpha}, use_rslora={layer.use_rslora} but export was "
+                f"asked for r={r}, alpha={alpha}, use_rslora={use_rslora}; pass the values the layers were built with."
+            )
+    truncate = dict(truncate_to_effective_rank or {})
+    unknown = sorted(set(truncate) - set(layers))
+    if unknown:
+        raise ValueError(f"truncate_to_effective_rank names unknown GRIT layers {unknown[:5]}; known: {list(layers)[:5]}...")
+    tensors: dict[str, torch.Tensor] = {}
+    rank_pattern: dict[str, int] = {}
+    alpha_pattern: dict[str, float] = {}
+    for name, layer in layers.items():
+        A = layer.lora_A.weight.detach()
+        B = layer.lora_B.weight.detach()
+        if name in truncate:
+            k = truncate[name]
+            if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= r:
+                raise ValueError(f"truncate_to_effective_rank[{name!r}] must be an int in [1, {r}], got {k!r}.")
+            if k < r:
+                A, B = _truncate(A, B, k)
+                key = re.escape(name)  # peft matches pattern keys as regexes against module paths
+                rank_pattern[key] = k
+                alpha_pattern[key] = float(alpha) * (math.sqrt(k / r) if use_rslora else k / r)
+        tensors[f"base_model.model.{name}.lora_A.weight"] = A.cpu().contiguous()
+        tensors[f"base_model.model.{name}.lora_B.weight"] = B.cpu().contiguous()
+    config = LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=float(dropout),
+        target_modules=list(target_modules),
+        use_rslora=bool(use_rslora),
+        bias="none",
+        rank_pattern=rank_pattern,
+        alpha_pattern=alpha_pattern,
+        task_type=task_type,
+        base_model_name_or_path=base_model_name_or_path,
+    )
+
+    def write(tmp: Path) -> None:
+        config.save_pretrained(str(tmp))
+        save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+
+    return _write_atomically(output_dir, write)
+
+
+def save_kfac_artifacts(
+    layers: Mapping[str, GritLoraLinear],
+    output_dir: str | os.PathLike,
+    effective_ranks: Mapping[str, int] | None = None,
+    energy_threshold: float = 0.9,
+) -> Path:
+    """Write ``kfac_factors.safetensors`` and ``effective_rank.json`` for GRIT layers with statistics.
+
+    Tensors per layer path ``<name>``: ``<name>.S_a``, ``<name>.S_g`` ``[r, r]`` (fp32
+    factors), ``<name>.eigvals_a``/``_g`` ``[r]`` (descending) and ``<name>.eigvecs_a``/``_g``
+    ``[r, r]`` (columns, same order). effective_rank.json per layer: ``r``,
+    ``effective_rank`` (from ``effective_ranks``, e.g. the reprojection callback's, else the
+    energy rank), ``energy_rank`` (smallest k holding ``energy_threshold`` of S_a's trace),
+    ``adapter_rank`` (numerical rank of B A), token counts ``n_a``/``n_g``.
+    """
+    from safetensors.torch import save_file
+
+    if not 0.0 < energy_threshold <= 1.0:
+        raise ValueError(f"energy_threshold must be in (0, 1], got {energy_threshold!r}.")
+    with_stats = {name: layer for name, layer in layers.items() if layer.stats is not None}
+    if not with_stats:
+        raise ValueError(
+            "No GRIT layer has K-FAC statistics: train with callbacks.kfac.KFACPreconditioner before saving artifacts."
+        )
+    tensors: dict[str, torch.Tensor] = {}
+    report: dict[str, dict[str, Any]] = {}
+    for name, layer in with_stats.items():
+        st = layer.stats
+        assert st is not None
+        entry: dict[str, Any] = {"r": layer.r, "n_a": st.n_a, "n_g": st.n_g}
+        for side in ("a", "g"):
+            S = getattr(st, f"S_{side}").detach().float().cpu()
+            ev, V = torch.linalg.eigh(S)  # ascending
+            tensors[f"{name}.S_{side}"] = S.contiguous()
+            tensors[f"{name}.eigvals_{side}"] = ev.flip(0).contiguous()
+            tensors[f"{name}.eigvecs_{side}"] = V.flip(1).contiguous()
+            if side == "a":
+                entry["energy_rank"] = energy_rank(ev, energy_threshold, 1, layer.r)
+        entry["effective_rank"] = int(effective_ranks[name]) if effective_ranks and name in effective_ranks else entry["energy_rank"]
+        entry["adapter_rank"] = _adapter_rank(layer.lora_A.weight.detach().cpu(), layer.lora_B.weight.detach().cpu())
+        report[name] = entry
+    summary = {
+        "energy_threshold": energy_threshold,
+        "effective_rank_source": "reprojection" if effective_ranks else "energy",
+        "mean_effective_rank": sum(e["effective_rank"] for e in report.values()) / len(report),
+        "mean_adapter_rank": sum(e["adapter_rank"] for e in report.values()) / len(report),
+        "layers": report,
+    }
+
+    def write(tmp: Path) -> None:
+        save_file(tensors, str(tmp / "kfac_factors.safetensors"), metadata={"format": "pt"})
+        (tmp / "effective_rank.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+    return _write_atomically(output_dir, write)

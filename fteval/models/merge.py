@@ -1,0 +1,87 @@
+"""``fteval merge``: write a full model = dequantised base + adapter, checked against the adapter model."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from fteval.models.loading import load_causal_lm
+
+
+def _adapter_base(adapter: Path) -> str:
+    cfg = adapter / "adapter_config.json"
+    if not cfg.is_file() or not (adapter / "adapter_model.safetensors").is_file():
+        raise FileNotFoundError(
+            f"{adapter} is not a PEFT adapter folder (needs adapter_config.json and adapter_model.safetensors); "
+            "pass the 'adapter' folder written by `fteval fit`"
+        )
+    return json.loads(cfg.read_text()).get("base_model_name_or_path") or "embedded"
+
+
+def merge(
+    adapter: Path,
+    output: Path,
+    base_model: Optional[str] = None,
+    quantization: str = "auto",
+    tolerance: float = 1e-3,
+    cache_dir: Optional[Path] = None,
+) -> int:
+    """Merge a LoRA/GRIT adapter into its base and save a full Hugging Face model folder.
+
+    The adapter was trained against the base as the model saw it; for a QLoRA adapter that is the
+    4-bit base, which is dequantised (``model.dequantize()``) before merging so the merged weights
+    equal what training used. Logits of the merged model are compared with base + adapter on a probe
+    prompt; the command fails (and writes nothing) if they differ by more than ``tolerance``.
+
+    Args:
+        adapter: PEFT adapter folder (adapter_config.json + adapter_model.safetensors).
+        output: folder for the merged model (written atomically).
+        base_model: base model; default: the adapter's base_model_name_or_path.
+        quantization: base quantisation during training: 'auto' (read fteval_run.json), 'nf4', 'fp4', 'none'.
+        tolerance: maximum allowed |merged - adapter| logit difference.
+        cache_dir: embedded-model cache.
+    """
+    from peft import PeftModel
+
+    adapter, output = Path(adapter), Path(output)
+    base_name = base_model or _adapter_base(adapter)
+    if quantization == "auto":
+        run = adapter / "fteval_run.json"
+        quantization = json.loads(run.read_text())["hparams"].get("quantization", "none") if run.is_file() else "none"
+    loaded = load_causal_lm(base_name, quantization=quantization, dtype=torch.float32, cache_dir=cache_dir)
+    base = loaded.model
+    if quantization != "none":
+        base = base.dequantize()
+    tok = loaded.tokenizer
+    probe = tok("The quick brown fox explains why the sky is blue.", return_tensors="pt")
+    model = PeftModel.from_pretrained(base, str(adapter))
+    model.eval()
+    with torch.no_grad():
+        ref = model(**probe).logits
+        merged = model.merge_and_unload()
+        got = merged(**probe).logits
+    diff = float((ref - got).abs().max())
+    print(f"max |logit(merged) - logit(base + adapter)| = {diff:.3e} (tolerance {tolerance:g})")
+    if diff > tolerance:
+        raise ValueError(f"merged logits differ by {diff:.3e} > tolerance {tolerance:g}; not writing {output}")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}-", dir=output.parent))
+    try:
+        if getattr(merged, "hf_quantizer", None) is not None:
+            merged.hf_quantizer.remove_quantization_config(merged)
+        merged.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        if output.exists():
+            shutil.rmtree(output)
+        os.replace(tmp, output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    print(f"merged model written to {output}")
+    return 0
