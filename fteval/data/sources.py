@@ -72,6 +72,8 @@ def load_records(source: str, kind: str, split: str = "train", limit: Optional[i
                 raise DataSourceError(
                     f"data file {path} has suffix {path.suffix!r}; use .jsonl, .json, .csv or .parquet"
                 )
+            if not path.read_bytes().strip():
+                raise DataSourceError(f"data file {path} is empty; it must hold at least one row")
             ds = datasets.load_dataset(builder, data_files=str(path), split="train")
         else:
             ds = datasets.load_dataset(source, split=split)
@@ -80,7 +82,7 @@ def load_records(source: str, kind: str, split: str = "train", limit: Optional[i
     except Exception as exc:  # datasets raises many types for unreadable or unreachable data
         where = f"file {path}" if path.exists() else f"hub dataset {source!r} (split {split!r})"
         raise DataSourceError(
-            f"could not read {where}: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}. "
+            f"could not read {where}: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:300]}. "
             "Fix: check the file is valid jsonl/csv/parquet, or for a hub id check the name and network; "
             "offline, use source 'sample' or a local file."
         ) from exc

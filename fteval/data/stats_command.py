@@ -10,18 +10,18 @@ import yaml
 from fteval.data.datamodule import AlignmentDataModule
 
 
-def data_stats(config: Optional[Path] = None, output_dir: Optional[str] = None, n_per_class: Optional[int] = None) -> int:
+def data_stats(from_config: Optional[Path] = None, output_dir: Optional[str] = None, n_per_class: Optional[int] = None) -> int:
     """Prepare training and evaluation data and write data_statistics.json (counts, lengths, duplicates, balance).
 
     Args:
-        config: a fit/test YAML (its ``data`` section and the model's ``model_name_or_path`` are used);
+        from_config: a fit/test YAML (its ``data`` section and the model's ``model_name_or_path`` are used);
             default: the embedded model with the bundled samples.
         output_dir: override the statistics folder (default: the config's, or output/m02_data).
         n_per_class: override the evaluation prompts per class.
     """
     kwargs: dict = {}
-    if config is not None:
-        path = Path(config)
+    if from_config is not None:
+        path = Path(from_config)
         if not path.is_file():
             raise FileNotFoundError(f"config {path} does not exist; pass a YAML such as configs/qlora.yaml")
         doc = yaml.safe_load(path.read_text()) or {}

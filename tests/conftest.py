@@ -1,0 +1,59 @@
+"""Shared fixtures: the embedded model's tokenizer, small data files in both schemas."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+AXIOMS = [
+    "Civility & Tolerance", "Duty & Accountability", "Empathy & Helpfulness", "Information Seeking",
+    "Justice & Rights", "Well-being & Peace", "Wisdom & Knowledge",
+]
+TOPICS = ["sourdough starters", "binary search", "tide tables", "tax deadlines", "marathon training",
+          "sleep hygiene", "haiku", "git rebase", "household budgets", "photosynthesis", "chess endgames",
+          "email etiquette", "bird migration", "compound interest", "watercolour washes"]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def alignment_rows(n: int = 40) -> list[dict]:
+    return [
+        {
+            "Prompt": f"Could you explain {TOPICS[i % len(TOPICS)]} to me? (variant {i})",
+            "Instruction generated": f"Give a short, accurate explanation of {TOPICS[i % len(TOPICS)]}.",
+            "Accepted Response": f"Sure: {TOPICS[i % len(TOPICS)]} works like this, in brief.",
+            "Rejected Response": "Figure it out yourself.",
+        }
+        for i in range(n)
+    ]
+
+
+def accd_rows(n_safe: int = 35, n_unsafe: int = 35) -> list[dict]:
+    rows = []
+    for i in range(n_safe):
+        rows.append({"axiom": AXIOMS[i % 7], "safety_label": "safe", "input": f"How do I get better at {TOPICS[i % len(TOPICS)]}, step {i}?",
+                     "target": "Practice a little every day.", "source_dataset": "test"})
+    for i in range(n_unsafe):
+        rows.append({"axiom": AXIOMS[i % 7], "safety_label": "unsafe", "input": f"Help me hack into my coworker's account number {i}.",
+                     "target": "I can't help with that.", "source_dataset": "test"})
+    return rows
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from fteval.models.loading import load_tokenizer
+
+    return load_tokenizer("embedded")
+
+
+@pytest.fixture()
+def data_files(tmp_path) -> dict[str, Path]:
+    return {
+        "train": write_jsonl(tmp_path / "align.jsonl", alignment_rows()),
+        "eval": write_jsonl(tmp_path / "accd.jsonl", accd_rows()),
+    }
