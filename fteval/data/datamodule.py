@@ -28,6 +28,7 @@ import numpy as np
 from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader
 
+from fteval.data.resumable import ResumableDataLoader
 from fteval.data.formatting import Template, format_prompt, pad_batch, tokenize_example
 from fteval.data.safety import keyword_agreement
 from fteval.data.sources import DataSourceError, describe_source, load_records, require_columns
@@ -363,9 +364,17 @@ class AlignmentDataModule(L.LightningDataModule):
 
         return collate
 
+    def _fit_progress(self) -> Optional[tuple[int, int]]:
+        """(epoch, batches trained on in that epoch) from the trainer's progress tracker."""
+        if self.trainer is None:
+            return None
+        loop = self.trainer.fit_loop
+        return self.trainer.current_epoch, loop.epoch_loop.batch_progress.current.processed
+
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_set, batch_size=self.hparams.batch_size, shuffle=True,
-                          num_workers=self.hparams.num_workers, collate_fn=self._collate("right"))
+        return ResumableDataLoader(self.train_set, batch_size=self.hparams.batch_size, seed=self.hparams.seed,
+                                   progress=self._fit_progress, num_workers=self.hparams.num_workers,
+                                   collate_fn=self._collate("right"))
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_set, batch_size=self.hparams.batch_size, shuffle=False,
