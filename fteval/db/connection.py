@@ -40,8 +40,15 @@ def utc_now() -> str:
 
 
 def open_readonly(path: Path) -> sqlite3.Connection:
-    """Open ``path`` read-only (no file is created or modified); rows come back as dicts-able ``Row``."""
-    conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_MS / 1000)
+    """Open ``path`` read-only without creating or changing any file; rows are ``sqlite3.Row``.
+
+    Without a ``-wal`` file beside it nobody is writing, and the file is opened as immutable
+    (a read-only open of a WAL database would otherwise create ``-wal``/``-shm`` files next to
+    it); with one, it is opened ``mode=ro`` so the WAL's committed content is seen.
+    """
+    live = path.with_name(path.name + "-wal").exists()
+    query = "mode=ro" if live else "mode=ro&immutable=1"
+    conn = sqlite3.connect(f"{path.resolve().as_uri()}?{query}", uri=True, timeout=BUSY_TIMEOUT_MS / 1000)
     conn.row_factory = sqlite3.Row
     return conn
 

@@ -14,10 +14,7 @@ Under multi-process training only rank zero writes (see ``callbacks/run_logger.p
 
 from __future__ import annotations
 
-import hashlib
 import json
-import math
-import re
 import sqlite3
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -26,100 +23,11 @@ from typing import Any, Optional, Union
 
 from fteval.db.connection import open_and_migrate, utc_now
 from fteval.db.schema import METRIC_TABLES, TABLES
+from fteval.db.values import as_float, path_digest, redact_secrets, to_json
 
-__all__ = ["ExperimentDB", "path_digest", "redact_secrets", "to_json"]
+__all__ = ["ExperimentDB", "STATUSES"]
 
 STATUSES = ("running", "finished", "failed", "interrupted")
-_CHUNK = 1 << 20  # bytes read per sha256 update (1 MiB)
-
-# Keys whose *string* values are credentials. Matched on the whole key, lower-cased, so
-# `max_new_tokens`, `pad_token` & co. (tokenizer settings, not secrets) stay as they are.
-_SECRET_KEYS = frozenset(
-    {"token", "hf_token", "hub_token", "access_token", "auth_token", "use_auth_token", "api_key", "apikey",
-     "openai_api_key", "password", "passwd", "secret", "secret_key", "authorization"}
-)
-_HF_TOKEN_RE = re.compile(r"hf_[A-Za-z0-9]{30,}")  # the shape of a Hugging Face user access token
-
-
-def redact_secrets(obj: Any) -> Any:
-    """Copy of a JSON-like structure with credentials replaced by ``"<redacted>"``.
-
-    A value is redacted when its key is a credential name (``token``, ``api_key``, ...;
-    see ``_SECRET_KEYS``) and the value is a string, or when a string contains something
-    shaped like a Hugging Face token (``hf_`` + 30 or more letters/digits).
-    """
-    if isinstance(obj, Mapping):
-        return {
-            k: "<redacted>" if str(k).lower() in _SECRET_KEYS and isinstance(v, str) and v else redact_secrets(v)
-            for k, v in obj.items()
-        }
-    if isinstance(obj, (list, tuple)):
-        return [redact_secrets(v) for v in obj]
-    if isinstance(obj, str):
-        return _HF_TOKEN_RE.sub("<redacted>", obj)
-    return obj
-
-
-def _jsonable(obj: Any) -> Any:
-    """`json.dumps` fallback: jsonargparse Namespaces, paths, numpy/torch scalars, the rest as repr."""
-    if hasattr(obj, "as_dict"):  # jsonargparse.Namespace
-        return obj.as_dict()
-    if isinstance(obj, Path):
-        return str(obj)
-    if hasattr(obj, "item") and getattr(obj, "ndim", 1) == 0:  # numpy / torch 0-d values
-        return obj.item()
-    if isinstance(obj, (set, frozenset)):
-        return sorted(obj, key=repr)
-    return repr(obj)
-
-
-def to_json(obj: Any) -> Optional[str]:
-    """Deterministic JSON text of ``obj`` with secrets redacted; None stays None."""
-    if obj is None:
-        return None
-    plain = json.loads(json.dumps(obj, default=_jsonable))  # resolve Namespaces etc. before redacting
-    return json.dumps(redact_secrets(plain), sort_keys=True)
-
-
-def path_digest(path: Union[str, Path]) -> tuple[int, str, bool]:
-    """Size in bytes, sha256 hex digest and is-directory flag of a file or a directory.
-
-    A directory's digest is the sha256 over its files in sorted relative-path order of
-    ``"<relative path>\\0<file sha256>\\n"``, so renaming or changing any file changes it.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"Artifact path {path} does not exist; write the file before recording it.")
-
-    def file_hash(p: Path) -> tuple[int, str]:
-        h, size = hashlib.sha256(), 0
-        with open(p, "rb") as fh:
-            while chunk := fh.read(_CHUNK):
-                h.update(chunk)
-                size += len(chunk)
-        return size, h.hexdigest()
-
-    if path.is_file():
-        size, digest = file_hash(path)
-        return size, digest, False
-    outer, total = hashlib.sha256(), 0
-    for p in sorted(q for q in path.rglob("*") if q.is_file()):
-        size, digest = file_hash(p)
-        total += size
-        outer.update(f"{p.relative_to(path).as_posix()}\0{digest}\n".encode())
-    return total, outer.hexdigest(), True
-
-
-def _float(value: Any, what: str) -> Optional[float]:
-    """A metric value as float; None and NaN are stored as NULL (SQLite has no NaN)."""
-    if value is None:
-        return None
-    try:
-        out = float(value)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"{what} must be a number, got {value!r}.") from err
-    return None if math.isnan(out) else out
-
 
 # Columns accepted by the row-list insert helpers: (required, optional); ``details`` goes
 # to ``details_json``.
@@ -308,7 +216,7 @@ class ExperimentDB:
                 raise ValueError(f"Metric name must be a non-empty string, got {name!r}.")
             if int(step) < 0:
                 raise ValueError(f"Metric step must be >= 0, got {step!r} for {name!r}.")
-            data.append((experiment_id, int(step), name, _float(value, f"metric {name!r}"), now))
+            data.append((experiment_id, int(step), name, as_float(value, f"metric {name!r}"), now))
         with self.transaction():
             self._require_experiment(experiment_id)
             self.conn.executemany(
@@ -416,7 +324,7 @@ class ExperimentDB:
                 )
             values = {**(fixed or {}), **{c: row.get(c) for c in (*required, *optional)}}
             for c in _REAL_COLUMNS & values.keys():
-                values[c] = _float(values[c], f"{table}.{c}")
+                values[c] = as_float(values[c], f"{table}.{c}")
             if "details" in values:
                 values["details_json"] = to_json(values.pop("details"))
             columns = list(values)
@@ -468,7 +376,7 @@ class ExperimentDB:
         if not metrics:
             raise ValueError(f"add_inference_benchmark({backend!r}, {model!r}) got no metrics.")
         now, units = utc_now(), dict(units or {})
-        data = [(experiment_id, backend, model, name, _float(v, f"benchmark {name!r}"), units.get(name),
+        data = [(experiment_id, backend, model, name, as_float(v, f"benchmark {name!r}"), units.get(name),
                  to_json(details), now) for name, v in metrics.items()]
         with self.transaction():
             self._require_experiment(experiment_id, optional=True)
@@ -507,10 +415,10 @@ class ExperimentDB:
                 "INSERT INTO statistical_tests (experiment_id, test, metric, group_a, group_b, statistic, p_value,"
                 " p_adjusted, correction, effect_size, effect_size_name, ci_low, ci_high, n, details_json,"
                 " created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (experiment_id, test, metric, group_a, group_b, _float(statistic, "statistic"),
-                 _float(p_value, "p_value"), _float(p_adjusted, "p_adjusted"), correction,
-                 _float(effect_size, "effect_size"), effect_size_name, _float(ci_low, "ci_low"),
-                 _float(ci_high, "ci_high"), n, to_json(details), utc_now()),
+                (experiment_id, test, metric, group_a, group_b, as_float(statistic, "statistic"),
+                 as_float(p_value, "p_value"), as_float(p_adjusted, "p_adjusted"), correction,
+                 as_float(effect_size, "effect_size"), effect_size_name, as_float(ci_low, "ci_low"),
+                 as_float(ci_high, "ci_high"), n, to_json(details), utc_now()),
             )
         return int(cur.lastrowid)
 
@@ -533,8 +441,8 @@ class ExperimentDB:
             cur = self.conn.execute(
                 "INSERT INTO cost_analysis (experiment_id, item, gpu_hours, price_per_hour, cost, currency,"
                 " details_json, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (experiment_id, item, _float(gpu_hours, "gpu_hours"), _float(price_per_hour, "price_per_hour"),
-                 _float(cost, "cost"), currency, to_json(details), utc_now()),
+                (experiment_id, item, as_float(gpu_hours, "gpu_hours"), as_float(price_per_hour, "price_per_hour"),
+                 as_float(cost, "cost"), currency, to_json(details), utc_now()),
             )
         return int(cur.lastrowid)
 
@@ -549,7 +457,7 @@ class ExperimentDB:
             cur = self.conn.execute(
                 "INSERT INTO recommendations (use_case, recommendation, confidence, evidence_json, created_at)"
                 " VALUES (?, ?, ?, ?, ?)",
-                (use_case, recommendation, _float(confidence, "confidence"), to_json(evidence), utc_now()),
+                (use_case, recommendation, as_float(confidence, "confidence"), to_json(evidence), utc_now()),
             )
         return int(cur.lastrowid)
 
