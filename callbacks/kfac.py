@@ -34,11 +34,18 @@ and amp.py): ``optimizer.step(closure)`` runs the closure (training_step + backw
 AMP, ``MixedPrecision.optimizer_step`` calls ``scaler.unscale_(optimizer)`` *before*
 ``_after_closure``. So :meth:`on_before_optimizer_step` sees whole (accumulated), unscaled
 gradients, before clipping and before the step: the place where editing ``.grad`` counts.
+
+Cost: the statistics of all layers of one rank and device live in shared buffers
+(``[layers, 2, r, r]``), so folding is a few batched operations, refreshing is one batched
+fp32 Cholesky/eigvalsh of all due factors on the CPU (r x r matrices: cheaper there than
+hundreds of tiny GPU launches), and preconditioning is one batched ``cholesky_solve`` per
+group of same-shaped gradients. Measured on one H200 with Llama-3-8B's 224 adapted layers
+(7 targets x 32 blocks, r = 16): fold 2 ms + precondition 7-10 ms per optimizer step, a
+refresh 60 ms every ``update_freq`` steps (per layer and operation it was 95 ms per step).
 """
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -47,9 +54,9 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
-from fteval.models.grit_layer import GritLoraLinear, RankSpaceStats, grit_layers
+from fteval.models.grit_layer import GritLoraLinear, RankSpaceStats, fold_coefficients, grit_layers
 
-__all__ = ["KFACPreconditioner", "token_mask_from_batch"]
+__all__ = ["KFACPreconditioner", "damped_cholesky", "token_mask_from_batch"]
 
 _PAIRINGS = ("kfac", "grit")
 _DAMPING_MODES = ("trace", "absolute")
@@ -76,60 +83,140 @@ def token_mask_from_batch(batch: Any) -> torch.Tensor | None:
     return None
 
 
-class _Side:
-    """Cached damped factor of one side: Cholesky L of M / c, with M = S + l I and c = 1/inv_scale."""
-
-    __slots__ = ("chol", "inv_scale", "cond", "refreshed_at")
-
-    def __init__(self) -> None:
-        self.chol: torch.Tensor | None = None  # [r, r] lower-triangular, fp32
-        self.inv_scale = 1.0  # M^-1 = inv_scale * (L L^T)^-1
-        self.cond = float("nan")  # condition number of M
-        self.refreshed_at = -1  # optimizer step of the last refresh, -1 = never
-
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "chol": None if self.chol is None else self.chol.detach().cpu().clone(),
-            "inv_scale": self.inv_scale,
-            "cond": self.cond,
-            "refreshed_at": self.refreshed_at,
-        }
-
-    def load_state_dict(self, state: Mapping[str, Any], device: torch.device) -> None:
-        self.chol = None if state["chol"] is None else state["chol"].to(device)
-        self.inv_scale = float(state["inv_scale"])
-        self.cond = float(state["cond"])
-        self.refreshed_at = int(state["refreshed_at"])
-
-
 def damped_cholesky(
     S: torch.Tensor, damping: float, damping_mode: str
-) -> tuple[torch.Tensor, float, float] | None:
-    """Cholesky factor of the damped factor, in fp32: S ``[r, r]`` -> (L, inv_scale, cond) or None.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Cholesky factors of damped factors, fp32: S ``[..., r, r]`` -> (L, inv_scale, cond, ok).
 
     ``trace`` mode factorises the normalised M / c = S / c + damping I with c = tr(S)/r
     (well scaled even when S ~ 1e-20) and returns inv_scale = 1/c, so that
-    (S + damping c I)^-1 = inv_scale (L L^T)^-1; ``absolute`` factorises S + damping I.
-    None when the trace is not positive and finite or the factorisation fails.
+    (S + damping c I)^-1 = inv_scale (L L^T)^-1; ``absolute`` factorises S + damping I
+    (inv_scale 1). ``cond`` ``[...]`` is the condition number of the damped factor.
+    ``ok`` ``[...]`` is False where the trace is not positive and finite (no curvature
+    information yet, e.g. S_g while B = 0) or the factorisation failed; L is then identity.
     """
     S = S.float()
-    r = S.shape[0]
-    tr = float(torch.trace(S))
-    if not (tr > 0.0 and math.isfinite(tr)):
-        return None
+    r = S.shape[-1]
+    tr = torch.diagonal(S, dim1=-2, dim2=-1).sum(-1)  # [...]
+    ok = torch.isfinite(tr) & (tr > 0)
     eye = torch.eye(r, dtype=S.dtype, device=S.device)
     if damping_mode == "trace":
-        c = tr / r
-        M, inv_scale = S / c + damping * eye, 1.0 / c
+        c = torch.where(ok, tr / r, torch.ones_like(tr))
+        M = S / c[..., None, None] + damping * eye
     else:
-        M, inv_scale = S + damping * eye, 1.0
-    M = 0.5 * (M + M.T)
+        c = torch.ones_like(tr)
+        M = S + damping * eye
+    M = torch.where(ok[..., None, None], 0.5 * (M + M.transpose(-1, -2)), eye)
     chol, info = torch.linalg.cholesky_ex(M)
-    if int(info) != 0:
-        return None
-    ev = torch.linalg.eigvalsh(M)
-    cond = float(ev[-1] / ev[0]) if float(ev[0]) > 0 else float("inf")
-    return chol, inv_scale, cond
+    ok = ok & (info == 0)
+    chol = torch.where(ok[..., None, None], chol, eye)
+    ev = torch.linalg.eigvalsh(torch.where(ok[..., None, None], M, eye))  # ascending
+    cond = torch.where(ev[..., 0] > 0, ev[..., -1] / ev[..., 0], torch.full_like(ev[..., 0], float("inf")))
+    return chol, 1.0 / c, cond, ok
+
+
+class _Group:
+    """GRIT layers of one (device, rank): their statistics and cached Cholesky factors in shared buffers."""
+
+    def __init__(self, names: list[str], layers: list[GritLoraLinear], rank: int, ema_decay: float) -> None:
+        device = layers[0].lora_A.weight.device
+        n = len(layers)
+        self.names, self.layers, self.rank, self.device = names, layers, rank, device
+        self.factors = torch.zeros(n, 2, rank, rank, dtype=torch.float32, device=device)  # S_a, S_g
+        self.pending = torch.zeros_like(self.factors)  # sums of this optimizer step
+        self.counts = torch.zeros(n, 2, dtype=torch.int64, device=device)  # tokens of this optimizer step
+        self.chol = torch.zeros_like(self.factors)  # cached Cholesky factors of the damped factors
+        self.has_chol = [[False, False] for _ in range(n)]
+        self.inv_scale = [[1.0, 1.0] for _ in range(n)]
+        self.cond = [[float("nan"), float("nan")] for _ in range(n)]
+        self.refreshed_at = [[-1, -1] for _ in range(n)]  # optimizer step of the last refresh, -1 = never
+        for i, layer in enumerate(layers):
+            old = layer.stats
+            storage = (self.factors[i], self.pending[i], self.counts[i])
+            layer.stats = RankSpaceStats(rank, device, ema_decay, storage=storage)
+            if old is not None and old.rank == rank:  # statistics of an earlier fit carry over
+                layer.stats.load_state_dict(old.state_dict())
+                layer.stats.ema_decay = ema_decay
+
+    def fold(self, ema_decay: float) -> bool:
+        """All-reduce (DDP) and fold the pending sums; one host transfer. True if a non-finite step was dropped."""
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            if torch.distributed.get_world_size() > 1:
+                torch.distributed.all_reduce(self.pending)
+                torch.distributed.all_reduce(self.counts)
+        finite = torch.isfinite(self.pending).flatten(2).all(-1)  # [n, 2]
+        host = torch.cat([self.counts.flatten().double(), finite.flatten().double()]).tolist()
+        n = len(self.layers)
+        keep, add, dropped = [], [], False
+        for i, layer in enumerate(self.layers):
+            st = layer.stats
+            for side, name in enumerate("ag"):
+                cnt, ok = int(host[2 * i + side]), host[2 * n + 2 * i + side] > 0
+                if cnt > 0 and not ok:
+                    dropped, cnt = True, 0
+                k, a = fold_coefficients(getattr(st, f"n_{name}"), cnt, getattr(st, f"ema_{name}"), ema_decay)
+                keep.append(k)
+                add.append(a)
+                setattr(st, f"n_{name}", getattr(st, f"n_{name}") + cnt)
+        K = torch.tensor(keep, dtype=torch.float32).view(n, 2, 1, 1).to(self.device, non_blocking=True)
+        A = torch.tensor(add, dtype=torch.float32).view(n, 2, 1, 1).to(self.device, non_blocking=True)
+        self.pending.masked_fill_(~finite[..., None, None], 0.0)
+        self.factors.mul_(K).add_(self.pending * A)
+        self.pending.zero_()
+        self.counts.zero_()
+        return dropped
+
+    def refresh(self, step: int, update_freq: int, min_samples: int, damping: float, damping_mode: str) -> None:
+        """Re-factorise every side that is ready and due (never factorised, or ``update_freq`` steps old)."""
+        due = []
+        for i, layer in enumerate(self.layers):
+            st = layer.stats
+            for side, n_tokens in enumerate((st.n_a, st.n_g)):
+                stale = not self.has_chol[i][side] or step - self.refreshed_at[i][side] >= update_freq
+                if n_tokens >= min_samples and stale:
+                    due.append((i, side))
+        if not due:
+            return
+        rows = torch.tensor([d[0] for d in due], device=self.device)
+        sides = torch.tensor([d[1] for d in due], device=self.device)
+        chol, inv_scale, cond, ok = damped_cholesky(self.factors[rows, sides].cpu(), damping, damping_mode)
+        good = [j for j, flag in enumerate(ok.tolist()) if flag]  # degenerate sides keep their previous cache
+        if not good:
+            return
+        sel = torch.tensor(good)
+        self.chol[rows[sel.to(self.device)], sides[sel.to(self.device)]] = chol[sel].to(self.device)
+        inv_list, cond_list = inv_scale.tolist(), cond.tolist()
+        for j in good:
+            i, side = due[j]
+            self.has_chol[i][side] = True
+            self.inv_scale[i][side] = inv_list[j]
+            self.cond[i][side] = cond_list[j]
+            self.refreshed_at[i][side] = step
+            setattr(self.layers[i].stats, "ema_" + "ag"[side], True)  # running mean until first use, EMA after
+
+    def side_state(self, i: int, side: int) -> dict[str, Any]:
+        return {
+            "chol": self.chol[i, side].detach().cpu().clone() if self.has_chol[i][side] else None,
+            "inv_scale": self.inv_scale[i][side],
+            "cond": self.cond[i][side],
+            "refreshed_at": self.refreshed_at[i][side],
+        }
+
+    def load_side_state(self, i: int, side: int, state: Mapping[str, Any]) -> None:
+        self.has_chol[i][side] = state["chol"] is not None
+        if state["chol"] is not None:
+            self.chol[i, side].copy_(state["chol"])
+        self.inv_scale[i][side] = float(state["inv_scale"])
+        self.cond[i][side] = float(state["cond"])
+        self.refreshed_at[i][side] = int(state["refreshed_at"])
+
+
+def _copy_into(targets: list[torch.Tensor], sources: list[torch.Tensor]) -> None:
+    if hasattr(torch, "_foreach_copy_"):
+        torch._foreach_copy_(targets, sources)  # one launch for many tensors
+    else:  # pragma: no cover - older torch
+        for t, s in zip(targets, sources):
+            t.copy_(s)
 
 
 class KFACPreconditioner(L.Callback):
@@ -195,10 +282,11 @@ class KFACPreconditioner(L.Callback):
 
         self.step = 0  # optimizer steps processed by this callback
         self._layers: dict[str, GritLoraLinear] = {}
-        self._sides: dict[str, dict[str, _Side]] = {}
+        self._groups: list[_Group] = []
+        self._where: dict[str, tuple[_Group, int]] = {}  # layer path -> (group, row)
         self._handles: list[Any] = []
         self._mask: torch.Tensor | None = None  # [batch, seq] bool for the current micro-batch
-        self._mask_on: dict[torch.device, torch.Tensor] = {}
+        self._mask_on: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}  # device -> (0/1 floats, count)
         self._mask_warned = False
         self._grad_scale = 1.0  # AMP loss scale of the current micro-batch
         self._hook_seconds = 0.0
@@ -215,10 +303,15 @@ class KFACPreconditioner(L.Callback):
                 "fteval.models.grit_layer.inject_grit_layers (GRITModule does so in configure_model)."
             )
         self._layers = layers
+        by_key: dict[tuple[torch.device, int], list[str]] = {}
         for name, layer in layers.items():
-            if layer.stats is None or layer.stats.rank != layer.r:
-                layer.stats = RankSpaceStats(layer.r, layer.lora_A.weight.device, self.ema_decay)
-            self._sides.setdefault(name, {"a": _Side(), "g": _Side()})
+            by_key.setdefault((layer.lora_A.weight.device, layer.r), []).append(name)
+        self._groups, self._where = [], {}
+        for (_, rank), names in by_key.items():
+            group = _Group(names, [layers[n] for n in names], rank, self.ema_decay)
+            self._groups.append(group)
+            self._where.update({n: (group, i) for i, n in enumerate(names)})
+        for layer in layers.values():
             self._handles.append(layer.lora_A.register_forward_hook(self._make_hook(layer)))
         if self._pending_state is not None:
             state, self._pending_state = self._pending_state, None
@@ -238,15 +331,15 @@ class KFACPreconditioner(L.Callback):
                 return
             t0 = time.perf_counter()
             st.counted = True  # gradient checkpointing re-runs this forward: count it once
-            mask = self._mask_for(u)
-            st.add_a(u.detach(), mask)
+            mask, count = self._mask_for(u)
+            st.add_a(u.detach(), mask, count)
             if u.requires_grad:
                 # dL/du = scaling * v * (AMP loss scale): divide both out (RankSpaceStats docstring).
                 divisor = layer.scaling * self._grad_scale
 
                 def grad_hook(grad: torch.Tensor) -> None:
                     t1 = time.perf_counter()
-                    st.add_g(grad.detach().float() / divisor, mask)
+                    st.add_g(grad.detach().float() / divisor, mask, count)
                     self._hook_seconds += time.perf_counter() - t1
 
                 u.register_hook(grad_hook)
@@ -254,10 +347,11 @@ class KFACPreconditioner(L.Callback):
 
         return hook
 
-    def _mask_for(self, u: torch.Tensor) -> torch.Tensor | None:
+    def _mask_for(self, u: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(0/1 float weights ``u.shape[:-1]``, their count) on u's device, or (None, None) without a mask."""
         mask = self._mask
         if mask is None:
-            return None
+            return None, None
         if tuple(u.shape[:-1]) != tuple(mask.shape):
             if not self._mask_warned:
                 rank_zero_warn(
@@ -265,11 +359,12 @@ class KFACPreconditioner(L.Callback):
                     f"{tuple(u.shape)}; statistics use all tokens for such layers."
                 )
                 self._mask_warned = True
-            return None
-        m = self._mask_on.get(u.device)
-        if m is None:
-            m = self._mask_on[u.device] = mask.to(u.device, non_blocking=True)
-        return m
+            return None, None
+        cached = self._mask_on.get(u.device)
+        if cached is None:
+            m = mask.to(u.device, non_blocking=True)
+            cached = self._mask_on[u.device] = (m.float(), m.sum(dtype=torch.int64))
+        return cached
 
     def begin_micro_batch(self, token_mask: torch.Tensor | None, grad_scale: float = 1.0) -> None:
         """Start a micro-batch: its real-token mask ``[batch, seq]`` and AMP loss scale; re-arm the layers."""
@@ -281,101 +376,66 @@ class KFACPreconditioner(L.Callback):
                 layer.stats.counted = False
 
     # ------------------------------------------------------------------ the optimizer-step work
-    def _fold(self) -> None:
-        """All-reduce (DDP) and fold every layer's pending statistics; one host transfer for all counts."""
-        stats = [layer.stats for layer in self._layers.values() if layer.stats is not None]
-        if not stats:
-            return
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            if torch.distributed.get_world_size() > 1:
-                sums = [t for st in stats for t in (st.sum_a, st.sum_g)]
-                cnts = [t for st in stats for t in (st.cnt_a, st.cnt_g)]
-                flat_s = torch.cat([t.reshape(-1) for t in sums])
-                flat_c = torch.stack(cnts)
-                torch.distributed.all_reduce(flat_s)
-                torch.distributed.all_reduce(flat_c)
-                offset = 0
-                for t in sums:
-                    t.copy_(flat_s[offset : offset + t.numel()].view_as(t))
-                    offset += t.numel()
-                for t, c in zip(cnts, flat_c):
-                    t.copy_(c)
-        info = torch.stack(
-            [
-                x
-                for st in stats
-                for x in (
-                    st.cnt_a.double(),
-                    st.cnt_g.double(),
-                    torch.isfinite(st.sum_a).all().double(),
-                    torch.isfinite(st.sum_g).all().double(),
-                )
-            ]
-        ).tolist()
-        for i, st in enumerate(stats):
-            ca, cg, fa, fg = info[4 * i : 4 * i + 4]
-            if (ca > 0 and not fa) or (cg > 0 and not fg):
-                rank_zero_warn("KFACPreconditioner: non-finite statistics this step (fp16 overflow?) were dropped.")
-            st.fold(int(ca), int(cg), bool(fa), bool(fg))
-
-    def _refresh(self) -> None:
-        """Re-factorise each side that is ready and due (never factorised, or ``update_freq`` steps old)."""
-        for name, layer in self._layers.items():
-            st = layer.stats
-            if st is None:
-                continue
-            for side in ("a", "g"):
-                cache = self._sides[name][side]
-                n = st.n_a if side == "a" else st.n_g
-                due = cache.chol is None or self.step - cache.refreshed_at >= self.update_freq
-                if n < self.min_samples or not due:
-                    continue
-                out = damped_cholesky(st.S_a if side == "a" else st.S_g, self.damping, self.damping_mode)
-                if out is None:
-                    continue  # degenerate (e.g. S_g while B == 0): keep the previous cache, if any
-                cache.chol, cache.inv_scale, cache.cond = out
-                cache.refreshed_at = self.step
-                setattr(st, f"ema_{side}", True)  # running mean until the first refresh, EMA after
-
     def _precondition(self, optimizer: torch.optim.Optimizer | None) -> tuple[int, int]:
         """Apply the cached inverses to lora_A/lora_B ``.grad`` in place; returns (layers, tensors) done."""
         in_opt: set[int] | None = None
         if optimizer is not None:
             in_opt = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        side_of_B, side_of_A = ("a", "g") if self.pairing == "kfac" else ("g", "a")
-        n_layers = n_grads = 0
-        with torch.no_grad():
-            for name, layer in self._layers.items():
-                sides = self._sides[name]
-                done = 0
-                for param, side, right in ((layer.lora_B.weight, side_of_B, True), (layer.lora_A.weight, side_of_A, False)):
-                    cache = sides[side]
-                    if param.grad is None or cache.chol is None or (in_opt is not None and id(param) not in in_opt):
+        side_of_B, side_of_A = (0, 1) if self.pairing == "kfac" else (1, 0)  # 0 = S_a, 1 = S_g
+        jobs: dict[tuple, tuple[list[int], list[torch.Tensor]]] = {}
+        done_layers: set[tuple[int, int]] = set()
+        for gi, group in enumerate(self._groups):
+            for i, layer in enumerate(group.layers):
+                pairs = ((layer.lora_B.weight, side_of_B, True), (layer.lora_A.weight, side_of_A, False))
+                for param, side, right in pairs:
+                    if param.grad is None or not group.has_chol[i][side]:
                         continue
-                    g = param.grad.float()  # B: [out, r] (right-multiplied), A: [r, in] (left-multiplied)
-                    if right:
-                        new = torch.cholesky_solve(g.T.contiguous(), cache.chol).T  # g M^-1 (M symmetric)
-                    else:
-                        new = torch.cholesky_solve(g, cache.chol)  # M^-1 g
-                    if self.preserve_grad_norm:
-                        norm_new = new.norm()
-                        new = new * torch.where(norm_new > 0, g.norm() / norm_new, torch.ones_like(norm_new))
-                    else:
-                        new = new * cache.inv_scale
-                    param.grad.copy_(new.to(param.grad.dtype))
-                    done += 1
-                n_grads += done
-                n_layers += int(done > 0)
-        return n_layers, n_grads
+                    if in_opt is not None and id(param) not in in_opt:
+                        continue
+                    key = (gi, right, side, tuple(param.grad.shape), param.grad.dtype)
+                    rows, params = jobs.setdefault(key, ([], []))
+                    rows.append(i)
+                    params.append(param)
+                    done_layers.add((gi, i))
+        with torch.no_grad():
+            for (gi, right, side, _, _), (rows, params) in jobs.items():
+                group = self._groups[gi]
+                grads = [p.grad for p in params]
+                G = torch.stack(grads).float()  # B: [m, out, r] (right-multiplied), A: [m, r, in] (left)
+                chol = group.chol[torch.tensor(rows, device=group.device), side]  # [m, r, r]
+                if right:
+                    new = torch.cholesky_solve(G.transpose(1, 2), chol).transpose(1, 2)  # G M^-1 (M symmetric)
+                else:
+                    new = torch.cholesky_solve(G, chol)  # M^-1 G
+                if self.preserve_grad_norm:
+                    old_norm = torch.linalg.vector_norm(G, dim=(1, 2))
+                    new_norm = torch.linalg.vector_norm(new, dim=(1, 2))
+                    scale = torch.where(new_norm > 0, old_norm / new_norm, torch.ones_like(new_norm))
+                else:
+                    scale = torch.tensor([group.inv_scale[i][side] for i in rows], dtype=G.dtype).to(group.device)
+                new = new * scale[:, None, None]
+                _copy_into(grads, list(new.to(grads[0].dtype).unbind(0)))
+        return len(done_layers), sum(len(rows) for rows, _ in jobs.values())
 
     def optimizer_step_work(self, optimizer: torch.optim.Optimizer | None = None) -> dict[str, float]:
         """Fold statistics, refresh due factors, precondition gradients (if enabled); returns the step's metrics."""
-        self._fold()
+        dropped = False
+        for group in self._groups:
+            dropped = group.fold(self.ema_decay) or dropped
+        if dropped:
+            rank_zero_warn("KFACPreconditioner: non-finite statistics this step (fp16 overflow?) were dropped.")
         n_layers = n_grads = 0
         if self.enabled:
-            self._refresh()
+            for group in self._groups:
+                group.refresh(self.step, self.update_freq, self.min_samples, self.damping, self.damping_mode)
             n_layers, n_grads = self._precondition(optimizer)
-        conds = [s.cond for sides in self._sides.values() for s in sides.values() if s.chol is not None]
+        conds = [
+            group.cond[i][side]
+            for group in self._groups
+            for i in range(len(group.layers))
+            for side in (0, 1)
+            if group.has_chol[i][side]
+        ]
         self.step += 1
         return {
             "grit/preconditioned_layers": float(n_layers),
@@ -391,7 +451,9 @@ class KFACPreconditioner(L.Callback):
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self.detach()
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         scale = scaler.get_scale() if scaler is not None and scaler.is_enabled() else 1.0
         self.begin_micro_batch(token_mask_from_batch(batch), scale)
@@ -400,7 +462,7 @@ class KFACPreconditioner(L.Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         """Runs after backward and AMP unscaling, before clipping and ``optimizer.step`` (module docstring)."""
-        cuda = any(layer.lora_A.weight.is_cuda for layer in self._layers.values())
+        cuda = any(group.device.type == "cuda" for group in self._groups)
         if cuda:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
@@ -418,18 +480,15 @@ class KFACPreconditioner(L.Callback):
         """Statistics (by layer path), cached Cholesky factors, counters: all a resume needs."""
         if not self._layers and self._pending_state is not None:
             return dict(self._pending_state)  # restored but not attached yet
-        return {
-            "version": 1,
-            "step": self.step,
-            "layers": {
-                name: {
-                    "stats": None if layer.stats is None else layer.stats.state_dict(),
-                    "a": self._sides[name]["a"].state_dict(),
-                    "g": self._sides[name]["g"].state_dict(),
-                }
-                for name, layer in self._layers.items()
-            },
-        }
+        layers = {}
+        for name, layer in self._layers.items():
+            group, i = self._where[name]
+            layers[name] = {
+                "stats": layer.stats.state_dict(),
+                "a": group.side_state(i, 0),
+                "g": group.side_state(i, 1),
+            }
+        return {"version": 2, "step": self.step, "layers": layers}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore now if attached, else at :meth:`attach` (Lightning restores before ``on_fit_start``)."""
@@ -450,8 +509,8 @@ class KFACPreconditioner(L.Callback):
         self.step = int(state["step"])
         for name, layer in self._layers.items():
             entry = saved[name]
-            if entry["stats"] is not None and layer.stats is not None:
-                layer.stats.load_state_dict(entry["stats"])
-            device = layer.lora_A.weight.device
-            self._sides[name]["a"].load_state_dict(entry["a"], device)
-            self._sides[name]["g"].load_state_dict(entry["g"], device)
+            layer.stats.load_state_dict(entry["stats"])
+            layer.stats.ema_decay = self.ema_decay
+            group, i = self._where[name]
+            group.load_side_state(i, 0, entry["a"])
+            group.load_side_state(i, 1, entry["g"])

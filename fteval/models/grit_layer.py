@@ -31,6 +31,7 @@ __all__ = [
     "RankSpaceStats",
     "energy_rank",
     "export_grit_adapter",
+    "fold_coefficients",
     "grit_layers",
     "inject_grit_layers",
     "save_kfac_artifacts",
@@ -136,6 +137,19 @@ def _check_hparams(r: Any, alpha: Any, dropout: Any) -> None:
         raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout!r}.")
 
 
+def fold_coefficients(n: int, cnt: int, ema: bool, ema_decay: float) -> tuple[float, float]:
+    """(keep, add) with ``S <- keep * S + add * pending_sum`` for one factor and one optimizer step.
+
+    Token-weighted running mean while ``ema`` is False: keep = n/(n+cnt), add = 1/(n+cnt);
+    EMA after: keep = beta, add = (1-beta)/cnt. No tokens: (1, 0).
+    """
+    if cnt <= 0:
+        return 1.0, 0.0
+    if ema:
+        return ema_decay, (1.0 - ema_decay) / cnt
+    return n / (n + cnt), 1.0 / (n + cnt)
+
+
 class RankSpaceStats:
     """Rank-space K-FAC factors of one :class:`GritLoraLinear`, fp32, on the layer's device.
 
@@ -146,92 +160,105 @@ class RankSpaceStats:
     (dL/dy)^2 whatever alpha, r or the grad scaler are.
 
     Hooks add per micro-batch into pending sums (:meth:`add_a`, :meth:`add_g`); once per
-    optimizer step :meth:`fold` merges them: a token-weighted running mean until that side
-    is first used (``ema_a``/``ema_g`` set by the K-FAC callback at its first refresh),
-    then ``S <- beta S + (1 - beta) mean(batch)``. ``n_a``/``n_g`` count folded tokens.
+    optimizer step the sums are folded (:meth:`fold`, or the K-FAC callback's batched
+    equivalent): a token-weighted running mean until that side is first used (``ema_a``/
+    ``ema_g``, set by the K-FAC callback at its first refresh), then
+    ``S <- beta S + (1 - beta) mean(step)``. ``n_a``/``n_g`` count folded tokens.
     ``counted`` is the once-per-micro-batch flag (gradient checkpointing re-runs forward).
+
+    Storage: ``factors`` ``[2, r, r]`` (S_a, S_g), ``pending`` ``[2, r, r]`` (sums this
+    step) and ``counts`` ``[2]`` int64 (tokens this step). The K-FAC callback passes views
+    into buffers shared by all layers (``storage=``), so its per-step work is a few
+    batched operations instead of several per layer.
     """
 
-    def __init__(self, rank: int, device: torch.device | str, ema_decay: float = 0.95) -> None:
+    def __init__(
+        self,
+        rank: int,
+        device: torch.device | str,
+        ema_decay: float = 0.95,
+        storage: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    ) -> None:
         if not 0.0 <= ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay!r}.")
         self.rank = int(rank)
         self.ema_decay = float(ema_decay)
-        z = lambda: torch.zeros(self.rank, self.rank, dtype=torch.float32, device=device)  # noqa: E731
-        self.S_a, self.S_g = z(), z()  # [r, r] folded factors
+        if storage is None:
+            storage = (
+                torch.zeros(2, self.rank, self.rank, dtype=torch.float32, device=device),
+                torch.zeros(2, self.rank, self.rank, dtype=torch.float32, device=device),
+                torch.zeros(2, dtype=torch.int64, device=device),
+            )
+        self.factors, self.pending, self.counts = storage
+        if self.factors.shape != (2, self.rank, self.rank) or self.counts.shape != (2,):
+            raise ValueError(
+                f"RankSpaceStats storage must be [2, {rank}, {rank}] x2 and [2], got {tuple(self.factors.shape)}."
+            )
         self.n_a = 0  # folded real tokens, input side
         self.n_g = 0  # folded real tokens, gradient side
         self.ema_a = False
         self.ema_g = False
-        self.sum_a, self.sum_g = z(), z()  # [r, r] pending sums of u u^T / v v^T this optimizer step
-        self.cnt_a = torch.zeros((), dtype=torch.int64, device=device)  # pending token counts
-        self.cnt_g = torch.zeros((), dtype=torch.int64, device=device)
         self.counted = False
+
+    # views: S_a/S_g [r, r] folded factors, sum_a/sum_g [r, r] pending sums, cnt_a/cnt_g [] pending counts
+    S_a = property(lambda self: self.factors[0], lambda self, v: self.factors[0].copy_(v))
+    S_g = property(lambda self: self.factors[1], lambda self, v: self.factors[1].copy_(v))
+    sum_a = property(lambda self: self.pending[0])
+    sum_g = property(lambda self: self.pending[1])
+    cnt_a = property(lambda self: self.counts[0])
+    cnt_g = property(lambda self: self.counts[1])
 
     @property
     def device(self) -> torch.device:
-        return self.S_a.device
+        return self.factors.device
 
-    @staticmethod
-    def _moment(t: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sum of outer products over tokens: t ``[..., r]``, mask ``t.shape[:-1]`` bool -> ``[r, r]``, count."""
+    def _add(self, side: int, t: torch.Tensor, mask: torch.Tensor | None, count: Any) -> None:
         flat = t.reshape(-1, t.shape[-1]).float()  # [tokens, r]
         if mask is None:
-            return flat.T @ flat, torch.tensor(flat.shape[0], dtype=torch.int64, device=flat.device)
+            self.pending[side] += flat.T @ flat
+            self.counts[side] += flat.shape[0]
+            return
         m = mask.reshape(-1)
         weighted = flat * m.to(flat.dtype)[:, None]  # masked rows zeroed, no host sync
-        return weighted.T @ flat, m.sum(dtype=torch.int64)
+        self.pending[side] += weighted.T @ flat
+        self.counts[side] += m.sum(dtype=torch.int64) if count is None else count
 
-    def add_a(self, u: torch.Tensor, mask: torch.Tensor | None = None) -> None:
-        """Add u ``[..., r]`` (real tokens where ``mask`` ``[...]`` is True) to the pending input-side sum."""
-        s, c = self._moment(u, mask)
-        self.sum_a += s
-        self.cnt_a += c
+    def add_a(self, u: torch.Tensor, mask: torch.Tensor | None = None, count: Any = None) -> None:
+        """Add u ``[..., r]`` over real tokens to the pending input-side sum.
 
-    def add_g(self, v: torch.Tensor, mask: torch.Tensor | None = None) -> None:
-        """Add v = B^T dL/dy ``[..., r]`` (scaling and loss scale already divided out)."""
-        s, c = self._moment(v, mask)
-        self.sum_g += s
-        self.cnt_g += c
-
-    def pending(self) -> list[torch.Tensor]:
-        """The pending buffers ``[sum_a, sum_g, cnt_a, cnt_g]`` (for the DDP all-reduce, in place)."""
-        return [self.sum_a, self.sum_g, self.cnt_a, self.cnt_g]
-
-    def fold(self, cnt_a: int, cnt_g: int, finite_a: bool = True, finite_g: bool = True) -> None:
-        """Merge the pending sums into S_a/S_g and clear them.
-
-        ``cnt_a``/``cnt_g`` are the pending counts as Python ints (the caller reads all
-        layers' counts in one host transfer); a side whose pending sum is not finite
-        (an fp16 overflow step the grad scaler will skip) is dropped.
+        ``mask`` ``u.shape[:-1]``: bool, or 0/1 floats; ``count``: its number of ones if
+        already known (int or 0-dim tensor), to save a reduction per layer.
         """
-        for side, cnt, finite in (("a", cnt_a, finite_a), ("g", cnt_g, finite_g)):
-            total = getattr(self, f"sum_{side}")
-            if cnt > 0 and finite:
-                S = getattr(self, f"S_{side}")
-                n = getattr(self, f"n_{side}")
-                if getattr(self, f"ema_{side}"):
-                    S.mul_(self.ema_decay).add_(total, alpha=(1.0 - self.ema_decay) / cnt)
-                else:
-                    S.mul_(n / (n + cnt)).add_(total, alpha=1.0 / (n + cnt))
-                setattr(self, f"n_{side}", n + cnt)
-            total.zero_()
-            getattr(self, f"cnt_{side}").zero_()
+        self._add(0, u, mask, count)
+
+    def add_g(self, v: torch.Tensor, mask: torch.Tensor | None = None, count: Any = None) -> None:
+        """Add v = B^T dL/dy ``[..., r]`` (scaling and loss scale already divided out); as :meth:`add_a`."""
+        self._add(1, v, mask, count)
+
+    def fold(self) -> None:
+        """Merge the pending sums into S_a/S_g and clear them (one layer; a side with non-finite sums is dropped)."""
+        cnts = self.counts.tolist()
+        finite = torch.isfinite(self.pending).flatten(1).all(1).tolist()
+        for side, (name, cnt, ok) in enumerate(zip("ag", cnts, finite)):
+            cnt = cnt if ok else 0
+            keep, add = fold_coefficients(getattr(self, f"n_{name}"), cnt, getattr(self, f"ema_{name}"), self.ema_decay)
+            if add:
+                self.factors[side].mul_(keep).add_(self.pending[side], alpha=add)
+            setattr(self, f"n_{name}", getattr(self, f"n_{name}") + cnt)
+        self.pending.zero_()
+        self.counts.zero_()
 
     def state_dict(self) -> dict[str, Any]:
         return {
             "rank": self.rank,
             "ema_decay": self.ema_decay,
-            "S_a": self.S_a.detach().cpu().clone(),
-            "S_g": self.S_g.detach().cpu().clone(),
+            "factors": self.factors.detach().cpu().clone(),
+            "pending": self.pending.detach().cpu().clone(),
+            "counts": self.counts.detach().cpu().clone(),
             "n_a": self.n_a,
             "n_g": self.n_g,
             "ema_a": self.ema_a,
             "ema_g": self.ema_g,
-            "sum_a": self.sum_a.detach().cpu().clone(),
-            "sum_g": self.sum_g.detach().cpu().clone(),
-            "cnt_a": int(self.cnt_a),
-            "cnt_g": int(self.cnt_g),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -241,10 +268,9 @@ class RankSpaceStats:
                 "resume with the same LoRA r."
             )
         self.ema_decay = float(state["ema_decay"])
-        for key in ("S_a", "S_g", "sum_a", "sum_g"):
-            getattr(self, key).copy_(state[key])
-        self.cnt_a.fill_(int(state["cnt_a"]))
-        self.cnt_g.fill_(int(state["cnt_g"]))
+        self.factors.copy_(state["factors"])
+        self.pending.copy_(state["pending"])
+        self.counts.copy_(state["counts"])
         self.n_a, self.n_g = int(state["n_a"]), int(state["n_g"])
         self.ema_a, self.ema_g = bool(state["ema_a"]), bool(state["ema_g"])
 
@@ -252,7 +278,8 @@ class RankSpaceStats:
 def energy_rank(eigvals: torch.Tensor, threshold: float, min_rank: int = 1, max_rank: int | None = None) -> int:
     """Smallest k whose k largest eigenvalues hold ``threshold`` of their sum, clamped to [min_rank, max_rank].
 
-    ``eigvals`` ``[r]`` in any order; negative round-off is clipped to 0. A zero spectrum gives ``min_rank``.
+    ``eigvals`` ``[r]`` in any order; negative round-off is clipped to 0, and the energy
+    comparison allows 1e-6 of slack for fp32 eigenvalues. A zero spectrum gives ``min_rank``.
     """
     ev = eigvals.detach().double().clamp_min(0).sort(descending=True).values
     max_rank = ev.numel() if max_rank is None else max_rank
@@ -260,7 +287,7 @@ def energy_rank(eigvals: torch.Tensor, threshold: float, min_rank: int = 1, max_
     if total <= 0.0:
         return max(1, min(min_rank, max_rank))
     cum = torch.cumsum(ev, 0) / total
-    k = int(torch.searchsorted(cum, torch.tensor(threshold, dtype=cum.dtype) - 1e-12).item()) + 1
+    k = int(torch.searchsorted(cum, torch.tensor(threshold, dtype=cum.dtype) - 1e-6).item()) + 1
     return int(max(min_rank, min(k, max_rank)))
 
 
@@ -393,7 +420,8 @@ def export_grit_adapter(
     layers = grit_layers(model)
     if not layers:
         raise ValueError(
-            f"{type(model).__name__} holds no GRIT layers: pass the transformers model that inject_grit_layers modified."
+            f"{type(model).__name__} holds no GRIT layers: pass the transformers model that "
+            "inject_grit_layers modified."
         )
     for name, layer in layers.items():
         if layer.r != r or not math.isclose(layer.alpha, float(alpha)) or layer.use_rslora != bool(use_rslora):
@@ -404,7 +432,9 @@ def export_grit_adapter(
     truncate = dict(truncate_to_effective_rank or {})
     unknown = sorted(set(truncate) - set(layers))
     if unknown:
-        raise ValueError(f"truncate_to_effective_rank names unknown GRIT layers {unknown[:5]}; known: {list(layers)[:5]}...")
+        raise ValueError(
+            f"truncate_to_effective_rank names unknown GRIT layers {unknown[:5]}; known: {list(layers)[:5]}..."
+        )
     tensors: dict[str, torch.Tensor] = {}
     rank_pattern: dict[str, int] = {}
     alpha_pattern: dict[str, float] = {}
@@ -480,7 +510,8 @@ def save_kfac_artifacts(
             tensors[f"{name}.eigvecs_{side}"] = V.flip(1).contiguous()
             if side == "a":
                 entry["energy_rank"] = energy_rank(ev, energy_threshold, 1, layer.r)
-        entry["effective_rank"] = int(effective_ranks[name]) if effective_ranks and name in effective_ranks else entry["energy_rank"]
+        given = effective_ranks is not None and name in effective_ranks
+        entry["effective_rank"] = int(effective_ranks[name]) if given else entry["energy_rank"]
         entry["adapter_rank"] = _adapter_rank(layer.lora_A.weight.detach().cpu(), layer.lora_B.weight.detach().cpu())
         report[name] = entry
     summary = {

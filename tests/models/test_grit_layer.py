@@ -1,0 +1,263 @@
+"""GRIT LoRA layer: forward maths, injection, 4-bit base, peft export round trip, K-FAC artifacts."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from fteval.models.grit_layer import (
+    GritLoraLinear,
+    RankSpaceStats,
+    energy_rank,
+    export_grit_adapter,
+    grit_layers,
+    inject_grit_layers,
+    save_kfac_artifacts,
+)
+
+TARGETS = ["q_proj", "v_proj", "o_proj", "gate_proj", "down_proj"]
+
+
+def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=128, max_position_embeddings=64,
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
+def randomise_adapters(model: nn.Module, seed: int = 1) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in grit_layers(model).values():
+            layer.lora_B.weight.copy_(0.1 * torch.randn(layer.lora_B.weight.shape, generator=g))
+
+
+INPUT_IDS = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(5))
+
+
+# --------------------------------------------------------------------------- layer
+def test_forward_is_base_plus_scaled_low_rank_update():
+    torch.manual_seed(0)
+    base = nn.Linear(8, 6)
+    layer = GritLoraLinear(base, r=4, alpha=16.0)
+    x = torch.randn(3, 5, 8)  # [batch, seq, in]
+    torch.testing.assert_close(layer(x), base(x))  # B = 0 at init
+    nn.init.normal_(layer.lora_B.weight)
+    A, B = layer.lora_A.weight, layer.lora_B.weight
+    expected = base(x) + 4.0 * (x @ A.T @ B.T)  # alpha / r = 16 / 4
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-6)
+    layer.adapter_enabled = False
+    assert torch.equal(layer(x), base(x))
+    rs = GritLoraLinear(nn.Linear(8, 6), r=4, alpha=16.0, use_rslora=True)
+    assert rs.scaling == 8.0  # alpha / sqrt(r)
+    bound = 1 / math.sqrt(8)  # kaiming_uniform(a=sqrt(5)) bound = 1/sqrt(fan_in)
+    a_max = float(A.detach().abs().max())
+    assert 0.5 * bound < a_max <= bound
+
+
+def test_adapter_runs_in_fp32_under_bf16_autocast():
+    torch.manual_seed(0)
+    layer = GritLoraLinear(nn.Linear(8, 6), r=4, alpha=4.0)
+    nn.init.normal_(layer.lora_B.weight)
+    dtypes = []
+    layer.lora_A.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
+    x = torch.randn(2, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert dtypes == [torch.float32] and y.dtype == torch.bfloat16
+    delta = layer.scaling * (x @ layer.lora_A.weight.T @ layer.lora_B.weight.T)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        base = layer.base_layer(x)
+    torch.testing.assert_close(y, (base + delta.to(torch.bfloat16)), rtol=0, atol=0)
+
+
+def test_dropout_applies_to_adapter_input_only():
+    torch.manual_seed(0)
+    layer = GritLoraLinear(nn.Linear(8, 6), r=2, alpha=2.0, dropout=0.5)
+    assert isinstance(layer.lora_dropout, nn.Dropout)
+    layer.eval()
+    x = torch.randn(4, 8)
+    torch.testing.assert_close(layer(x), layer.base_layer(x))
+    assert isinstance(GritLoraLinear(nn.Linear(8, 6), r=2, alpha=2.0).lora_dropout, nn.Identity)
+
+
+def test_wraps_bitsandbytes_linear4bit():
+    bnb = pytest.importorskip("bitsandbytes")
+    torch.manual_seed(0)
+    dense = nn.Linear(64, 32)
+    q = bnb.nn.Linear4bit(64, 32, bias=True, compute_dtype=torch.float32, quant_type="nf4")
+    q.load_state_dict(dense.state_dict())
+    q = q.to("cpu")  # quantises the weight (transformers does this when loading a 4-bit model)
+    layer = GritLoraLinear(q, r=4, alpha=8.0)
+    assert (layer.in_features, layer.out_features) == (64, 32)
+    assert layer.lora_A.weight.dtype == torch.float32
+    x = torch.randn(3, 64)
+    y = layer(x)
+    assert y.shape == (3, 32) and float((y - dense(x)).detach().abs().max()) < 0.5  # nf4 quantisation error only
+    y.pow(2).sum().backward()
+    assert float(layer.lora_B.weight.grad.abs().max()) > 1e-3  # gradient flows through the 4-bit path
+
+
+@pytest.mark.parametrize("kwargs", [{"r": 0}, {"r": 2.5}, {"alpha": 0}, {"dropout": 1.0}])
+def test_bad_hyperparameters(kwargs):
+    args = {"r": 2, "alpha": 2.0, "dropout": 0.0, **kwargs}
+    with pytest.raises(ValueError):
+        GritLoraLinear(nn.Linear(4, 4), **args)
+
+
+def test_non_linear_base_is_rejected():
+    with pytest.raises(ValueError, match="nn.Linear"):
+        GritLoraLinear(nn.Conv1d(2, 2, 1), r=1, alpha=1.0)
+
+
+# --------------------------------------------------------------------------- injection
+def test_inject_replaces_targets_and_freezes_the_rest():
+    model = tiny_llama()
+    layers = inject_grit_layers(model, ["q_proj", "v_proj"], r=4, alpha=8, dropout=0.0)
+    assert sorted(layers) == [f"model.layers.{i}.self_attn.{p}" for i in (0, 1) for p in ("q_proj", "v_proj")]
+    assert grit_layers(model).keys() == layers.keys()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {f"{n}.lora_{s}.weight" for n in layers for s in "AB"}
+    assert sum(p.numel() for n, p in model.named_parameters() if n in trainable) == 4 * (4 * 64 + 64 * 4) - 2 * (
+        64 * 4 - 32 * 4
+    )  # v_proj has 2 kv heads x 16 = 32 outputs
+    assert "model.layers.0.self_attn.q_proj.base_layer.weight" in model.state_dict()
+
+
+def test_inject_errors_name_targets_and_available_linears():
+    model = tiny_llama()
+    with pytest.raises(ValueError, match=r"\['qproj'\].*'q_proj'"):
+        inject_grit_layers(model, ["q_proj", "qproj"], r=4, alpha=8, dropout=0.0)
+    assert not grit_layers(model)  # nothing replaced on error
+    with pytest.raises(ValueError, match="non-empty list"):
+        inject_grit_layers(model, "q_proj", r=4, alpha=8, dropout=0.0)
+    inject_grit_layers(model, ["q_proj"], r=4, alpha=8, dropout=0.0)
+    with pytest.raises(ValueError, match="already holds GRIT layers"):
+        inject_grit_layers(model, ["v_proj"], r=4, alpha=8, dropout=0.0)
+
+
+# --------------------------------------------------------------------------- export
+@pytest.mark.parametrize("use_rslora", [False, True])
+def test_exported_adapter_reproduces_logits_with_peft(tmp_path, use_rslora):
+    from peft import PeftModel
+
+    model = tiny_llama()
+    inject_grit_layers(model, TARGETS, r=4, alpha=8, dropout=0.05, use_rslora=use_rslora)
+    randomise_adapters(model)
+    model.eval()
+    with torch.no_grad():
+        logits = model(input_ids=INPUT_IDS).logits
+        base_logits = tiny_llama()(input_ids=INPUT_IDS).logits
+    assert float((logits - base_logits).abs().max()) > 1e-2  # the adapter matters
+    out = export_grit_adapter(model, tmp_path / "adapter", "tiny-llama", TARGETS, 4, 8, 0.05, use_rslora)
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["r"] == 4 and cfg["lora_alpha"] == 8
+    assert cfg["use_rslora"] is use_rslora and cfg["base_model_name_or_path"] == "tiny-llama"
+    keys = set(load_file(out / "adapter_model.safetensors"))
+    assert "base_model.model.model.layers.1.mlp.down_proj.lora_B.weight" in keys and len(keys) == 2 * 5 * 2
+    peft_model = PeftModel.from_pretrained(tiny_llama(), out).eval()
+    with torch.no_grad():
+        peft_logits = peft_model(input_ids=INPUT_IDS).logits
+    torch.testing.assert_close(peft_logits, logits, rtol=1e-5, atol=1e-5)
+    assert not list(tmp_path.glob(".adapter.*"))  # no temporary folder left behind
+
+
+def test_truncated_export_keeps_rank_k_adapters_exact(tmp_path):
+    from peft import PeftModel
+
+    model = tiny_llama()
+    layers = inject_grit_layers(model, TARGETS, r=4, alpha=8, dropout=0.0)
+    randomise_adapters(model)
+    name = "model.layers.0.self_attn.q_proj"
+    with torch.no_grad():  # make one layer rank 2 as a one-sided reprojection would
+        V = torch.linalg.qr(torch.randn(4, 2)).Q
+        layers[name].lora_A.weight.copy_(V @ V.T @ layers[name].lora_A.weight)
+        logits = model(input_ids=INPUT_IDS).logits
+    out = export_grit_adapter(model, tmp_path / "a", "tiny", TARGETS, 4, 8, 0.0, truncate_to_effective_rank={name: 2})
+    tensors = load_file(out / "adapter_model.safetensors")
+    assert tensors[f"base_model.model.{name}.lora_A.weight"].shape == (2, 64)
+    assert tensors[f"base_model.model.{name}.lora_B.weight"].shape == (64, 2)
+    peft_model = PeftModel.from_pretrained(tiny_llama(), out).eval()
+    assert peft_model.base_model.model.model.layers[0].self_attn.q_proj.scaling["default"] == pytest.approx(2.0)
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(input_ids=INPUT_IDS).logits, logits, rtol=1e-5, atol=1e-5)
+
+
+def test_export_rejects_inconsistent_arguments(tmp_path):
+    model = tiny_llama()
+    inject_grit_layers(model, ["q_proj"], r=4, alpha=8, dropout=0.0)
+    with pytest.raises(ValueError, match="r=4, alpha=8.0"):
+        export_grit_adapter(model, tmp_path / "x", "tiny", ["q_proj"], 8, 8, 0.0)
+    with pytest.raises(ValueError, match="unknown GRIT layers"):
+        export_grit_adapter(
+            model, tmp_path / "x", "tiny", ["q_proj"], 4, 8, 0.0, truncate_to_effective_rank={"lm_head": 2}
+        )
+    with pytest.raises(ValueError, match="no GRIT layers"):
+        export_grit_adapter(tiny_llama(), tmp_path / "x", "tiny", ["q_proj"], 4, 8, 0.0)
+    assert not (tmp_path / "x").exists()
+
+
+# --------------------------------------------------------------------------- statistics and artifacts
+def test_rank_space_stats_running_mean_then_ema_and_state():
+    st = RankSpaceStats(2, "cpu", ema_decay=0.9)
+    u1, u2, u3 = torch.randn(5, 2), torch.randn(3, 2), torch.randn(4, 2)
+    mask = torch.tensor([True, False, True, True, False])
+    st.add_a(u1, mask)
+    st.fold()
+    st.add_a(u2)
+    st.fold()
+    both = torch.cat([u1[mask], u2])
+    torch.testing.assert_close(st.S_a, both.T @ both / 6)  # token-weighted running mean
+    assert st.n_a == 6 and float(st.sum_a.abs().max()) == 0.0
+    st.ema_a = True
+    st.add_a(u3)
+    st.fold()
+    torch.testing.assert_close(st.S_a, 0.9 * both.T @ both / 6 + 0.1 * u3.T @ u3 / 4)
+    st.add_g(torch.full((2, 2), float("inf")))
+    st.fold()  # an overflow step is dropped
+    assert st.n_g == 0 and float(st.S_g.abs().max()) == 0.0
+    clone = RankSpaceStats(2, "cpu")
+    clone.load_state_dict(st.state_dict())
+    assert torch.equal(clone.S_a, st.S_a) and clone.n_a == 10 and clone.ema_a and clone.ema_decay == 0.9
+    with pytest.raises(ValueError, match="rank"):
+        RankSpaceStats(3, "cpu").load_state_dict(st.state_dict())
+
+
+def test_energy_rank():
+    ev = torch.tensor([1.0, 5.0, 3.0, 1.0])  # sorted 5, 3, 1, 1 of 10: cumulative 0.5, 0.8, 0.9, 1.0
+    assert [energy_rank(ev, t) for t in (0.5, 0.51, 0.8, 0.85, 0.9, 1.0)] == [1, 2, 2, 3, 3, 4]
+    assert energy_rank(ev, 0.5, min_rank=2) == 2 and energy_rank(ev, 1.0, max_rank=3) == 3
+    assert energy_rank(torch.zeros(4), 0.9) == 1
+
+
+def test_save_kfac_artifacts(tmp_path):
+    model = tiny_llama()
+    layers = inject_grit_layers(model, ["q_proj"], r=4, alpha=8, dropout=0.0)
+    randomise_adapters(model)
+    for i, layer in enumerate(layers.values()):
+        layer.stats = RankSpaceStats(4, "cpu")
+        layer.stats.S_a = torch.diag(torch.tensor([8.0, 1.0, 0.5, 0.5]))  # energy 0.8 at k=1, 0.9 at k=2
+        X = torch.randn(6, 4)
+        layer.stats.S_g = X.T @ X
+        layer.stats.n_a, layer.stats.n_g = 100 + i, 50
+    out = save_kfac_artifacts(layers, tmp_path / "art", effective_ranks={"model.layers.0.self_attn.q_proj": 3})
+    tensors = load_file(out / "kfac_factors.safetensors")
+    name = "model.layers.1.self_attn.q_proj"
+    ev, V = tensors[f"{name}.eigvals_g"], tensors[f"{name}.eigvecs_g"]
+    assert bool((ev[:-1] >= ev[1:]).all())  # descending
+    torch.testing.assert_close(V @ torch.diag(ev) @ V.T, layers[name].stats.S_g, rtol=1e-4, atol=1e-4)
+    report = json.loads((out / "effective_rank.json").read_text())
+    expected = {"r": 4, "n_a": 101, "n_g": 50, "energy_rank": 2, "effective_rank": 2, "adapter_rank": 4}
+    assert report["layers"][name] == expected
+    assert report["layers"]["model.layers.0.self_attn.q_proj"]["effective_rank"] == 3
+    assert report["mean_effective_rank"] == 2.5
+    with pytest.raises(ValueError, match="KFACPreconditioner"):
+        save_kfac_artifacts(inject_grit_layers(tiny_llama(), ["q_proj"], r=2, alpha=2, dropout=0.0), tmp_path / "n")
