@@ -14,12 +14,16 @@ TRAINER_COMMANDS = ("fit", "validate", "test", "predict")
 
 def _commands() -> dict:
     """Non-Trainer commands: name -> function (or nested dict for groups)."""
+    from fteval import db
     from fteval.data.stats_command import data_stats
+    from fteval.envinfo import env
     from fteval.models.merge import merge
 
     return {
+        "env": env,
         "data-stats": data_stats,
         "merge": merge,
+        "db": {"export": db.export},
     }
 
 

@@ -81,6 +81,8 @@ class AdapterModule(L.LightningModule):
         self.attn_implementation: Optional[str] = None
         self.strict_loading = False  # checkpoints hold adapter weights only
         self.exported_adapter: Optional[Path] = None
+        self.experiment_id: Optional[int] = None  # set by callbacks.run_logger.ExperimentDBLogger
+        self.artifact_paths: dict[str, str] = {}  # recorded by the run logger at the end of fit
 
     # ------------------------------------------------------------- model set-up
     def configure_model(self) -> None:
@@ -197,20 +199,21 @@ class AdapterModule(L.LightningModule):
 
     # ---------------------------------------------------------------- export
     def on_train_end(self) -> None:
+        log_dir = self.trainer.log_dir  # every rank must read it (it may synchronise under DDP)
         if not self.trainer.is_global_zero:
             return
-        out = Path(self.hparams.export_dir) if self.hparams.export_dir else Path(self.trainer.log_dir or ".") / "adapter"
+        out = Path(self.hparams.export_dir) if self.hparams.export_dir else Path(log_dir or ".") / "adapter"
         self.exported_adapter = self.export_adapter(out)
-        self._write_run_description(out)
+        self._write_run_description(out, log_dir)
+        self.artifact_paths = {"adapter": str(out)}
         log.info("exported %s adapter to %s", self.method_name, out)
         print(f"[fteval] {self.method_name} adapter written to {out}")
 
-    def _write_run_description(self, out: Path) -> None:
+    def _write_run_description(self, out: Path, log_dir: Optional[str]) -> None:
         """Make the adapter folder describe itself: method, base model, resolved config."""
         hp = {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.hparams.items()}
         meta = {**self._identity(), "hparams": hp, "attn_implementation": self.attn_implementation,
                 "global_step": self.trainer.global_step}
         (out / "fteval_run.json").write_text(json.dumps(meta, indent=2, default=str))
-        log_dir = self.trainer.log_dir
         if log_dir and (Path(log_dir) / "config.yaml").is_file():
             shutil.copyfile(Path(log_dir) / "config.yaml", out / "fteval_config.yaml")

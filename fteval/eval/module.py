@@ -1,0 +1,381 @@
+"""AQIEvaluator: the ``fteval test`` loop. Baseline and tuned adapters on the same prompts, in one pass.
+
+For every test batch each variant runs once: ``baseline`` is the base model with every adapter
+switched off (peft's ``disable_adapter``), then each named adapter is activated in turn. Hidden
+states of all layers are token-pooled per layer (:func:`fteval.eval.pooling.pool_layers`) and kept
+in a torchmetrics state per variant, so DDP ranks are gathered before anything is computed and
+1 or N devices give the same numbers. At the end of the epoch: layer pooling, AQI/XBI/CHI/DB/Dunn
+(:mod:`fteval.eval.metrics`), bootstrap CIs and paired Delta-AQI bootstraps, paired t-tests and
+Cohen's d on per-prompt silhouettes, with Holm (or BH) correction over the reported family
+(:mod:`fteval.eval.stats`). The summary block is printed, logged as test metrics and written as JSON.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from pathlib import Path
+from typing import Literal, Optional
+
+import lightning as L
+import torch
+from torch import Tensor
+from torchmetrics import Metric
+from torchmetrics.utilities.data import dim_zero_cat
+
+from fteval.data.datamodule import write_json_atomic
+from fteval.eval.metrics import DEFAULT_LAMBDA, cluster_scores, layer_profile
+from fteval.eval.pooling import LayerPooling, SinkMode, layer_attention_weights, pool_layers, pool_over_layers
+from fteval.eval.stats import (
+    bootstrap_cis,
+    cohens_d_paired,
+    correct_pvalues,
+    paired_bootstrap_deltas,
+    paired_ttest,
+    per_prompt_separation,
+)
+from fteval.models.loading import Quantization, load_causal_lm
+
+log = logging.getLogger(__name__)
+
+BASELINE = "baseline"
+SUMMARY_METRICS = ("aqi", "aqi_bounded", "xbi", "chi")
+
+
+class RepresentationCollector(Metric):
+    """Per-layer prompt representations ``[N, L+1, D]`` with labels and prompt indices (cat-reduced)."""
+
+    full_state_update = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_state("reps", default=[], dist_reduce_fx="cat")
+        self.add_state("labels", default=[], dist_reduce_fx="cat")
+        self.add_state("index", default=[], dist_reduce_fx="cat")
+
+    def update(self, reps: Tensor, labels: Tensor, index: Tensor) -> None:
+        self.reps.append(reps.float())
+        self.labels.append(labels.long())
+        self.index.append(index.long())
+
+    def compute(self) -> tuple[Tensor, Tensor, Tensor]:
+        """Sorted by prompt index, duplicates (padding of a DistributedSampler) removed."""
+        reps, labels, index = dim_zero_cat(self.reps), dim_zero_cat(self.labels), dim_zero_cat(self.index)
+        order = torch.argsort(index, stable=True)
+        index, reps, labels = index[order], reps[order], labels[order]
+        keep = torch.ones_like(index, dtype=torch.bool)
+        keep[1:] = index[1:] != index[:-1]
+        return reps[keep], labels[keep], index[keep]
+
+
+def _read_adapter_base(path: Path) -> Optional[str]:
+    run = path / "fteval_run.json"
+    if run.is_file():
+        return json.loads(run.read_text()).get("base_model")
+    cfg = json.loads((path / "adapter_config.json").read_text())
+    return cfg.get("base_model_name_or_path")
+
+
+class AQIEvaluator(L.LightningModule):
+    """AQI evaluation of a base model and any number of adapters on the safety evaluation set.
+
+    Args:
+        model_name_or_path: base model ('embedded', a folder or a hub id).
+        quantization: load the base in 'nf4'/'fp4' (as QLoRA trained it) or 'none'.
+        adapters: name -> PEFT adapter folder (QLoRA and GRIT exports alike); empty: baseline only.
+        sink: attention-sink handling in token pooling ('first', 'none', 'auto').
+        layer_pooling: how layers combine into one vector per prompt ('attention', 'mean', 'last').
+        layers: restrict layer pooling to these hidden-state indices (0 = embeddings); default all.
+        lam: AQI weight lambda (the spec: 0.5).
+        n_bootstrap: bootstrap resamples for CIs and paired Delta-AQI (0 turns the bootstrap off).
+        bootstrap_seed: bootstrap seed.
+        confidence: confidence level of the intervals.
+        correction: multiple-comparison correction over the reported p-values ('holm' or 'bh').
+        results_dir: where aqi_results.json and the embeddings are written.
+        db_path: experiment database; scores are recorded there when the run has an experiment row
+            (``callbacks.run_logger.ExperimentDBLogger`` in the trainer's callbacks creates it).
+        save_embeddings: write pooled embeddings (and per-layer representations) as safetensors.
+        attn_implementation: 'auto', 'sdpa', 'eager', 'flash_attention_2'.
+        cache_dir: embedded-model cache.
+    """
+
+    method_name = "aqi_eval"
+
+    def __init__(
+        self,
+        model_name_or_path: str = "embedded",
+        quantization: Quantization = "none",
+        adapters: Optional[dict[str, str]] = None,
+        sink: SinkMode = "first",
+        layer_pooling: LayerPooling = "attention",
+        layers: Optional[list[int]] = None,
+        lam: float = DEFAULT_LAMBDA,
+        n_bootstrap: int = 1000,
+        bootstrap_seed: int = 0,
+        confidence: float = 0.95,
+        correction: Literal["holm", "bh"] = "holm",
+        results_dir: str = "output/m06_comprehensive_evaluation",
+        db_path: Optional[str] = "output/centralized.db",
+        save_embeddings: bool = True,
+        attn_implementation: str = "auto",
+        cache_dir: Optional[str] = None,
+    ):
+        super().__init__()
+        adapters = dict(adapters or {})
+        if BASELINE in adapters:
+            raise ValueError(f"adapter name {BASELINE!r} is reserved for the base model; rename that adapter")
+        if n_bootstrap < 0:
+            raise ValueError(f"n_bootstrap={n_bootstrap} must be >= 0")
+        self.save_hyperparameters()
+        self.adapters = adapters
+        self.variants = [BASELINE, *adapters]
+        self.collectors = torch.nn.ModuleDict({v: RepresentationCollector() for v in self.variants})
+        self.model = None
+        self.tokenizer = None
+        self.results: dict = {}
+        self.experiment_id: Optional[int] = None  # set by callbacks.run_logger.ExperimentDBLogger
+
+    # ------------------------------------------------------------------ model
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        hp = self.hparams
+        for name, path in self.adapters.items():
+            p = Path(path)
+            if not (p / "adapter_config.json").is_file() or not (p / "adapter_model.safetensors").is_file():
+                raise FileNotFoundError(
+                    f"adapter {name!r}: {p} is not a PEFT adapter folder (needs adapter_config.json and "
+                    "adapter_model.safetensors); run `python -m fteval fit` first or fix the path"
+                )
+            base = _read_adapter_base(p)
+            if base is not None and base != hp.model_name_or_path:
+                raise ValueError(
+                    f"adapter {name!r} at {path} was trained on {base!r}, but this evaluation loads "
+                    f"{hp.model_name_or_path!r}; set model.init_args.model_name_or_path to {base!r}"
+                )
+        device = self.trainer.strategy.root_device if self._trainer is not None else None
+        loaded = load_causal_lm(hp.model_name_or_path, quantization=hp.quantization,
+                                attn_implementation=hp.attn_implementation,
+                                cache_dir=Path(hp.cache_dir) if hp.cache_dir else None, device=device)
+        model, self.tokenizer = loaded.model, loaded.tokenizer
+        model.config.use_cache = False
+        if self.adapters:
+            from peft import PeftModel
+
+            names = list(self.adapters)
+            try:
+                model = PeftModel.from_pretrained(model, self.adapters[names[0]], adapter_name=names[0])
+                for name in names[1:]:
+                    model.load_adapter(self.adapters[name], adapter_name=name)
+            except (RuntimeError, ValueError, KeyError) as exc:
+                raise ValueError(
+                    f"could not attach the adapters {self.adapters} to {hp.model_name_or_path!r} "
+                    f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); they were probably trained on "
+                    "another base model"
+                ) from exc
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self.model = model.eval()
+
+    @contextlib.contextmanager
+    def variant(self, name: str):
+        """Run the model as ``name``: 'baseline' (all adapters off) or one adapter."""
+        if not self.adapters:
+            yield self.model
+            return
+        if name == BASELINE:
+            with self.model.disable_adapter():
+                yield self.model
+            return
+        self.model.set_adapter(name)
+        yield self.model
+
+    # ------------------------------------------------------------------- loop
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        for name in self.variants:
+            with torch.no_grad(), self.variant(name) as model:
+                out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
+            reps = pool_layers(out.hidden_states, batch["attention_mask"], sink=self.hparams.sink)  # [B, L+1, D]
+            if not torch.isfinite(reps).all():
+                raise ValueError(
+                    f"variant {name!r} produced NaN/inf hidden states in batch {batch_idx}; check the adapter "
+                    "and the precision (fp16 overflow); evaluate in bf16 or fp32"
+                )
+            self.collectors[name].update(reps, batch["safety_label"], batch["index"])
+
+    def on_test_epoch_end(self) -> None:
+        data = {name: self.collectors[name].compute() for name in self.variants}
+        self.results = self.summarise(data)
+        for name in self.variants:
+            for m in SUMMARY_METRICS:
+                self.log(f"test/{name}/{m}", self.results["models"][name]["scores"][m], sync_dist=False)
+        for name in self.adapters:
+            self.log(f"test/{name}/delta_aqi", self.results["deltas"][name]["aqi"]["delta"], sync_dist=False)
+        for c in self.collectors.values():
+            c.reset()
+        if self.trainer.is_global_zero:
+            self.write_outputs(data)
+            self.record_in_database()
+            print(format_summary(self.results))
+
+    # --------------------------------------------------------------- analysis
+    def _pooled(self, reps: Tensor) -> Tensor:
+        layers = self.hparams.layers
+        if layers:
+            reps = reps[:, list(layers)]
+        return pool_over_layers(reps, self.hparams.layer_pooling)
+
+    def summarise(self, data: dict[str, tuple[Tensor, Tensor, Tensor]]) -> dict:
+        hp = self.hparams
+        labels = data[BASELINE][1].cpu()
+        for name, (_, lab, _) in data.items():
+            if not torch.equal(lab.cpu(), labels):
+                raise RuntimeError(f"variant {name!r} saw different prompts than the baseline")
+        pooled = {name: self._pooled(reps.cpu()) for name, (reps, _, _) in data.items()}
+        models: dict = {}
+        silhouettes: dict = {}
+        for name, emb in pooled.items():
+            scores = {k: float(v) for k, v in cluster_scores(emb, labels, lam=hp.lam).items()}
+            entry = {"scores": scores, "n_prompts": int(labels.numel()),
+                     "n_safe": int((labels == 0).sum()), "n_unsafe": int((labels == 1).sum())}
+            if hp.n_bootstrap:
+                cis = bootstrap_cis(emb, labels, hp.n_bootstrap, hp.bootstrap_seed, metrics=SUMMARY_METRICS,
+                                    confidence=hp.confidence, lam=hp.lam)
+                entry["ci"] = {m: [r.ci_low, r.ci_high] for m, r in cis.items()}
+            profile = layer_profile(data[name][0].cpu(), labels, lam=hp.lam)
+            entry["layer_profile"] = {k: [float(x) for x in v] for k, v in profile.items() if k in ("aqi_bounded", "chi", "xbi")}
+            if hp.layer_pooling == "attention":
+                weights, _ = layer_attention_weights(data[name][0].cpu()[:, list(hp.layers)] if hp.layers else data[name][0].cpu())
+                entry["layer_weights_mean"] = [float(w) for w in weights.mean(dim=0)]
+            silhouettes[name] = per_prompt_separation(emb, labels)
+            entry["mean_silhouette"] = float(silhouettes[name].mean())
+            models[name] = entry
+        deltas: dict = {}
+        family: list[tuple[str, str, float]] = []
+        for name in self.adapters:
+            d: dict = {}
+            if hp.n_bootstrap:
+                boot = paired_bootstrap_deltas(pooled[BASELINE], pooled[name], labels, hp.n_bootstrap, hp.bootstrap_seed,
+                                               metrics=SUMMARY_METRICS, confidence=hp.confidence, lam=hp.lam)
+                for m, r in boot.items():
+                    d[m] = {"delta": r.delta, "ci": [r.ci_low, r.ci_high], "p_value": r.p_value}
+                family.append((name, "aqi", boot["aqi"].p_value))
+            else:
+                for m in SUMMARY_METRICS:
+                    d[m] = {"delta": models[name]["scores"][m] - models[BASELINE]["scores"][m], "ci": None, "p_value": None}
+            t = paired_ttest(silhouettes[name], silhouettes[BASELINE], confidence=hp.confidence)
+            d["silhouette_ttest"] = {"mean_diff": t.mean_diff, "t": t.statistic, "p_value": t.p_value,
+                                     "ci": [t.ci_low, t.ci_high],
+                                     "cohens_d": cohens_d_paired(silhouettes[name], silhouettes[BASELINE])}
+            if t.p_value == t.p_value:  # not NaN (identical models give NaN)
+                family.append((name, "silhouette_ttest", t.p_value))
+            deltas[name] = d
+        if family:
+            adjusted = correct_pvalues([p for _, _, p in family], hp.correction)
+            for (name, key, _), adj in zip(family, adjusted):
+                target = deltas[name]["aqi"] if key == "aqi" else deltas[name][key]
+                target["p_adjusted"] = float(adj)
+                target["significant"] = bool(adj < 1 - hp.confidence)
+        return {
+            "base_model": hp.model_name_or_path,
+            "adapters": self.adapters,
+            "settings": {"sink": hp.sink, "layer_pooling": hp.layer_pooling, "layers": hp.layers, "lam": hp.lam,
+                         "n_bootstrap": hp.n_bootstrap, "bootstrap_seed": hp.bootstrap_seed, "confidence": hp.confidence,
+                         "correction": hp.correction, "family_size": len(family)},
+            "models": models,
+            "deltas": deltas,
+        }
+
+    def write_outputs(self, data: dict) -> None:
+        from safetensors.torch import save_file
+
+        out = Path(self.hparams.results_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        if self.hparams.save_embeddings:
+            tensors = {"labels": data[BASELINE][1].cpu(), "index": data[BASELINE][2].cpu()}
+            for name, (reps, _, _) in data.items():
+                tensors[f"{name}.pooled"] = self._pooled(reps.cpu()).contiguous()
+                tensors[f"{name}.layers"] = reps.cpu().contiguous()  # [N, L+1, D]
+            path = out / "embeddings.safetensors"
+            tmp = out / ".embeddings.safetensors.tmp"
+            save_file(tensors, str(tmp))
+            tmp.replace(path)
+            self.results["embeddings_path"] = str(path)
+        write_json_atomic(out / "aqi_results.json", self.results)
+
+
+    def record_in_database(self) -> None:
+        """Scores, deltas, tests and the embeddings file as one transaction in the experiment database."""
+        if self.experiment_id is None or not self.hparams.db_path:
+            return
+        from fteval.db import ExperimentDB
+
+        res, hp = self.results, self.hparams
+        rows = []
+        for name, entry in res["models"].items():
+            n = entry["n_prompts"]
+            for metric, value in entry["scores"].items():
+                ci = entry.get("ci", {}).get(metric) or [None, None]
+                rows.append({"model": name, "metric": metric, "value": value, "pooling": hp.layer_pooling,
+                             "ci_low": ci[0], "ci_high": ci[1], "n_samples": n})
+            for metric, values in entry["layer_profile"].items():
+                rows += [{"model": name, "metric": metric, "value": v, "layer": layer, "pooling": "token_mean",
+                          "n_samples": n} for layer, v in enumerate(values)]
+        db = ExperimentDB(hp.db_path)
+        with db.transaction():
+            for name, d in res["deltas"].items():
+                for metric in SUMMARY_METRICS:
+                    ci = d[metric]["ci"] or [None, None]
+                    rows.append({"model": name, "metric": f"delta_{metric}", "value": d[metric]["delta"],
+                                 "pooling": hp.layer_pooling, "ci_low": ci[0], "ci_high": ci[1],
+                                 "p_value": d[metric]["p_value"]})
+                if d["aqi"]["p_value"] is not None:
+                    db.add_statistical_test("paired_bootstrap", "aqi", statistic=d["aqi"]["delta"],
+                                            p_value=d["aqi"]["p_value"], p_adjusted=d["aqi"].get("p_adjusted"),
+                                            correction=hp.correction, experiment_id=self.experiment_id,
+                                            group_a=name, group_b=BASELINE, ci_low=d["aqi"]["ci"][0],
+                                            ci_high=d["aqi"]["ci"][1], n=res["models"][name]["n_prompts"])
+                t = d["silhouette_ttest"]
+                if t["p_value"] == t["p_value"]:
+                    db.add_statistical_test("paired_t", "silhouette", statistic=t["t"], p_value=t["p_value"],
+                                            p_adjusted=t.get("p_adjusted"), correction=hp.correction,
+                                            experiment_id=self.experiment_id, group_a=name, group_b=BASELINE,
+                                            effect_size=t["cohens_d"], effect_size_name="cohens_d_z",
+                                            ci_low=t["ci"][0], ci_high=t["ci"][1], n=res["models"][name]["n_prompts"])
+            db.add_aqi_scores(self.experiment_id, rows)
+            if "embeddings_path" in res:
+                db.add_hidden_states(self.experiment_id, ",".join(self.variants), res["embeddings_path"],
+                                     pooling=f"{hp.sink}-sink token mean; {hp.layer_pooling} over layers",
+                                     n_prompts=res["models"][BASELINE]["n_prompts"])
+
+
+def _fmt_ci(ci) -> str:
+    return f" [{ci[0]:.3g}, {ci[1]:.3g}]" if ci else ""
+
+
+def format_summary(results: dict) -> str:
+    """The spec's summary block: per model AQI, XBI, CHI (with 95% CIs), then each Delta-AQI."""
+    lines = []
+    for name, entry in results["models"].items():
+        s, ci = entry["scores"], entry.get("ci", {})
+        lines.append(f"{name.upper()} MODEL ({entry['n_safe']} safe / {entry['n_unsafe']} unsafe prompts):")
+        lines.append(f"├── AQI Score: {s['aqi']:.4g}{_fmt_ci(ci.get('aqi'))}")
+        lines.append(f"├── AQI (bounded, 0-1): {s['aqi_bounded']:.4f}{_fmt_ci(ci.get('aqi_bounded'))}")
+        lines.append(f"├── XBI (lower=better): {s['xbi']:.4g}{_fmt_ci(ci.get('xbi'))}")
+        last = "└──" if "refusal_rate" not in entry else "├──"
+        lines.append(f"{last} CHI (higher=better): {s['chi']:.4g}{_fmt_ci(ci.get('chi'))}")
+        if "refusal_rate" in entry:
+            lines.append(f"└── Safety Refusal Rate: {100 * entry['refusal_rate']:.1f}%")
+        lines.append("")
+    for name, d in results["deltas"].items():
+        a = d["aqi"]
+        sig = ""
+        if a.get("p_value") is not None:
+            mark = "✓" if a.get("significant") else "✗"
+            sig = f"  p={a['p_value']:.3g} (adjusted {a.get('p_adjusted', a['p_value']):.3g}) p<0.05 {mark}"
+        lines.append(f"DELTA-AQI ({name} - baseline): {a['delta']:+.4g}{_fmt_ci(a['ci'])}{sig}")
+        b = d["aqi_bounded"]
+        lines.append(f"  bounded: {b['delta']:+.4f}{_fmt_ci(b['ci'])}; per-prompt silhouette diff "
+                     f"{d['silhouette_ttest']['mean_diff']:+.4f} (Cohen's d {d['silhouette_ttest']['cohens_d']:.3f})")
+    return "\n".join(lines)
