@@ -98,7 +98,18 @@ class AdapterModule(L.LightningModule):
             device=device,
         )
         self.tokenizer, self.attn_implementation = loaded.tokenizer, loaded.attn_implementation
-        model = loaded.model
+        self.setup_base_model(loaded.model)
+
+    def setup_base_model(self, model: torch.nn.Module, attn_implementation: Optional[str] = None) -> None:
+        """Freeze ``model``, attach the adapters, enable checkpointing; keep the result as ``self.model``.
+
+        ``configure_model`` calls this after loading by name. Callers that build the base
+        themselves (``fteval bench`` builds random-weight models from a config) call it before
+        ``Trainer.fit``; ``configure_model`` then leaves the model as it is.
+        """
+        hp = self.hparams
+        if attn_implementation is not None:
+            self.attn_implementation = attn_implementation
         model.config.use_cache = False
         model.train()  # from_pretrained returns eval mode; Lightning toggles modes from here on
         for p in model.parameters():
