@@ -20,8 +20,6 @@ from pathlib import Path
 
 import torch
 
-from callbacks.kfac import KFACPreconditioner
-from callbacks.reprojection import NeuralReprojection
 from fteval.models.base import AdapterModule
 from fteval.models.grit_layer import export_grit_adapter, grit_layers, inject_grit_layers, save_kfac_artifacts
 
@@ -38,6 +36,8 @@ class GRITModule(AdapterModule):
         return model
 
     def on_fit_start(self) -> None:
+        from callbacks.kfac import KFACPreconditioner  # callbacks import fteval.models: import here, not at the top
+
         names = [type(cb).__name__ for cb in self.trainer.callbacks]
         if not any(isinstance(cb, KFACPreconditioner) for cb in self.trainer.callbacks):
             raise ValueError(
@@ -45,7 +45,9 @@ class GRITModule(AdapterModule):
                 f"set its enabled: false for a plain-LoRA ablation); the trainer has {names}"
             )
 
-    def _reprojection(self) -> NeuralReprojection | None:
+    def _reprojection(self):
+        from callbacks.reprojection import NeuralReprojection
+
         return next((cb for cb in self.trainer.callbacks if isinstance(cb, NeuralReprojection)), None)
 
     def export_adapter(self, output_dir: Path) -> Path:

@@ -1,0 +1,103 @@
+"""`fteval test` end to end on the embedded model with real (tiny) adapters, and its bad-input errors."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fteval.__main__ import main
+from fteval.eval.metrics import cluster_scores
+from tests.conftest import accd_rows, write_jsonl
+
+
+def make_adapter(path, scale: float, seed: int = 0):
+    """A real peft LoRA adapter on the embedded model; scale 0 leaves B = 0 (identical to the base)."""
+    from peft import LoraConfig, get_peft_model
+
+    from fteval.models.loading import load_causal_lm
+
+    torch.manual_seed(seed)
+    model = get_peft_model(load_causal_lm("embedded").model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, scale) if scale else p.zero_()
+    model.peft_config["default"].base_model_name_or_path = "embedded"
+    model.save_pretrained(str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory):
+    root = tmp_path_factory.mktemp("adapters")
+    return {"zero": make_adapter(root / "zero", 0.0), "noisy": make_adapter(root / "noisy", 0.05)}
+
+
+def run_test(tmp_path, adapters: dict, extra=(), eval_rows=None):
+    eval_file = write_jsonl(tmp_path / "accd.jsonl", eval_rows or accd_rows(8, 8))
+    adapters_arg = "{" + ", ".join(f"{k}: {v}" for k, v in adapters.items()) + "}"
+    main(["test", "--config", "configs/aqi.yaml", "--trainer.logger", "false",
+          "--trainer.callbacks", json.dumps([{"class_path": "callbacks.run_logger.ExperimentDBLogger",
+                                               "init_args": {"db_path": str(tmp_path / "db.sqlite")}}]),
+          "--model.init_args.quantization", "none", "--model.init_args.adapters", adapters_arg,
+          "--model.init_args.n_bootstrap", "200", "--model.init_args.results_dir", str(tmp_path / "out"),
+          "--model.init_args.db_path", str(tmp_path / "db.sqlite"),
+          "--data.eval_source", str(eval_file), "--data.n_per_class", "8", "--data.eval_batch_size", "8",
+          "--data.output_dir", str(tmp_path / "data"), *extra])
+    return json.loads((tmp_path / "out" / "aqi_results.json").read_text())
+
+
+def test_test_loop_prints_block_and_pairs_baseline_with_adapters(tmp_path, adapters, capsys):
+    res = run_test(tmp_path, adapters)
+    out = capsys.readouterr().out
+    for line in ("BASELINE MODEL (8 safe / 8 unsafe prompts):", "ZERO MODEL", "NOISY MODEL", "├── AQI Score:",
+                 "├── XBI (lower=better):", "└── CHI (higher=better):", "DELTA-AQI (noisy - baseline):"):
+        assert line in out
+    base, zero, noisy = (res["models"][k]["scores"] for k in ("baseline", "zero", "noisy"))
+    # An adapter with B = 0 is the base model: the paired delta is exactly zero, with a zero-width CI.
+    assert zero == base
+    assert res["deltas"]["zero"]["aqi"]["delta"] == 0.0 and res["deltas"]["zero"]["aqi"]["ci"] == [0.0, 0.0]
+    assert noisy["aqi"] != base["aqi"]
+    assert res["deltas"]["noisy"]["aqi"]["delta"] == pytest.approx(noisy["aqi"] - base["aqi"], rel=1e-9)
+    lo, hi = res["deltas"]["noisy"]["aqi"]["ci"]
+    assert lo <= res["deltas"]["noisy"]["aqi"]["delta"] <= hi
+    # The reported numbers are those of the saved embeddings.
+    emb = load_file(res["embeddings_path"])
+    recomputed = cluster_scores(emb["baseline.pooled"], emb["labels"])
+    assert float(recomputed["aqi"]) == pytest.approx(base["aqi"], rel=1e-9)
+    assert emb["baseline.layers"].shape == (16, 31, 576)  # prompts, embeddings + 30 layers, hidden
+    # The spec's formula, as implemented: lambda = 0.5.
+    assert base["aqi"] == pytest.approx(0.5 / base["xbi"] + 0.5 * base["chi"], rel=1e-9)
+    assert 0 <= base["aqi_bounded"] <= 1
+    # The database holds the scores of this run.
+    from fteval.db import ExperimentDB
+
+    db = ExperimentDB(tmp_path / "db.sqlite")
+    rows = db.rows("aqi_scores", metric="aqi")
+    assert {r["model"] for r in rows if r["layer"] is None} == {"baseline", "zero", "noisy"}
+    assert len(db.rows("statistical_tests")) >= 1
+
+
+def test_adapter_from_another_base_is_refused(tmp_path, adapters, capsys):
+    other = tmp_path / "other"
+    other.mkdir()
+    for f in adapters["noisy"].iterdir():
+        (other / f.name).write_bytes(f.read_bytes())
+    cfg = json.loads((other / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = "meta-llama/Meta-Llama-3-8B-Instruct"
+    (other / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(SystemExit) as exit_:
+        run_test(tmp_path, {"other": other})
+    assert exit_.value.code == 2
+    assert "was trained on 'meta-llama/Meta-Llama-3-8B-Instruct'" in capsys.readouterr().err
+
+
+def test_missing_adapter_and_single_class_are_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        run_test(tmp_path, {"qlora": tmp_path / "nowhere"})
+    assert "is not a PEFT adapter folder" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        run_test(tmp_path, {}, eval_rows=accd_rows(8, 0))
+    assert "0 unsafe prompts" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "aqi_results.json").exists()
