@@ -43,7 +43,9 @@ def test_every_config_prints(config, capsys):
 def test_every_config_instantiates(config, tmp_path):
     from fteval.cli import FTEvalCLI
 
-    cli = FTEvalCLI(args=["--config", config, "--trainer.default_root_dir", str(tmp_path), "--trainer.logger", "false"], run=False)
+    # GPU configs instantiate here with the accelerator switched to CPU (this machine has no GPU).
+    cli = FTEvalCLI(args=["--config", config, "--trainer.default_root_dir", str(tmp_path), "--trainer.logger", "false",
+                          "--trainer.accelerator", "cpu"], run=False)
     assert cli.model is not None and cli.datamodule is not None
     assert cli.datamodule.hparams.model_name_or_path == cli.model.hparams.model_name_or_path  # linked
 
