@@ -372,9 +372,10 @@ class AlignmentDataModule(L.LightningDataModule):
         return self.trainer.current_epoch, loop.epoch_loop.batch_progress.current.processed
 
     def train_dataloader(self) -> DataLoader:
+        world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer is not None else (1, 0)
         return ResumableDataLoader(self.train_set, batch_size=self.hparams.batch_size, seed=self.hparams.seed,
-                                   progress=self._fit_progress, num_workers=self.hparams.num_workers,
-                                   collate_fn=self._collate("right"))
+                                   progress=self._fit_progress, num_replicas=world, rank=rank,
+                                   num_workers=self.hparams.num_workers, collate_fn=self._collate("right"))
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_set, batch_size=self.hparams.batch_size, shuffle=False,

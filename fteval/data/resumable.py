@@ -1,50 +1,48 @@
-"""A training DataLoader that resumes mid-epoch exactly.
+"""A training DataLoader that resumes mid-epoch exactly, on one process or under DDP.
 
 Lightning checkpoints a loader's state when the loader implements ``state_dict`` /
-``load_state_dict``. The order of each epoch here is a permutation seeded by ``(seed, epoch)``
-rather than by the global RNG, so an uninterrupted run and a resumed one draw the same batches;
-on restore, the batches the interrupted run had already trained on are skipped. The count of
-those batches comes from the trainer's own progress tracker (batches processed in the epoch),
-not from the loader, because Lightning pre-fetches one batch ahead of the training step.
+``load_state_dict``. Each epoch's order here is a permutation seeded by ``seed + epoch``
+(``DistributedSampler``'s own scheme, sharded by rank), not drawn from the global RNG, so an
+uninterrupted run and a resumed one see the same batches; on restore, the batches the
+interrupted run had already trained on are skipped. Their count comes from the trainer's
+progress tracker (batches processed in the epoch), not from the loader, because Lightning
+pre-fetches one batch ahead of the training step.
+
+The sampler is a ``DistributedSampler`` on purpose: Lightning then leaves it in place under DDP
+instead of wrapping it, and every rank shards the same permutation.
 """
 
 from __future__ import annotations
 
 from typing import Callable, Iterator, Optional
 
-import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, DistributedSampler
 
 
-class EpochSeededSampler(Sampler[int]):
-    """Shuffles with a generator seeded by ``seed + epoch``; can start an epoch part-way through."""
+class EpochSeededSampler(DistributedSampler):
+    """``DistributedSampler`` (shuffle, seed + epoch) that can start an epoch part-way through."""
 
-    def __init__(self, n: int, seed: int) -> None:
-        self.n, self.seed, self.epoch = n, seed, 0
-        self._resume: Optional[tuple[int, int]] = None  # (epoch, samples already used in it)
-
-    def set_epoch(self, epoch: int) -> None:  # Lightning calls this at every epoch start
-        self.epoch = epoch
+    def __init__(self, dataset, seed: int, num_replicas: int = 1, rank: int = 0) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        self._resume: Optional[tuple[int, int]] = None  # (epoch, samples of this rank already used)
 
     def resume(self, epoch: int, samples_done: int) -> None:
-        self.epoch, self._resume = epoch, (epoch, samples_done)
+        self.set_epoch(epoch)
+        self._resume = (epoch, samples_done)
 
     def __iter__(self) -> Iterator[int]:
-        g = torch.Generator().manual_seed(self.seed + self.epoch)
-        order = torch.randperm(self.n, generator=g).tolist()
+        order = list(super().__iter__())
         skip = self._resume[1] if self._resume is not None and self._resume[0] == self.epoch else 0
         self._resume = None
         return iter(order[skip:])
-
-    def __len__(self) -> int:
-        return self.n
 
 
 class ResumableDataLoader(DataLoader):
     """DataLoader whose state (epoch, batches already trained on) travels in Lightning checkpoints."""
 
-    def __init__(self, dataset, *, batch_size: int, seed: int, progress: Callable[[], Optional[tuple[int, int]]], **kw):
-        self.epoch_sampler = EpochSeededSampler(len(dataset), seed)
+    def __init__(self, dataset, *, batch_size: int, seed: int, progress: Callable[[], Optional[tuple[int, int]]],
+                 num_replicas: int = 1, rank: int = 0, **kw):
+        self.epoch_sampler = EpochSeededSampler(dataset, seed, num_replicas, rank)
         super().__init__(dataset, batch_size=batch_size, sampler=self.epoch_sampler, **kw)
         self._progress = progress
 
