@@ -35,7 +35,7 @@ def test_two_process_fit_gives_identical_parameters(method, data):
                      *callbacks]
     fteval("fit", "--config", f"configs/{method}.yaml", "--trainer.accelerator", "cpu", "--trainer.devices", "2",
            "--trainer.strategy", "ddp", "--trainer.max_steps", "2", "--trainer.accumulate_grad_batches", "1",
-           "--trainer.limit_val_batches", "0", "--trainer.logger", "false", "--trainer.enable_checkpointing", "false",
+           "--trainer.limit_val_batches", "0", "--trainer.logger", "false", "--trainer.default_root_dir", str(root), "--trainer.enable_checkpointing", "false",
            "--trainer.callbacks", json.dumps(callbacks), "--model.init_args.r", "4",
            "--model.init_args.target_modules", "[q_proj, v_proj]", "--model.init_args.export_dir", str(root / method),
            "--data.train_source", str(train), "--data.eval_source", str(evals), "--data.max_length", "48",
@@ -56,6 +56,7 @@ def test_aqi_on_two_processes_equals_one(data):
         out = root / f"aqi-{devices}"
         fteval("test", "--config", "configs/aqi.yaml", "--trainer.accelerator", "cpu", "--trainer.devices", devices,
                "--trainer.strategy", "ddp" if devices == "2" else "auto", "--trainer.logger", "false",
+               "--trainer.default_root_dir", str(out),
                "--trainer.callbacks", "[]", "--model.init_args.adapters", "{}", "--model.init_args.quantization", "none",
                "--model.init_args.n_bootstrap", "100", "--model.init_args.results_dir", str(out),
                "--data.eval_source", str(evals), "--data.n_per_class", "9", "--data.eval_batch_size", "4",

@@ -37,7 +37,7 @@ def adapters(tmp_path_factory):
 def run_test(tmp_path, adapters: dict, extra=(), eval_rows=None):
     eval_file = write_jsonl(tmp_path / "accd.jsonl", eval_rows or accd_rows(8, 8))
     adapters_arg = "{" + ", ".join(f"{k}: {v}" for k, v in adapters.items()) + "}"
-    main(["test", "--config", "configs/aqi.yaml", "--trainer.logger", "false",
+    main(["test", "--config", "configs/aqi.yaml", "--trainer.logger", "false", "--trainer.default_root_dir", str(tmp_path),
           "--trainer.callbacks", json.dumps([{"class_path": "callbacks.run_logger.ExperimentDBLogger",
                                                "init_args": {"db_path": str(tmp_path / "db.sqlite")}}]),
           "--model.init_args.quantization", "none", "--model.init_args.adapters", adapters_arg,
