@@ -1,0 +1,628 @@
+"""``fteval bench train``: training throughput of fteval's QLoRA and GRIT against a plain PyTorch + peft loop.
+
+Method (BENCHMARKS.md has the commands and the tables):
+
+* One random-weight base model (:func:`fteval.bench.common.build_random_model`: the architecture
+  from its config, bf16 on a GPU, linear layers quantised to nf4) is built once; every method
+  runs on that same object, in the same process, on the same synthetic batches (random token ids,
+  every token real and in the loss). Adapters are attached fresh for each method and removed
+  afterwards; memory is freed and the peak counter reset between methods.
+* ``plain``: the minimal loop a user would write: ``get_peft_model`` (LoRA r 16, alpha 32,
+  dropout 0.05 on the 7 projections, fp32 adapters), bf16 autocast on the GPU, AdamW (fused on
+  CUDA), ``loss.backward(); optimizer.step(); optimizer.zero_grad()``.
+* ``qlora`` / ``grit``: fteval's :class:`~fteval.models.QLoRAModule` / :class:`~fteval.models.GRITModule`
+  in a Lightning ``Trainer`` (``bf16-mixed`` on the GPU, no logger, checkpointing or progress
+  bar), the same optimiser and LoRA settings; GRIT with its K-FAC and reprojection callbacks at
+  the spec's frequencies (refresh every 20 optimizer steps, reprojection every 40).
+* Step time: wall time between the ends of consecutive optimizer steps, each end marked after
+  ``torch.cuda.synchronize()``; so it covers everything a step costs (batch transfer, forward,
+  backward, optimizer, hooks and callbacks). The first ``warmup`` steps are not timed.
+  tokens/s = batch x sequence / mean step time. Peak memory = ``torch.cuda.max_memory_allocated``
+  over the run (model included). MFU: :func:`fteval.bench.common.flops_per_token`.
+* GRIT's periodic work rarely falls into a short window (the K-FAC refresh at steps 0 and 1,
+  while statistics first fill, then every 20; reprojection at step 40). It is timed separately
+  at the end of the run (on the GPU, before Lightning's teardown): one forced refresh of every
+  factor and one reprojection of every layer, and added amortised:
+  ``amortised_step_ms = p50 + refresh_ms / 20 + reprojection_ms / 40``.
+
+Lightning's teardown moves the model to the CPU after ``fit``; the shared base is moved back
+before the next method (not timed).
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+import traceback
+import warnings
+from functools import partial
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from fteval.bench.common import (
+    MODEL_CONFIGS,
+    PEAK_FLOPS,
+    BenchModel,
+    bitsandbytes_available,
+    build_random_model,
+    default_device,
+    flops_per_token,
+    format_table,
+    free_memory,
+    machine_info,
+    mfu,
+    peak_memory_gib,
+    reset_peak_memory,
+    synchronize,
+    timing_summary,
+)
+from fteval.models.base import DEFAULT_TARGETS
+
+log = logging.getLogger(__name__)
+
+__all__ = ["METHODS", "SyntheticLM", "bench_train", "strip_adapters"]
+
+METHODS = ("plain", "qlora", "grit")
+LORA_R, LORA_ALPHA, LORA_DROPOUT = 16, 32.0, 0.05  # QLoRAModule's defaults, used by every method
+GRIT_UPDATE_FREQ = 20  # spec: K-FAC inverse refresh every 20 optimizer steps
+GRIT_REPROJECT_EVERY = 40  # spec: reprojection every 40 optimizer steps
+LEARNING_RATE = 1e-4
+TARGETS = {"qlora_vs_plain_max": 1.03, "grit_vs_qlora_max": 1.10, "mfu_goal_b4_no_ckpt": 0.5}
+
+
+# ----------------------------------------------------------------------------------------------
+# data and timing
+# ----------------------------------------------------------------------------------------------
+
+
+class SyntheticLM(Dataset):
+    """``n`` rows of random token ids ``[seq_len]``; attention mask all ones; labels = input_ids.
+
+    Every position is a real token that enters the loss, so tokens per step = batch x seq_len.
+    Deterministic in ``seed``.
+    """
+
+    def __init__(self, n: int, seq_len: int, vocab_size: int, seed: int = 0) -> None:
+        gen = torch.Generator().manual_seed(seed)
+        self.input_ids = torch.randint(vocab_size, (n, seq_len), generator=gen)  # [n, seq]
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        ids = self.input_ids[i]
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+
+
+class _StepClock:
+    """Marks the end of every optimizer step (after a device sync); optionally advances a profiler."""
+
+    def __init__(self, device: torch.device, profiler: Any = None) -> None:
+        self.device = device
+        self.profiler = profiler
+        self.marks: list[float] = []
+        self.losses: list[torch.Tensor] = []
+
+    def mark(self, loss: Optional[torch.Tensor]) -> None:
+        synchronize(self.device)
+        self.marks.append(time.perf_counter())
+        if isinstance(loss, torch.Tensor):
+            self.losses.append(loss.detach())
+        if self.profiler is not None:
+            self.profiler.step()
+
+    def step_seconds(self, warmup: int) -> list[float]:
+        """Durations of the steps after the first ``warmup`` (needs warmup >= 1: the first mark is a start)."""
+        marks = self.marks[warmup - 1 :]
+        return [b - a for a, b in zip(marks, marks[1:])]
+
+
+def _lightning_callbacks():
+    import lightning as L
+
+    class ClockCallback(L.Callback):
+        def __init__(self, clock: _StepClock) -> None:
+            self.clock = clock
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+            self.clock.mark(loss)
+
+    class GritCostProbe(L.Callback):
+        """At the end of training (model still on its device): time one forced K-FAC refresh and one reprojection."""
+
+        def __init__(self, kfac, reproj, device: torch.device, repeats: int = 3) -> None:
+            self.kfac, self.reproj, self.device, self.repeats = kfac, reproj, device, repeats
+            self.costs: dict[str, float] = {}
+
+        def _time(self, fn) -> float:
+            times = []
+            for _ in range(self.repeats):
+                synchronize(self.device)
+                t0 = time.perf_counter()
+                fn()
+                synchronize(self.device)
+                times.append(1000.0 * (time.perf_counter() - t0))
+            return sorted(times)[len(times) // 2]
+
+        def on_train_end(self, trainer, pl_module) -> None:
+            optimizer = trainer.optimizers[0] if trainer.optimizers else None
+            saved = self.kfac.update_freq
+            try:
+                self.kfac.update_freq = 1  # every side is due: fold + refresh all + precondition
+                forced = self._time(lambda: self.kfac.optimizer_step_work(optimizer))
+                self.kfac.update_freq = 10**9  # none due: fold + precondition (what every step pays)
+                normal = self._time(lambda: self.kfac.optimizer_step_work(optimizer))
+            finally:
+                self.kfac.update_freq = saved
+            reproj_ms = self._time(lambda: self.reproj.reproject(pl_module, trainer.optimizers))
+            self.costs = {
+                "kfac_step_work_ms": normal,
+                "kfac_refresh_ms": max(forced - normal, 0.0),
+                "reprojection_ms": reproj_ms,
+            }
+            kfac_ms = trainer.callback_metrics.get("grit/kfac_ms")
+            if kfac_ms is not None:
+                self.costs["kfac_ms_last_step"] = float(kfac_ms)
+
+    return ClockCallback, GritCostProbe
+
+
+# ----------------------------------------------------------------------------------------------
+# adapters on and off the shared base
+# ----------------------------------------------------------------------------------------------
+
+
+def strip_adapters(model: nn.Module) -> int:
+    """Replace every peft LoRA layer and every GRIT layer of ``model`` by its base layer, in place.
+
+    Also removes what attaching left behind (peft's ``peft_config``, gradient checkpointing,
+    the input-grad hook), so the next method starts from the bare base. Returns the count removed.
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from fteval.models.grit_layer import GritLoraLinear
+
+    names = [n for n, m in model.named_modules() if n and isinstance(m, (BaseTunerLayer, GritLoraLinear))]
+    done: list[str] = []
+    for name in sorted(names, key=lambda n: n.count(".")):
+        if any(name.startswith(d + ".") for d in done):
+            continue  # inside an adapter layer already replaced
+        layer = model.get_submodule(name)
+        base = layer.get_base_layer() if isinstance(layer, BaseTunerLayer) else layer.base_layer
+        model.set_submodule(name, base)
+        done.append(name)
+    if hasattr(model, "peft_config"):
+        del model.peft_config
+    if getattr(model, "is_gradient_checkpointing", False):
+        model.gradient_checkpointing_disable()
+    try:
+        model.disable_input_require_grads()
+    except AttributeError:  # never enabled (older transformers raise here)
+        pass
+    return len(done)
+
+
+def _optimizer_factory(device: torch.device, lr: float):
+    """AdamW, fused on CUDA (one kernel for all adapter tensors), PyTorch's default elsewhere."""
+    kwargs = {"fused": True} if device.type == "cuda" else {}
+    return partial(torch.optim.AdamW, lr=lr, weight_decay=0.0, **kwargs)
+
+
+def _plain_run(bm: BenchModel, loader: DataLoader, clock: _StepClock, gradient_checkpointing: bool, lr: float) -> dict:
+    """The reference loop: peft + PyTorch, nothing else."""
+    from peft import LoraConfig, get_peft_model
+
+    base = bm.model
+    base.train()
+    config = LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=LORA_DROPOUT, target_modules=list(DEFAULT_TARGETS),
+                        bias="none", task_type="CAUSAL_LM")
+    model = get_peft_model(base, config)
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = _optimizer_factory(bm.device, lr)(params)
+    amp = bm.device.type == "cuda"
+    for batch in loader:
+        batch = {k: v.to(bm.device, non_blocking=True) for k, v in batch.items()}
+        with torch.autocast(bm.device.type, dtype=torch.bfloat16, enabled=amp):
+            loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        clock.mark(loss)
+    n_train = sum(p.numel() for p in params)
+    del optimizer, params, model
+    return {"trainable_params": n_train}
+
+
+def _lightning_run(
+    method: str, bm: BenchModel, loader: DataLoader, clock: _StepClock, gradient_checkpointing: bool, lr: float,
+    max_steps: int, workdir: Path,
+) -> dict:
+    """fteval's module in a Lightning Trainer, as ``fteval fit`` would run it (minus logging/checkpoints)."""
+    import lightning as L
+
+    from callbacks.kfac import KFACPreconditioner
+    from callbacks.reprojection import NeuralReprojection
+    from fteval.models.grit import GRITModule
+    from fteval.models.qlora import QLoRAModule
+
+    ClockCallback, GritCostProbe = _lightning_callbacks()
+    cls = QLoRAModule if method == "qlora" else GRITModule
+    module = cls(
+        model_name_or_path=f"random:{bm.name}", quantization=bm.quantization, r=LORA_R, alpha=LORA_ALPHA,
+        dropout=LORA_DROPOUT, target_modules=DEFAULT_TARGETS, optimizer=_optimizer_factory(bm.device, lr),
+        lr_schedule="constant", warmup_steps=0, gradient_checkpointing=gradient_checkpointing,
+        attn_implementation=bm.attn_implementation, export_dir=str(workdir / f"{method}_adapter"),
+    )
+    module.setup_base_model(bm.model, attn_implementation=bm.attn_implementation)
+    callbacks: list = []
+    probe = None
+    if method == "grit":
+        kfac = KFACPreconditioner(update_freq=GRIT_UPDATE_FREQ)  # must precede NeuralReprojection
+        reproj = NeuralReprojection(every_n_steps=GRIT_REPROJECT_EVERY)
+        probe = GritCostProbe(kfac, reproj, bm.device)
+        callbacks += [kfac, reproj, probe]
+    callbacks.append(ClockCallback(clock))  # last: a step's end includes the other callbacks' work
+    cuda = bm.device.type == "cuda"
+    trainer = L.Trainer(
+        accelerator="gpu" if cuda else "cpu",
+        devices=[bm.device.index or 0] if cuda else 1,
+        precision="bf16-mixed" if cuda else "32-true",
+        max_steps=max_steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        default_root_dir=str(workdir),
+        callbacks=callbacks,
+    )
+    n_train = sum(p.numel() for p in module.trainable_parameters())
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+        trainer.fit(module, train_dataloaders=loader)
+    extra: dict[str, Any] = {"trainable_params": n_train}
+    if probe is not None:
+        extra.update(probe.costs)
+        extra.update(update_freq=GRIT_UPDATE_FREQ, every_n_steps=GRIT_REPROJECT_EVERY)
+    module.model = None
+    del trainer, module, callbacks
+    return extra
+
+
+def _restore_base(bm: BenchModel) -> None:
+    """Bare base back on its device after a method (adapters off; Lightning's teardown moved it to the CPU)."""
+    strip_adapters(bm.model)
+    bm.model.to(bm.device)
+    for p in bm.model.parameters():
+        p.requires_grad_(False)
+    free_memory(bm.device)
+
+
+def _run_method(
+    method: str, bm: BenchModel, batch_size: int, seq_len: int, gradient_checkpointing: bool, steps: int,
+    warmup: int, seed: int, lr: float, workdir: Path, profiler: Any = None,
+) -> dict:
+    """Run one method for warmup + steps optimizer steps; return its measurements."""
+    device = bm.device
+    dataset = SyntheticLM((warmup + steps) * batch_size, seq_len, bm.config.vocab_size, seed=seed)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0, pin_memory=device.type == "cuda")
+    clock = _StepClock(device, profiler)
+    row: dict[str, Any] = {"method": method, "batch_size": batch_size, "seq_len": seq_len,
+                           "gradient_checkpointing": gradient_checkpointing, "steps": steps, "warmup": warmup,
+                           "tokens_per_step": batch_size * seq_len, "error": None}
+    free_memory(device)
+    reset_peak_memory(device)
+    torch.manual_seed(seed)  # same adapter initialisation for every method
+    t0 = time.perf_counter()
+    try:
+        if method == "plain":
+            row.update(_plain_run(bm, loader, clock, gradient_checkpointing, lr))
+        else:
+            row.update(_lightning_run(method, bm, loader, clock, gradient_checkpointing, lr, warmup + steps, workdir))
+    except Exception as exc:  # one failed run (often out of memory) must not lose the others
+        traceback.print_exc()
+        row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+    row["wall_s"] = time.perf_counter() - t0
+    row["peak_mem_gib"] = peak_memory_gib(device)
+    row["reserved_mem_gib"] = torch.cuda.max_memory_reserved(device) / 2**30 if device.type == "cuda" else None
+    del loader, dataset
+    t1 = time.perf_counter()
+    _restore_base(bm)
+    row["restore_s"] = time.perf_counter() - t1
+    if row["error"] is None:
+        seconds = clock.step_seconds(warmup)
+        if len(seconds) != steps:
+            row["error"] = f"measured {len(seconds)} steps instead of {steps}"
+        else:
+            t = timing_summary(seconds)
+            row.update({f"step_{k}": v for k, v in t.items()})
+            row["step_ms_all"] = [1000.0 * s for s in seconds]
+            row["tokens_per_s"] = row["tokens_per_step"] / (t["mean_ms"] / 1000.0)
+            row["tokens_per_s_p50"] = row["tokens_per_step"] / (t["p50_ms"] / 1000.0)
+            losses = [float(x) for x in torch.stack(clock.losses).float().cpu()] if clock.losses else []
+            row["loss_first"], row["loss_last"] = (losses[0], losses[-1]) if losses else (None, None)
+            if method == "grit" and "kfac_refresh_ms" in row:
+                row["amortised_step_ms"] = (row["step_p50_ms"] + row["kfac_refresh_ms"] / GRIT_UPDATE_FREQ
+                                            + row["reprojection_ms"] / GRIT_REPROJECT_EVERY)
+    return row
+
+
+# ----------------------------------------------------------------------------------------------
+# profiling
+# ----------------------------------------------------------------------------------------------
+
+_CATEGORIES = (  # substring of a kernel/op name (lower case) -> category; first match wins (heuristic)
+    ("4-bit dequantise", ("dequant",)),
+    ("attention", ("flash", "fmha", "attention", "sdpa", "cudnn_fused")),
+    ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "mm", "matmul", "linear")),
+    ("optimizer", ("adam", "multi_tensor", "foreach")),
+    ("cross-entropy/softmax", ("softmax", "nll", "cross_entropy", "log_softmax")),
+    ("copy/cast", ("copy", "cast", "to_copy", "memcpy", "memset", "fill")),
+)
+
+
+def _category(name: str) -> str:
+    low = name.lower()
+    for cat, keys in _CATEGORIES:
+        if any(k in low for k in keys):
+            return cat
+    return "other (elementwise, norms, ...)"
+
+
+def _top_ops(prof, active_steps: int, device: torch.device, top: int = 20) -> dict:
+    """Top ``top`` kernels/ops by self device time (CUDA) or self CPU time, and time per category."""
+    on_device = device.type == "cuda"
+
+    def self_us(ev) -> float:
+        if on_device:
+            v = getattr(ev, "self_device_time_total", None)
+            return float(v if v is not None else getattr(ev, "self_cuda_time_total", 0.0))
+        return float(ev.self_cpu_time_total)
+
+    events = [ev for ev in prof.key_averages() if self_us(ev) > 0]
+    if on_device:  # kernels only: their self device time is the GPU's busy time
+        kernels = [ev for ev in events if getattr(ev, "device_type", None) is not None and "CUDA" in str(ev.device_type)]
+        events = kernels or events
+    total = sum(self_us(ev) for ev in events) or 1.0
+    events.sort(key=self_us, reverse=True)
+    rows = [{
+        "name": ev.key[:120],
+        "calls": int(ev.count),
+        "self_ms_per_step": self_us(ev) / 1000.0 / active_steps,
+        "percent": 100.0 * self_us(ev) / total,
+        "category": _category(ev.key),
+    } for ev in events[:top]]
+    cats: dict[str, float] = {}
+    for ev in events:
+        cats[_category(ev.key)] = cats.get(_category(ev.key), 0.0) + self_us(ev)
+    return {
+        "sort_by": "self device (CUDA kernel) time" if on_device else "self CPU time",
+        "total_ms_per_step": total / 1000.0 / active_steps,
+        "top": rows,
+        "categories_ms_per_step": {k: v / 1000.0 / active_steps for k, v in sorted(cats.items(), key=lambda kv: -kv[1])},
+    }
+
+
+def _profile_method(
+    method: str, bm: BenchModel, batch_size: int, seq_len: int, gradient_checkpointing: bool, warmup: int,
+    active: int, seed: int, lr: float, workdir: Path,
+) -> dict:
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if bm.device.type == "cuda" else [])
+    sched = schedule(wait=max(warmup - 1, 0), warmup=1, active=active, repeat=1)
+    with profile(activities=activities, schedule=sched) as prof:
+        row = _run_method(method, bm, batch_size, seq_len, gradient_checkpointing, active, warmup, seed, lr, workdir,
+                          profiler=prof)
+    if row["error"]:
+        return {"method": method, "error": row["error"]}
+    out = {"method": method, "batch_size": batch_size, "seq_len": seq_len,
+           "gradient_checkpointing": gradient_checkpointing, "steps_profiled": active,
+           "step_p50_ms_under_profiler": row["step_p50_ms"]}
+    out.update(_top_ops(prof, active, bm.device))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# the command
+# ----------------------------------------------------------------------------------------------
+
+
+def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
+    return a / b if a is not None and b not in (None, 0) else None
+
+
+def _comparisons(runs: list[dict]) -> list[dict]:
+    """Per (batch, checkpointing): qlora vs plain and grit vs qlora (step time, throughput, memory)."""
+    out = []
+    keys = sorted({(r["batch_size"], r["gradient_checkpointing"]) for r in runs}, key=lambda k: (k[0], not k[1]))
+    for b, ckpt in keys:
+        by = {r["method"]: r for r in runs if (r["batch_size"], r["gradient_checkpointing"]) == (b, ckpt) and not r["error"]}
+        row: dict[str, Any] = {"batch_size": b, "gradient_checkpointing": ckpt}
+        for num, den in (("qlora", "plain"), ("grit", "qlora"), ("grit", "plain")):
+            if num in by and den in by:
+                n, d = by[num], by[den]
+                row[f"{num}_vs_{den}_step_mean"] = _ratio(n["step_mean_ms"], d["step_mean_ms"])
+                row[f"{num}_vs_{den}_step_p50"] = _ratio(n["step_p50_ms"], d["step_p50_ms"])
+                row[f"{num}_vs_{den}_tokens_per_s"] = _ratio(n["tokens_per_s"], d["tokens_per_s"])
+                row[f"{num}_vs_{den}_peak_mem"] = _ratio(n["peak_mem_gib"], d["peak_mem_gib"])
+        if "grit" in by and "qlora" in by and by["grit"].get("amortised_step_ms") is not None:
+            row["grit_vs_qlora_amortised"] = _ratio(by["grit"]["amortised_step_ms"], by["qlora"]["step_p50_ms"])
+        if row.get("qlora_vs_plain_step_mean") is not None:
+            row["qlora_target_met"] = row["qlora_vs_plain_step_mean"] <= TARGETS["qlora_vs_plain_max"]
+        grit_ratio = row.get("grit_vs_qlora_amortised", row.get("grit_vs_qlora_step_mean"))
+        if grit_ratio is not None:
+            row["grit_target_met"] = grit_ratio <= TARGETS["grit_vs_qlora_max"]
+        out.append(row)
+    return out
+
+
+RUN_COLUMNS = (
+    ("method", "method", ""), ("batch_size", "batch", "d"), ("gradient_checkpointing", "ckpt", ""),
+    ("tokens_per_s", "tokens/s", ",.0f"), ("step_mean_ms", "step ms mean", ".1f"), ("step_p50_ms", "p50", ".1f"),
+    ("peak_mem_gib", "peak GiB", ".1f"), ("mfu", "MFU", ".3f"), ("amortised_step_ms", "GRIT amortised ms", ".1f"),
+    ("error", "error", ""),
+)
+RATIO_COLUMNS = (
+    ("batch_size", "batch", "d"), ("gradient_checkpointing", "ckpt", ""),
+    ("qlora_vs_plain_step_mean", "qlora/plain step", ".3f"), ("qlora_target_met", "<=1.03", ""),
+    ("grit_vs_qlora_step_mean", "grit/qlora step", ".3f"), ("grit_vs_qlora_amortised", "grit/qlora amortised", ".3f"),
+    ("grit_target_met", "<=1.10", ""), ("qlora_vs_plain_peak_mem", "qlora/plain mem", ".3f"),
+    ("grit_vs_qlora_peak_mem", "grit/qlora mem", ".3f"),
+)
+
+
+def bench_train(
+    model_config: str = "llama3-8b",
+    methods: list[str] = ["plain", "qlora", "grit"],  # noqa: B006 - jsonargparse shows the default
+    batch_sizes: list[int] = [4],  # noqa: B006
+    seq_len: int = 1024,
+    gradient_checkpointing: list[bool] = [True, False],  # noqa: B006
+    steps: int = 10,
+    warmup: int = 3,
+    quantization: str = "nf4",
+    output: Path = Path("output/m05_inference_backends/train_bench.json"),
+    profile: bool = False,
+    profile_method: str = "qlora",
+    profile_steps: int = 3,
+    peak_tflops: float = PEAK_FLOPS / 1e12,
+    attn_implementation: str = "sdpa",
+    seed: int = 0,
+) -> int:
+    """Training throughput of fteval QLoRA and GRIT against a plain PyTorch + peft loop, in one process.
+
+    Every method runs on the same random-weight base model (built from ``model_config``, nf4
+    linear layers), the same synthetic batches and the same LoRA settings (r 16, alpha 32, the
+    7 projections); see BENCHMARKS.md for the method. Prints a table and writes JSON.
+
+    Args:
+        model_config: 'llama3-8b' (Meta-Llama-3-8B's architecture, 8.03B parameters; GPU),
+            'smollm2-135m', or 'tiny' (2 layers, hidden 64; CPU tests).
+        methods: any of 'plain', 'qlora', 'grit'.
+        batch_sizes: sequences per optimizer step, one run per value.
+        seq_len: tokens per sequence.
+        gradient_checkpointing: one run per value (non-reentrant checkpointing on / off).
+        steps: timed optimizer steps per run.
+        warmup: untimed optimizer steps before them (>= 1; GRIT's first K-FAC refreshes fall here).
+        quantization: 'nf4', 'fp4' or 'none' (base in bf16 on GPU / fp32 on CPU).
+        output: JSON file with machine, settings, every run and the ratios.
+        profile: after the timed runs, profile ``profile_method`` on the first batch size and
+            checkpointing value with torch.profiler; the JSON and the console get the top-20
+            kernels by CUDA time, or CPU ops by CPU time on a CPU.
+        profile_method: the method to profile.
+        profile_steps: optimizer steps recorded by the profiler.
+        peak_tflops: accelerator peak for MFU, TFLOP/s (790 = the issue's H200 reference).
+        attn_implementation: 'sdpa' (PyTorch's fused attention, as the reference loop), 'flash_attention_2'
+            (needs flash-attn), 'eager' or 'auto'.
+        seed: data and adapter-initialisation seed.
+
+    Returns 0 when every run finished, 1 when any failed (its row holds the error).
+    """
+    if model_config not in MODEL_CONFIGS:
+        raise ValueError(f"model_config={model_config!r} is not one of {list(MODEL_CONFIGS)}")
+    methods = list(methods)
+    bad = [m for m in methods if m not in METHODS]
+    if not methods or bad:
+        raise ValueError(f"methods={methods} must be a non-empty subset of {list(METHODS)}")
+    if not batch_sizes or any(int(b) < 1 for b in batch_sizes):
+        raise ValueError(f"batch_sizes={list(batch_sizes)} must be a non-empty list of positive integers")
+    if not gradient_checkpointing:
+        raise ValueError("gradient_checkpointing is empty; pass [true], [false] or [true, false]")
+    if steps < 1:
+        raise ValueError(f"steps={steps}: at least 1 timed optimizer step is needed")
+    if warmup < 1:
+        raise ValueError(f"warmup={warmup}: at least 1 untimed warm-up step is needed (its end starts the clock)")
+    if quantization not in ("nf4", "fp4", "none"):
+        raise ValueError(f"quantization={quantization!r} is not one of 'nf4', 'fp4', 'none'")
+    if quantization != "none" and not bitsandbytes_available():
+        raise ValueError(f"quantization={quantization!r} needs bitsandbytes; install it or pass quantization='none'")
+    if profile and profile_method not in methods:
+        raise ValueError(f"profile_method={profile_method!r} is not among methods={methods}")
+    if profile_steps < 1:
+        raise ValueError(f"profile_steps={profile_steps} must be >= 1")
+    if peak_tflops <= 0:
+        raise ValueError(f"peak_tflops={peak_tflops} must be > 0")
+    from fteval.bench.common import llama_config
+
+    max_pos = llama_config(model_config).max_position_embeddings
+    if not 2 <= seq_len <= max_pos:
+        raise ValueError(f"seq_len={seq_len} must lie in [2, {max_pos}] for {model_config}")
+
+    device = default_device()
+    bm = build_random_model(model_config, quantization=quantization, device=device, seed=seed,
+                            attn_implementation=attn_implementation)
+    cfg = bm.config
+    attn_width = cfg.num_attention_heads * (getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
+    flops = flops_per_token(bm.n_params, cfg.num_hidden_layers, attn_width, seq_len)
+    peak = peak_tflops * 1e12
+    runs: list[dict] = []
+    with tempfile.TemporaryDirectory(prefix="fteval-bench-") as tmp:
+        for b in batch_sizes:
+            for ckpt in gradient_checkpointing:
+                for method in methods:
+                    print(f"[fteval bench] {method}: batch {b} x {seq_len} tokens, checkpointing {ckpt}", flush=True)
+                    row = _run_method(method, bm, int(b), seq_len, bool(ckpt), steps, warmup, seed, LEARNING_RATE,
+                                      Path(tmp))
+                    if row["error"] is None:
+                        row["mfu"] = mfu(row["tokens_per_s"], flops["total"], peak)
+                    runs.append(row)
+        prof = None
+        if profile:
+            prof = _profile_method(profile_method, bm, int(batch_sizes[0]), seq_len, bool(gradient_checkpointing[0]),
+                                   warmup, profile_steps, seed, LEARNING_RATE, Path(tmp))
+    comparisons = _comparisons(runs)
+    result = {
+        "benchmark": "train",
+        "machine": machine_info(),
+        "settings": {
+            "model_config": model_config, "methods": methods, "batch_sizes": list(batch_sizes), "seq_len": seq_len,
+            "gradient_checkpointing": list(gradient_checkpointing), "steps": steps, "warmup": warmup,
+            "quantization": quantization, "seed": seed, "lora": {"r": LORA_R, "alpha": LORA_ALPHA,
+            "dropout": LORA_DROPOUT, "target_modules": list(DEFAULT_TARGETS)}, "learning_rate": LEARNING_RATE,
+            "precision": "bf16 autocast (Lightning bf16-mixed)" if device.type == "cuda" else "fp32",
+            "grit": {"update_freq": GRIT_UPDATE_FREQ, "every_n_steps": GRIT_REPROJECT_EVERY},
+            "float32_matmul_precision": torch.get_float32_matmul_precision(),
+        },
+        "model": bm.describe(),
+        "flops_per_token": flops,
+        "peak_flops": peak,
+        "flops_formula": "4 N + 6 L T d (frozen base; causal attention; see fteval.bench.common.flops_per_token)",
+        "targets": TARGETS,
+        "runs": runs,
+        "comparisons": comparisons,
+        "profile": prof,
+    }
+    from fteval.envinfo import write_json_atomic
+
+    write_json_atomic(Path(output), result)
+    print()
+    print(f"model {model_config} ({bm.n_params / 1e9:.3g}B params, {quantization}, {bm.attn_implementation}) on "
+          f"{_device_name(device)}; {flops['total'] / 1e9:.2f} GFLOP/token; MFU vs {peak_tflops:g} TFLOP/s")
+    print(format_table(runs, RUN_COLUMNS))
+    print()
+    print(format_table(comparisons, RATIO_COLUMNS))
+    if prof and not prof.get("error"):
+        print()
+        print(f"profile of {prof['method']} ({prof['sort_by']}, per step; total {prof['total_ms_per_step']:.1f} ms):")
+        print(format_table(prof["top"], (("name", "kernel / op", ""), ("calls", "calls", "d"),
+                                         ("self_ms_per_step", "ms/step", ".2f"), ("percent", "%", ".1f"),
+                                         ("category", "category", ""))))
+    print(f"\nwritten {output}")
+    return 1 if any(r["error"] for r in runs) or (prof and prof.get("error")) else 0
+
+
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
