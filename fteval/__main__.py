@@ -15,6 +15,7 @@ TRAINER_COMMANDS = ("fit", "validate", "test", "predict")
 def _commands() -> dict:
     """Non-Trainer commands: name -> function (or nested dict for groups)."""
     from fteval import db
+    from fteval.bench import bench_eval, bench_train
     from fteval.data.stats_command import data_stats
     from fteval.envinfo import env
     from fteval.models.merge import merge
@@ -24,6 +25,7 @@ def _commands() -> dict:
         "data-stats": data_stats,
         "merge": merge,
         "db": {"export": db.export},
+        "bench": {"train": bench_train, "eval": bench_eval},
     }
 
 
