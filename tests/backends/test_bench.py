@@ -1,0 +1,62 @@
+"""bench_generation: table, JSON report, skipped backends, database rows."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+
+import pytest
+
+from fteval.backends.bench import bench_generation, bench_prompts
+
+HAVE_LLAMA = importlib.util.find_spec("llama_cpp") is not None
+
+
+def test_bench_all_backends(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    db = tmp_path / "exp.db"
+    rc = bench_generation(backends=["hf", "llamacpp", "openai"], n_prompts=3, max_new_tokens=4, output=out,
+                          n_threads=1, db=db)
+    assert rc == 0
+    report = json.loads(out.read_text())
+    ran = ["hf", "llamacpp"] if HAVE_LLAMA else ["hf"]
+    assert sorted(report["results"]) == ran
+    assert "base_url" in report["skipped"]["openai"]
+    for name in ran:
+        r = report["results"][name]
+        assert r["n_prompts"] == 3 and 3 <= r["completion_tokens"] <= 12
+        assert r["tokens_per_s"] == pytest.approx(r["completion_tokens"] / r["wall_s"])
+        assert 0 < r["latency_p50_s"] <= r["latency_p95_s"]
+        assert r["memory_kind"] == "process_rss" and r["memory_gib"] > 0.05
+    assert report["machine"]["hardware"]["cpu_count"] >= 1
+    printed = capsys.readouterr().out
+    assert "tok/s" in printed and "openai     skipped" in printed
+
+    from fteval.db import ExperimentDB
+
+    with ExperimentDB(db) as store:
+        rows = store.rows("inference_benchmarks")
+    assert {r["backend"] for r in rows} == set(ran)
+    tps = [r for r in rows if r["backend"] == "hf" and r["metric"] == "tokens_per_s"]
+    assert len(tps) == 1 and tps[0]["value"] == pytest.approx(report["results"]["hf"]["tokens_per_s"])
+    assert tps[0]["unit"] == "tokens/s"
+
+
+def test_missing_package_is_skipped(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)
+    rc = bench_generation(backends=["llamacpp", "openai"], n_prompts=1, max_new_tokens=2, output=tmp_path / "b.json")
+    assert rc == 1  # nothing could run
+    report = json.loads((tmp_path / "b.json").read_text())
+    assert report["results"] == {}
+    assert "pip install 'fteval[llamacpp]'" in report["skipped"]["llamacpp"]
+    assert "no backend could run" in capsys.readouterr().out
+
+
+def test_bad_arguments(tmp_path):
+    assert len(bench_prompts(4)) == 4
+    with pytest.raises(ValueError, match="n_prompts=100000 must lie between 1 and"):
+        bench_generation(backends=["hf"], n_prompts=100000, output=tmp_path / "x.json")
+    with pytest.raises(ValueError, match=r"\['vllm'\] must be a non-empty list"):
+        bench_generation(backends=["vllm"], output=tmp_path / "x.json")
+    assert not (tmp_path / "x.json").exists()
