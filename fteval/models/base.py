@@ -152,9 +152,12 @@ class AdapterModule(L.LightningModule):
 
     def on_before_optimizer_step(self, optimizer) -> None:
         # Runs after callbacks' on_before_optimizer_step (GRIT's preconditioning) and before clipping.
-        norms = [p.grad.detach().float().norm() for p in self.trainable_parameters() if p.grad is not None]
-        if norms:
-            self.log("train/grad_norm", torch.stack(norms).norm(), on_step=True, on_epoch=False)
+        # One foreach reduction instead of a norm kernel per adapter tensor (448 at Llama-3-8B): at
+        # small batches the step is bound by kernel launches, and per-tensor norms cost ~10% there.
+        grads = [p.grad.detach() for p in self.trainable_parameters() if p.grad is not None]
+        if grads:
+            norms = torch._foreach_norm(grads)
+            self.log("train/grad_norm", torch.linalg.vector_norm(torch.stack(norms).float()), on_step=True, on_epoch=False)
 
     # ------------------------------------------------------------- optimiser
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
