@@ -15,7 +15,11 @@ TRAINER_COMMANDS = ("fit", "validate", "test", "predict")
 def _commands() -> dict:
     """Non-Trainer commands: name -> function (or nested dict for groups)."""
     from fteval import db
+    from fteval.analysis.compare import compare
+    from fteval.analysis.report import report
+    from fteval.backends.bench import bench_generation
     from fteval.bench import bench_eval, bench_train
+    from fteval.eval.refusal import classify_refusals
     from fteval.data.stats_command import data_stats
     from fteval.envinfo import env
     from fteval.models.merge import merge
@@ -24,8 +28,11 @@ def _commands() -> dict:
         "env": env,
         "data-stats": data_stats,
         "merge": merge,
+        "compare": compare,
+        "report": report,
+        "classify-refusals": classify_refusals,
         "db": {"export": db.export},
-        "bench": {"train": bench_train, "eval": bench_eval},
+        "bench": {"train": bench_train, "eval": bench_eval, "generation": bench_generation},
     }
 
 
@@ -49,10 +56,11 @@ def _overview() -> str:
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
+    from fteval.backends.base import BackendError
     from fteval.data.sources import DataSourceError
     from fteval.models.loading import ModelLoadError
 
-    return (ValueError, FileNotFoundError, DataSourceError, ModelLoadError)
+    return (ValueError, FileNotFoundError, DataSourceError, ModelLoadError, BackendError)
 
 
 def main(argv: list[str] | None = None) -> None:

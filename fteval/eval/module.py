@@ -69,6 +69,38 @@ class RepresentationCollector(Metric):
         return reps[keep], labels[keep], index[keep]
 
 
+class BehaviourCollector(Metric):
+    """Per (prompt, variant): refusal class (0 compliance, 1 partial, 2 full) and G-Eval scores (cat-reduced)."""
+
+    full_state_update = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        for name in ("index", "variant", "refusal", "geval", "tokens"):
+            self.add_state(name, default=[], dist_reduce_fx="cat")
+
+    def update(self, index: Tensor, variant: Tensor, refusal: Tensor, geval: Tensor, tokens: Tensor) -> None:
+        self.index.append(index.long())
+        self.variant.append(variant.long())
+        self.refusal.append(refusal.long())
+        self.geval.append(geval.double())
+        self.tokens.append(tokens.long())
+
+    def compute(self) -> dict[str, Tensor]:
+        if not self.index:
+            return {}
+        out = {k: dim_zero_cat(getattr(self, k)) for k in ("index", "variant", "refusal", "geval", "tokens")}
+        key = out["variant"] * (int(out["index"].max()) + 1) + out["index"]
+        order = torch.argsort(key, stable=True)
+        out = {k: v[order] for k, v in out.items()}
+        keep = torch.ones_like(key, dtype=torch.bool)
+        keep[1:] = key[order][1:] != key[order][:-1]
+        return {k: v[keep] for k, v in out.items()}
+
+
+REFUSAL_CODES = ("compliance", "partial_refusal", "full_refusal")
+
+
 def _read_adapter_base(path: Path) -> Optional[str]:
     run = path / "fteval_run.json"
     if run.is_file():
@@ -98,6 +130,11 @@ class AQIEvaluator(L.LightningModule):
         save_embeddings: write pooled embeddings (and per-layer representations) as safetensors.
         attn_implementation: 'auto', 'sdpa', 'eager', 'flash_attention_2'.
         cache_dir: embedded-model cache.
+        behaviour: also generate responses (greedy) for a subset of prompts and report refusal and
+            over-refusal rates and G-Eval scores (the baseline model, adapters off, is the judge).
+        behaviour_prompts_per_class: prompts per class that get responses (the first by index).
+        max_new_tokens: generation length for the behavioural evaluation.
+        geval: run the G-Eval judge on the responses (helpfulness, harmlessness, instruction following).
     """
 
     method_name = "aqi_eval"
@@ -120,6 +157,10 @@ class AQIEvaluator(L.LightningModule):
         save_embeddings: bool = True,
         attn_implementation: str = "auto",
         cache_dir: Optional[str] = None,
+        behaviour: bool = True,
+        behaviour_prompts_per_class: int = 50,
+        max_new_tokens: int = 64,
+        geval: bool = True,
     ):
         super().__init__()
         adapters = dict(adapters or {})
@@ -131,6 +172,11 @@ class AQIEvaluator(L.LightningModule):
         self.adapters = adapters
         self.variants = [BASELINE, *adapters]
         self.collectors = torch.nn.ModuleDict({v: RepresentationCollector() for v in self.variants})
+        self.behaviour_collector = BehaviourCollector()
+        self.responses: list[dict] = []  # this rank's generated responses (rank zero gathers them)
+        self._behaviour_indices: set[int] = set()
+        self._backend = None
+        self._judge = None
         self.model = None
         self.tokenizer = None
         self.results: dict = {}
@@ -192,7 +238,54 @@ class AQIEvaluator(L.LightningModule):
         yield self.model
 
     # ------------------------------------------------------------------- loop
+    def on_test_start(self) -> None:
+        hp = self.hparams
+        if not hp.behaviour:
+            return
+        from fteval.backends.hf import HFBackend
+
+        records = self.trainer.datamodule.eval_records
+        for label in (0, 1):
+            chosen = [r["index"] for r in records if r["label"] == label][: hp.behaviour_prompts_per_class]
+            self._behaviour_indices.update(chosen)
+        dm = self.trainer.datamodule.hparams
+        self._backend = HFBackend(self.model, self.tokenizer, batch_size=self.trainer.datamodule.hparams.eval_batch_size,
+                                  max_new_tokens=hp.max_new_tokens, template=dm.template, system_prompt=dm.system_prompt)
+        if hp.geval:
+            from fteval.eval.geval import GEvalJudge
+
+            self._judge = GEvalJudge(self.model, self.tokenizer, adapters_off=True)
+
+    def _behaviour_step(self, batch: dict) -> None:
+        records = self.trainer.datamodule.eval_records
+        idx = [int(i) for i in batch["index"] if int(i) in self._behaviour_indices]
+        if not idx:
+            return
+        from fteval.eval.refusal import classify_refusal
+
+        prompts = [records[i]["prompt"] for i in idx]
+        criteria = list(self._judge.criteria) if self._judge is not None else []
+        for v, name in enumerate(self.variants):
+            results = self._backend.batch_generate(prompts, model=name)
+            texts = [r.text for r in results]
+            refusals = [classify_refusal(t) for t in texts]
+            geval = torch.full((len(idx), max(len(criteria), 1)), float("nan"), dtype=torch.float64)
+            for c, crit in enumerate(criteria):
+                for j, sc in enumerate(self._judge.score(prompts, texts, crit)):
+                    geval[j, c] = sc.score
+            self.behaviour_collector.update(
+                torch.tensor(idx, device=self.device), torch.full((len(idx),), v, device=self.device),
+                torch.tensor([REFUSAL_CODES.index(r.label) for r in refusals], device=self.device),
+                geval.to(self.device), torch.tensor([r.completion_tokens for r in results], device=self.device))
+            self.responses += [{"model": name, "prompt_id": str(i), "prompt": records[i]["prompt"], "response": t,
+                                "safety_label": "unsafe" if records[i]["label"] else "safe", "axiom": records[i]["axiom"],
+                                "refusal_label": r.label, "backend": "hf", "latency_s": g.latency_s,
+                                "n_tokens": g.completion_tokens}
+                               for i, t, r, g in zip(idx, texts, refusals, results)]
+
     def test_step(self, batch: dict, batch_idx: int) -> None:
+        if self.hparams.behaviour:
+            self._behaviour_step(batch)
         for name in self.variants:
             with torch.no_grad(), self.variant(name) as model:
                 out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
@@ -207,6 +300,10 @@ class AQIEvaluator(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         data = {name: self.collectors[name].compute() for name in self.variants}
         self.results = self.summarise(data)
+        if self.hparams.behaviour:
+            self.summarise_behaviour(self.behaviour_collector.compute(), data[BASELINE])
+            self.behaviour_collector.reset()
+            self._gather_responses()
         for name in self.variants:
             for m in SUMMARY_METRICS:
                 self.log(f"test/{name}/{m}", self.results["models"][name]["scores"][m], sync_dist=False)
@@ -243,6 +340,11 @@ class AQIEvaluator(L.LightningModule):
                 cis = bootstrap_cis(emb, labels, hp.n_bootstrap, hp.bootstrap_seed, metrics=SUMMARY_METRICS,
                                     confidence=hp.confidence, lam=hp.lam)
                 entry["ci"] = {m: [r.ci_low, r.ci_high] for m, r in cis.items()}
+                # Resampling with replacement duplicates prompts; with few prompts in a high-dimensional
+                # space that shrinks within-class scatter and shifts CHI/AQI upward. Flag a CI that misses
+                # its own estimate instead of presenting it as an interval for the estimate.
+                entry["bootstrap_bias"] = {m: float(r.distribution.mean() - r.estimate) for m, r in cis.items()}
+                entry["ci_unreliable"] = sorted(m for m, r in cis.items() if not r.ci_low <= r.estimate <= r.ci_high)
             profile = layer_profile(data[name][0].cpu(), labels, lam=hp.lam)
             entry["layer_profile"] = {k: [float(x) for x in v] for k, v in profile.items() if k in ("aqi_bounded", "chi", "xbi")}
             if hp.layer_pooling == "attention":
@@ -287,6 +389,65 @@ class AQIEvaluator(L.LightningModule):
             "deltas": deltas,
         }
 
+    def _gather_responses(self) -> None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            gathered: list = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(gathered, self.responses)
+            seen, merged = set(), []
+            for part in gathered:
+                for row in part:
+                    if (row["model"], row["prompt_id"]) not in seen:
+                        seen.add((row["model"], row["prompt_id"]))
+                        merged.append(row)
+            self.responses = merged
+
+    def summarise_behaviour(self, beh: dict, base: tuple[Tensor, Tensor, Tensor]) -> None:
+        """Refusal/over-refusal rates (Wilson CIs) and G-Eval means per model; paired tests vs baseline."""
+        from fteval.eval.refusal import refusal_rates
+
+        if not beh:
+            return
+        labels_by_index = dict(zip(base[2].tolist(), base[1].tolist()))
+        criteria = list(self._judge.criteria) if self._judge is not None else []
+        per_variant: dict = {}
+        for v, name in enumerate(self.variants):
+            sel = beh["variant"].cpu() == v
+            idx = beh["index"].cpu()[sel].tolist()
+            codes = beh["refusal"].cpu()[sel].tolist()
+            safety = ["unsafe" if labels_by_index[i] else "safe" for i in idx]
+            rates = refusal_rates([REFUSAL_CODES[c] for c in codes], safety)
+            entry = self.results["models"][name]
+            entry["behaviour"] = {"rates": rates, "n_prompts": len(idx),
+                                  "mean_completion_tokens": float(beh["tokens"].cpu()[sel].double().mean())}
+            if "refusal_rate" in rates:
+                entry["refusal_rate"] = rates["refusal_rate"]["value"]
+            if "over_refusal_rate" in rates:
+                entry["over_refusal_rate"] = rates["over_refusal_rate"]["value"]
+            g = beh["geval"].cpu()[sel]
+            entry["behaviour"]["geval"] = {c: float(g[:, k].mean()) for k, c in enumerate(criteria)}
+            per_variant[name] = (idx, g)
+        family = []
+        base_idx, base_g = per_variant[BASELINE]
+        for name in self.adapters:
+            idx, g = per_variant[name]
+            if idx != base_idx:
+                raise RuntimeError(f"behaviour: variant {name!r} answered other prompts than the baseline")
+            tests = {}
+            for k, c in enumerate(criteria):
+                t = paired_ttest(g[:, k].numpy(), base_g[:, k].numpy(), confidence=self.hparams.confidence)
+                tests[f"geval_{c}"] = {"mean_diff": t.mean_diff, "t": t.statistic, "p_value": t.p_value,
+                                       "ci": [t.ci_low, t.ci_high],
+                                       "cohens_d": cohens_d_paired(g[:, k].numpy(), base_g[:, k].numpy())}
+                if t.p_value == t.p_value:
+                    family.append((name, f"geval_{c}", t.p_value))
+            self.results["deltas"][name]["behaviour_tests"] = tests
+        if family:  # corrected as their own family (AQI's family is corrected in summarise)
+            adjusted = correct_pvalues([p for _, _, p in family], self.hparams.correction)
+            for (name, key, _), adj in zip(family, adjusted):
+                test = self.results["deltas"][name]["behaviour_tests"][key]
+                test["p_adjusted"] = float(adj)
+                test["significant"] = bool(adj < 1 - self.hparams.confidence)
+
     def write_outputs(self, data: dict) -> None:
         from safetensors.torch import save_file
 
@@ -302,6 +463,11 @@ class AQIEvaluator(L.LightningModule):
             save_file(tensors, str(tmp))
             tmp.replace(path)
             self.results["embeddings_path"] = str(path)
+        if self.responses:
+            tmp = out / ".responses.jsonl.tmp"
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in self.responses))
+            tmp.replace(out / "responses.jsonl")
+            self.results["responses_path"] = str(out / "responses.jsonl")
         write_json_atomic(out / "aqi_results.json", self.results)
 
 
@@ -344,6 +510,21 @@ class AQIEvaluator(L.LightningModule):
                                             effect_size=t["cohens_d"], effect_size_name="cohens_d_z",
                                             ci_low=t["ci"][0], ci_high=t["ci"][1], n=res["models"][name]["n_prompts"])
             db.add_aqi_scores(self.experiment_id, rows)
+            beh_rows = []
+            for name, entry in res["models"].items():
+                beh = entry.get("behaviour")
+                if not beh:
+                    continue
+                for metric, r in beh["rates"].items():
+                    beh_rows.append({"model": name, "metric": metric, "value": r["value"], "category": r.get("category"),
+                                     "ci_low": r.get("ci_low"), "ci_high": r.get("ci_high"), "n_samples": r.get("n_samples")})
+                for crit, value in beh["geval"].items():
+                    beh_rows.append({"model": name, "metric": f"geval_{crit}", "value": value, "category": "all",
+                                     "n_samples": beh["n_prompts"]})
+            if beh_rows:
+                db.add_behavioral_metrics(self.experiment_id, beh_rows)
+            if self.responses:
+                db.add_model_responses(self.experiment_id, self.responses)
             if "embeddings_path" in res:
                 db.add_hidden_states(self.experiment_id, ",".join(self.variants), res["embeddings_path"],
                                      pooling=f"{hp.sink}-sink token mean; {hp.layer_pooling} over layers",
@@ -351,22 +532,46 @@ class AQIEvaluator(L.LightningModule):
 
 
 def _fmt_ci(ci) -> str:
+    if ci is None:
+        return " [CI †]"
     return f" [{ci[0]:.3g}, {ci[1]:.3g}]" if ci else ""
 
 
 def format_summary(results: dict) -> str:
     """The spec's summary block: per model AQI, XBI, CHI (with 95% CIs), then each Delta-AQI."""
     lines = []
+    flagged = False
     for name, entry in results["models"].items():
-        s, ci = entry["scores"], entry.get("ci", {})
+        s = entry["scores"]
+        ci = {m: v for m, v in entry.get("ci", {}).items()}
+        for m in entry.get("ci_unreliable", []):
+            ci[m] = None
+            flagged = True
         lines.append(f"{name.upper()} MODEL ({entry['n_safe']} safe / {entry['n_unsafe']} unsafe prompts):")
-        lines.append(f"├── AQI Score: {s['aqi']:.4g}{_fmt_ci(ci.get('aqi'))}")
-        lines.append(f"├── AQI (bounded, 0-1): {s['aqi_bounded']:.4f}{_fmt_ci(ci.get('aqi_bounded'))}")
-        lines.append(f"├── XBI (lower=better): {s['xbi']:.4g}{_fmt_ci(ci.get('xbi'))}")
-        last = "└──" if "refusal_rate" not in entry else "├──"
-        lines.append(f"{last} CHI (higher=better): {s['chi']:.4g}{_fmt_ci(ci.get('chi'))}")
-        if "refusal_rate" in entry:
-            lines.append(f"└── Safety Refusal Rate: {100 * entry['refusal_rate']:.1f}%")
+        lines.append(f"├── AQI Score: {s['aqi']:.4g}{_fmt_ci(ci.get('aqi', ()))}")
+        lines.append(f"├── AQI (bounded, 0-1): {s['aqi_bounded']:.4f}{_fmt_ci(ci.get('aqi_bounded', ()))}")
+        lines.append(f"├── XBI (lower=better): {s['xbi']:.4g}{_fmt_ci(ci.get('xbi', ()))}")
+        beh = entry.get("behaviour")
+        lines.append(f"{'├──' if beh else '└──'} CHI (higher=better): {s['chi']:.4g}{_fmt_ci(ci.get('chi', ()))}")
+        if beh:
+            rates = beh["rates"]
+            extra = []
+            if "refusal_rate" in rates:
+                r = rates["refusal_rate"]
+                extra.append(f"Safety Refusal Rate: {100 * r['value']:.1f}% [{100 * r['ci_low']:.0f}, {100 * r['ci_high']:.0f}] "
+                             f"({r['n_samples']} unsafe; incl. partial {100 * rates['refusal_rate_incl_partial']['value']:.1f}%)")
+            if "over_refusal_rate" in rates:
+                r = rates["over_refusal_rate"]
+                extra.append(f"Over-refusal (safe prompts): {100 * r['value']:.1f}% ({r['n_samples']} safe)")
+            if beh.get("geval"):
+                extra.append("G-Eval (1-5): " + ", ".join(f"{k} {v:.2f}" for k, v in beh["geval"].items()))
+            for i, text in enumerate(extra):
+                lines.append(f"{'└──' if i == len(extra) - 1 else '├──'} {text}")
+        lines.append("")
+    if flagged:
+        lines.append("† single-model bootstrap CI not shown: its resamples are shifted away from the estimate")
+        lines.append("  (duplicated prompts shrink within-class scatter when prompts are few for the hidden size);")
+        lines.append("  see bootstrap_bias in aqi_results.json and read the paired Delta below.")
         lines.append("")
     for name, d in results["deltas"].items():
         a = d["aqi"]
@@ -374,8 +579,8 @@ def format_summary(results: dict) -> str:
         if a.get("p_value") is not None:
             mark = "✓" if a.get("significant") else "✗"
             sig = f"  p={a['p_value']:.3g} (adjusted {a.get('p_adjusted', a['p_value']):.3g}) p<0.05 {mark}"
-        lines.append(f"DELTA-AQI ({name} - baseline): {a['delta']:+.4g}{_fmt_ci(a['ci'])}{sig}")
+        lines.append(f"DELTA-AQI ({name} - baseline): {a['delta']:+.4g}{_fmt_ci(a['ci'] or ())}{sig}")
         b = d["aqi_bounded"]
-        lines.append(f"  bounded: {b['delta']:+.4f}{_fmt_ci(b['ci'])}; per-prompt silhouette diff "
+        lines.append(f"  bounded: {b['delta']:+.4f}{_fmt_ci(b['ci'] or ())}; per-prompt silhouette diff "
                      f"{d['silhouette_ttest']['mean_diff']:+.4f} (Cohen's d {d['silhouette_ttest']['cohens_d']:.3f})")
     return "\n".join(lines)

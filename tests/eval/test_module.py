@@ -43,6 +43,7 @@ def run_test(tmp_path, adapters: dict, extra=(), eval_rows=None):
           "--model.init_args.quantization", "none", "--model.init_args.adapters", adapters_arg,
           "--model.init_args.n_bootstrap", "200", "--model.init_args.results_dir", str(tmp_path / "out"),
           "--model.init_args.db_path", str(tmp_path / "db.sqlite"),
+          "--model.init_args.behaviour_prompts_per_class", "3", "--model.init_args.max_new_tokens", "12",
           "--data.eval_source", str(eval_file), "--data.n_per_class", "8", "--data.eval_batch_size", "8",
           "--data.output_dir", str(tmp_path / "data"), *extra])
     return json.loads((tmp_path / "out" / "aqi_results.json").read_text())
@@ -52,7 +53,7 @@ def test_test_loop_prints_block_and_pairs_baseline_with_adapters(tmp_path, adapt
     res = run_test(tmp_path, adapters)
     out = capsys.readouterr().out
     for line in ("BASELINE MODEL (8 safe / 8 unsafe prompts):", "ZERO MODEL", "NOISY MODEL", "├── AQI Score:",
-                 "├── XBI (lower=better):", "└── CHI (higher=better):", "DELTA-AQI (noisy - baseline):"):
+                 "├── XBI (lower=better):", "├── CHI (higher=better):", "└── G-Eval (1-5):", "DELTA-AQI (noisy - baseline):"):
         assert line in out
     base, zero, noisy = (res["models"][k]["scores"] for k in ("baseline", "zero", "noisy"))
     # An adapter with B = 0 is the base model: the paired delta is exactly zero, with a zero-width CI.
@@ -70,6 +71,25 @@ def test_test_loop_prints_block_and_pairs_baseline_with_adapters(tmp_path, adapt
     # The spec's formula, as implemented: lambda = 0.5.
     assert base["aqi"] == pytest.approx(0.5 / base["xbi"] + 0.5 * base["chi"], rel=1e-9)
     assert 0 <= base["aqi_bounded"] <= 1
+    # A single-model CI that misses its own estimate (duplicate-prompt bias) is flagged, never printed as a CI.
+    entry = res["models"]["baseline"]
+    for metric, (lo, hi) in entry["ci"].items():
+        assert (metric in entry["ci_unreliable"]) == (not lo <= base[metric] <= hi)
+    if entry["ci_unreliable"]:
+        assert "† single-model bootstrap CI not shown" in out
+    # Behaviour: 3 safe + 3 unsafe prompts answered by every model; the judge's scores lie in [1, 5].
+    for name in ("baseline", "zero", "noisy"):
+        beh = res["models"][name]["behaviour"]
+        assert beh["n_prompts"] == 6
+        assert 0.0 <= beh["rates"]["refusal_rate"]["value"] <= 1.0 and beh["rates"]["refusal_rate"]["n_samples"] == 3
+        assert 0.0 <= beh["rates"]["over_refusal_rate"]["value"] <= 1.0
+        assert set(beh["geval"]) == {"helpfulness", "harmlessness", "instruction_following"}
+        assert all(1.0 <= v <= 5.0 for v in beh["geval"].values())
+    assert res["models"]["zero"]["behaviour"] == res["models"]["baseline"]["behaviour"]  # B = 0: same answers
+    assert "Safety Refusal Rate:" in out and "G-Eval (1-5):" in out
+    responses = [json.loads(line) for line in open(res["responses_path"])]
+    by = {(r["model"], r["prompt_id"]): r["response"] for r in responses}
+    assert len(responses) == 18 and all(by[("zero", p)] == by[("baseline", p)] for m, p in by if m == "zero")
     # The database holds the scores of this run.
     from fteval.db import ExperimentDB
 
@@ -77,6 +97,8 @@ def test_test_loop_prints_block_and_pairs_baseline_with_adapters(tmp_path, adapt
     rows = db.rows("aqi_scores", metric="aqi")
     assert {r["model"] for r in rows if r["layer"] is None} == {"baseline", "zero", "noisy"}
     assert len(db.rows("statistical_tests")) >= 1
+    assert len(db.rows("model_responses")) == 18
+    assert {r["metric"] for r in db.rows("behavioral_metrics", model="noisy")} >= {"refusal_rate", "over_refusal_rate", "geval_helpfulness"}
 
 
 def test_adapter_from_another_base_is_refused(tmp_path, adapters, capsys):
