@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
-import tempfile
 import unicodedata
 from collections import Counter
 from pathlib import Path
@@ -31,6 +29,7 @@ from torch.utils.data import DataLoader
 from fteval.data.resumable import ResumableDataLoader
 from fteval.data.formatting import Template, format_prompt, pad_batch, tokenize_example
 from fteval.data.safety import keyword_agreement
+from fteval.io import write_json_atomic
 from fteval.data.sources import DataSourceError, describe_source, load_records, require_columns
 
 log = logging.getLogger(__name__)
@@ -114,19 +113,6 @@ def _length_stats(lengths: list[int]) -> dict:
         "p95": float(np.percentile(a, 95)),
         "max": int(a.max()),
     }
-
-
-def write_json_atomic(path: Path, payload: dict) -> None:
-    """Write JSON to a temp file in the same folder and rename it into place (never half-written)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(payload, fh, indent=2, default=str)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class AlignmentDataModule(L.LightningDataModule):

@@ -24,7 +24,7 @@ from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.utilities.data import dim_zero_cat
 
-from fteval.data.datamodule import write_json_atomic
+from fteval.io import write_json_atomic
 from fteval.eval.metrics import DEFAULT_LAMBDA, cluster_scores, layer_profile
 from fteval.eval.pooling import LayerPooling, SinkMode, layer_attention_weights, pool_layers, pool_over_layers
 from fteval.eval.stats import (
@@ -87,7 +87,7 @@ class BehaviourCollector(Metric):
         self.tokens.append(tokens.long())
 
     def compute(self) -> dict[str, Tensor]:
-        if not self.index:
+        if isinstance(self.index, list) and not self.index:  # a list until synced, a tensor after
             return {}
         out = {k: dim_zero_cat(getattr(self, k)) for k in ("index", "variant", "refusal", "geval", "tokens")}
         key = out["variant"] * (int(out["index"].max()) + 1) + out["index"]

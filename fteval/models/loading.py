@@ -18,13 +18,13 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional
 
 import torch
+
+from fteval.io import atomic_directory
 
 log = logging.getLogger(__name__)
 
@@ -83,10 +83,8 @@ def materialise_embedded(cache_dir: Optional[Path] = None, force: bool = False) 
     if (target / _COMPLETE_MARKER).is_file() and not force:
         return target
     gguf = embedded_gguf_path()
-    target.parent.mkdir(parents=True, exist_ok=True)
     log.info("materialising the embedded model from %s into %s (once)", gguf, target)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{EMBEDDED_NAME}-", dir=target.parent))
-    try:
+    with atomic_directory(target) as tmp:
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         # A GGUF-loaded model refuses save_pretrained while it carries the GGUF quantizer config.
@@ -95,12 +93,6 @@ def materialise_embedded(cache_dir: Optional[Path] = None, force: bool = False) 
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
         (tmp / _COMPLETE_MARKER).write_text(f"source={gguf}\n")
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
 
 

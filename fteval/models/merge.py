@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Optional
 
 import torch
 
+from fteval.io import atomic_directory
 from fteval.models.loading import load_causal_lm
 
 
@@ -70,18 +68,10 @@ def merge(
     print(f"max |logit(merged) - logit(base + adapter)| = {diff:.3e} (tolerance {tolerance:g})")
     if diff > tolerance:
         raise ValueError(f"merged logits differ by {diff:.3e} > tolerance {tolerance:g}; not writing {output}")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}-", dir=output.parent))
-    try:
+    with atomic_directory(output) as tmp:
         if getattr(merged, "hf_quantizer", None) is not None:
             merged.hf_quantizer.remove_quantization_config(merged)
         merged.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
-        if output.exists():
-            shutil.rmtree(output)
-        os.replace(tmp, output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     print(f"merged model written to {output}")
     return 0

@@ -7,13 +7,11 @@ Lightning's ``BitsandbytesPrecision`` plugin, which would quantise the adapters 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
+from fteval.io import atomic_directory
 from fteval.models.base import AdapterModule
 
 
@@ -55,19 +53,11 @@ class QLoRAModule(AdapterModule):
     def export_adapter(self, output_dir: Path) -> Path:
         """Standard PEFT adapter folder (adapter_config.json + adapter_model.safetensors), written atomically."""
         output_dir = Path(output_dir)
-        output_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}-", dir=output_dir.parent))
-        try:
+        with atomic_directory(output_dir) as tmp:
             self.model.save_pretrained(tmp, safe_serialization=True)
             cfg = tmp / "adapter_config.json"
             # Record the user-facing base name, not the cache folder it was materialised into.
             data = json.loads(cfg.read_text())
             data["base_model_name_or_path"] = self.hparams.model_name_or_path
             cfg.write_text(json.dumps(data, indent=2))
-            if output_dir.exists():
-                shutil.rmtree(output_dir)
-            os.replace(tmp, output_dir)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return output_dir

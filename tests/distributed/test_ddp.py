@@ -59,6 +59,7 @@ def test_aqi_on_two_processes_equals_one(data):
                "--trainer.default_root_dir", str(out),
                "--trainer.callbacks", "[]", "--model.init_args.adapters", "{}", "--model.init_args.quantization", "none",
                "--model.init_args.n_bootstrap", "100", "--model.init_args.results_dir", str(out),
+               "--model.init_args.behaviour_prompts_per_class", "4", "--model.init_args.max_new_tokens", "8",
                "--data.eval_source", str(evals), "--data.n_per_class", "9", "--data.eval_batch_size", "4",
                "--data.output_dir", str(root / "stats"))
         results[devices] = json.loads((out / "aqi_results.json").read_text())
@@ -66,3 +67,6 @@ def test_aqi_on_two_processes_equals_one(data):
     assert one["n_prompts"] == two["n_prompts"] == 18  # 9 + 9, padding duplicates of the sampler removed
     for metric in ("aqi", "aqi_bounded", "xbi", "chi"):
         assert two["scores"][metric] == pytest.approx(one["scores"][metric], rel=1e-5), metric
+    # Behaviour: the same 4 + 4 prompts answered (greedy) on 1 and 2 processes, so the same rates.
+    assert two["behaviour"]["n_prompts"] == one["behaviour"]["n_prompts"] == 8
+    assert two["behaviour"]["rates"] == one["behaviour"]["rates"]
