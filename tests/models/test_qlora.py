@@ -75,8 +75,8 @@ def test_4bit_gradients_survive_an_eval_pass(tmp_path):
     model.train()
     gA0, gB0 = _layer0_grads(model, batch)
     model.eval()
-    with torch.no_grad():
-        model.validation_step(batch, 0) if False else model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    with torch.no_grad():  # what validation, generation or Lightning's sanity check do
+        model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     model.train()
     gA1, gB1 = _layer0_grads(model, batch)
     assert gB0.norm() > 1e-3 and gA0.norm() > 1e-5
