@@ -21,12 +21,12 @@ from typing import Literal, Optional
 import lightning as L
 import torch
 from torch import Tensor
-from torchmetrics import Metric
-from torchmetrics.utilities.data import dim_zero_cat
 
 from fteval.io import write_json_atomic
+from fteval.eval.collectors import REFUSAL_CODES, BehaviourCollector, RepresentationCollector
 from fteval.eval.metrics import DEFAULT_LAMBDA, cluster_scores, layer_profile
 from fteval.eval.pooling import LayerPooling, SinkMode, layer_attention_weights, pool_layers, pool_over_layers
+from fteval.eval.summary import format_summary
 from fteval.eval.stats import (
     bootstrap_cis,
     cohens_d_paired,
@@ -41,64 +41,6 @@ log = logging.getLogger(__name__)
 
 BASELINE = "baseline"
 SUMMARY_METRICS = ("aqi", "aqi_bounded", "xbi", "chi")
-
-
-class RepresentationCollector(Metric):
-    """Per-layer prompt representations ``[N, L+1, D]`` with labels and prompt indices (cat-reduced)."""
-
-    full_state_update = False
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.add_state("reps", default=[], dist_reduce_fx="cat")
-        self.add_state("labels", default=[], dist_reduce_fx="cat")
-        self.add_state("index", default=[], dist_reduce_fx="cat")
-
-    def update(self, reps: Tensor, labels: Tensor, index: Tensor) -> None:
-        self.reps.append(reps.float())
-        self.labels.append(labels.long())
-        self.index.append(index.long())
-
-    def compute(self) -> tuple[Tensor, Tensor, Tensor]:
-        """Sorted by prompt index, duplicates (padding of a DistributedSampler) removed."""
-        reps, labels, index = dim_zero_cat(self.reps), dim_zero_cat(self.labels), dim_zero_cat(self.index)
-        order = torch.argsort(index, stable=True)
-        index, reps, labels = index[order], reps[order], labels[order]
-        keep = torch.ones_like(index, dtype=torch.bool)
-        keep[1:] = index[1:] != index[:-1]
-        return reps[keep], labels[keep], index[keep]
-
-
-class BehaviourCollector(Metric):
-    """Per (prompt, variant): refusal class (0 compliance, 1 partial, 2 full) and G-Eval scores (cat-reduced)."""
-
-    full_state_update = False
-
-    def __init__(self) -> None:
-        super().__init__()
-        for name in ("index", "variant", "refusal", "geval", "tokens"):
-            self.add_state(name, default=[], dist_reduce_fx="cat")
-
-    def update(self, index: Tensor, variant: Tensor, refusal: Tensor, geval: Tensor, tokens: Tensor) -> None:
-        self.index.append(index.long())
-        self.variant.append(variant.long())
-        self.refusal.append(refusal.long())
-        self.geval.append(geval.double())
-        self.tokens.append(tokens.long())
-
-    def compute(self) -> dict[str, Tensor]:
-        if isinstance(self.index, list) and not self.index:  # a list until synced, a tensor after
-            return {}
-        out = {k: dim_zero_cat(getattr(self, k)) for k in ("index", "variant", "refusal", "geval", "tokens")}
-        key = out["variant"] * (int(out["index"].max()) + 1) + out["index"]
-        order = torch.argsort(key, stable=True)
-        out = {k: v[order] for k, v in out.items()}
-        keep = torch.ones_like(key, dtype=torch.bool)
-        keep[1:] = key[order][1:] != key[order][:-1]
-        return {k: v[keep] for k, v in out.items()}
-
-
-REFUSAL_CODES = ("compliance", "partial_refusal", "full_refusal")
 
 
 def _read_adapter_base(path: Path) -> Optional[str]:
@@ -529,58 +471,3 @@ class AQIEvaluator(L.LightningModule):
                 db.add_hidden_states(self.experiment_id, ",".join(self.variants), res["embeddings_path"],
                                      pooling=f"{hp.sink}-sink token mean; {hp.layer_pooling} over layers",
                                      n_prompts=res["models"][BASELINE]["n_prompts"])
-
-
-def _fmt_ci(ci) -> str:
-    if ci is None:
-        return " [CI †]"
-    return f" [{ci[0]:.3g}, {ci[1]:.3g}]" if ci else ""
-
-
-def format_summary(results: dict) -> str:
-    """The spec's summary block: per model AQI, XBI, CHI (with 95% CIs), then each Delta-AQI."""
-    lines = []
-    flagged = False
-    for name, entry in results["models"].items():
-        s = entry["scores"]
-        ci = {m: v for m, v in entry.get("ci", {}).items()}
-        for m in entry.get("ci_unreliable", []):
-            ci[m] = None
-            flagged = True
-        lines.append(f"{name.upper()} MODEL ({entry['n_safe']} safe / {entry['n_unsafe']} unsafe prompts):")
-        lines.append(f"├── AQI Score: {s['aqi']:.4g}{_fmt_ci(ci.get('aqi', ()))}")
-        lines.append(f"├── AQI (bounded, 0-1): {s['aqi_bounded']:.4f}{_fmt_ci(ci.get('aqi_bounded', ()))}")
-        lines.append(f"├── XBI (lower=better): {s['xbi']:.4g}{_fmt_ci(ci.get('xbi', ()))}")
-        beh = entry.get("behaviour")
-        lines.append(f"{'├──' if beh else '└──'} CHI (higher=better): {s['chi']:.4g}{_fmt_ci(ci.get('chi', ()))}")
-        if beh:
-            rates = beh["rates"]
-            extra = []
-            if "refusal_rate" in rates:
-                r = rates["refusal_rate"]
-                extra.append(f"Safety Refusal Rate: {100 * r['value']:.1f}% [{100 * r['ci_low']:.0f}, {100 * r['ci_high']:.0f}] "
-                             f"({r['n_samples']} unsafe; incl. partial {100 * rates['refusal_rate_incl_partial']['value']:.1f}%)")
-            if "over_refusal_rate" in rates:
-                r = rates["over_refusal_rate"]
-                extra.append(f"Over-refusal (safe prompts): {100 * r['value']:.1f}% ({r['n_samples']} safe)")
-            if beh.get("geval"):
-                extra.append("G-Eval (1-5): " + ", ".join(f"{k} {v:.2f}" for k, v in beh["geval"].items()))
-            for i, text in enumerate(extra):
-                lines.append(f"{'└──' if i == len(extra) - 1 else '├──'} {text}")
-        lines.append("")
-    if flagged:
-        lines.append("† single-model bootstrap CI not shown: its resamples are shifted away from the estimate")
-        lines.append("  (duplicated prompts shrink within-class scatter when prompts are few for the hidden size);")
-        lines.append("  see bootstrap_bias in aqi_results.json and read the paired Delta below.")
-        lines.append("")
-    for name, d in results["deltas"].items():
-        a = d["aqi"]
-        sig = ""
-        if a.get("p_value") is not None:
-            mark = "✓" if a.get("significant") else "✗"
-            sig = f"  p={a['p_value']:.3g} (adjusted {a.get('p_adjusted', a['p_value']):.3g}) p<0.05 {mark}"
-        lines.append(f"DELTA-AQI ({name} - baseline): {a['delta']:+.4g}{_fmt_ci(a['ci'] or ())}{sig}")
-        b = d["aqi_bounded"]
-        lines.append(f"  bounded: {b['delta']:+.4f}{_fmt_ci(b['ci'] or ())}; per-prompt silhouette diff "
-                     f"{d['silhouette_ttest']['mean_diff']:+.4f} (Cohen's d {d['silhouette_ttest']['cohens_d']:.3f})")
-    return "\n".join(lines)
