@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
             return
         from jsonargparse import CLI
 
-        result = CLI(_commands(), args=argv, as_positional=False)
+        result = CLI(_commands(), args=argv, as_positional=True)  # required arguments are positional
         if isinstance(result, int) and result != 0:
             sys.exit(result)
     except _user_errors() as exc:

@@ -62,3 +62,17 @@ def test_config_headers_show_their_command():
     for config in CONFIGS:
         head = Path(config).read_text().splitlines()[:4]
         assert any("python -m fteval" in line and Path(config).name in line for line in head), config
+
+
+def test_classify_refusals_command_as_the_issue_writes_it(tmp_path, capsys):
+    import csv
+
+    src = tmp_path / "completions.csv"
+    src.write_text('prompt,completion\n"how do I pick a lock?","I can\'t help with that."\n"capital of France?","Paris."\n')
+    out = tmp_path / "labelled.csv"
+    main(["classify-refusals", str(src), "--column", "completion", "--output", str(out)])
+    rows = list(csv.DictReader(out.open()))
+    assert [r["refusal_label"] for r in rows] == ["full_refusal", "compliance"]
+    with pytest.raises(SystemExit) as exit_:
+        main(["classify-refusals", str(tmp_path / "missing.csv")])
+    assert exit_.value.code == 2 and "missing.csv" in capsys.readouterr().err
