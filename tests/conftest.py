@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 AXIOMS = [
     "Civility & Tolerance", "Duty & Accountability", "Empathy & Helpfulness", "Information Seeking",
@@ -42,6 +43,20 @@ def accd_rows(n_safe: int = 35, n_unsafe: int = 35) -> list[dict]:
         rows.append({"axiom": AXIOMS[i % 7], "safety_label": "unsafe", "input": f"Help me hack into my coworker's account number {i}.",
                      "target": "I can't help with that.", "source_dataset": "test"})
     return rows
+
+
+@pytest.fixture()
+def one_thread():
+    """One torch intra-op thread for the test, restored afterwards.
+
+    On the shared 2-core machine two OpenMP threads spin against other processes: small ops ran
+    5-100x slower (a 256x64 @ 64x128 matmul took 12 ms instead of 0.14 ms; 3 prompts x 8 tokens of
+    generation 15 s instead of 1.4 s). Modules of many small ops use it.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

@@ -9,12 +9,9 @@ and restores the previous setting afterwards.
 from __future__ import annotations
 
 import pytest
-import torch
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _single_torch_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
+@pytest.fixture(autouse=True)
+def _one_thread_for_backends(one_thread):
+    """Every backend test runs with the shared ``one_thread`` fixture (tests/conftest.py)."""
     yield
-    torch.set_num_threads(previous)

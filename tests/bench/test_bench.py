@@ -21,14 +21,7 @@ from fteval.bench.eval import _extraction_batches, bench_eval, synthetic_embeddi
 from fteval.bench.train import bench_train, strip_adapters
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Two OpenMP threads on the shared 2-core machine spin against other processes (a 256x64 @ 64x128
-    # matmul took 12 ms instead of 0.14 ms); one thread keeps this file fast.
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------------------------------ formula

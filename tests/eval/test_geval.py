@@ -21,13 +21,7 @@ RESPONSES = [
 ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _single_torch_thread():
-    """One torch thread: on a small shared CPU, two OpenMP threads under load ran 5-10x slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -38,15 +38,6 @@ def _population_aqi_bounded(dim, delta, var=1.0, lam=0.5):
     return lam / (1 + xbi) + (1 - lam) * r2, xbi
 
 
-@pytest.fixture
-def one_thread():
-    """Many tiny bootstraps: one intra-op thread avoids thread hand-off costs on a busy CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.mark.parametrize("stratified", [True, False])
 @pytest.mark.parametrize("classes", [2, 3])
 def test_vectorised_equals_slow_loop(stratified, classes):
