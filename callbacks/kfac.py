@@ -1,7 +1,8 @@
 """K-FAC natural-gradient preconditioning of GRIT's LoRA factors, as a Lightning callback.
 
-Statistics: hooks on every :class:`~fteval.models.grit_layer.GritLoraLinear` record the
-rank-space factors S_a = E[u u^T] (u = A x) and S_g = E[v v^T] (v = B^T dL/dy) in fp32 on
+Statistics: every :class:`~fteval.models.grit_layer.GritLoraLinear` hands its rank-space
+activations to this callback from inside its forward and backward (``layer.recorder``; no
+module or tensor hooks), which records the rank-space factors S_a = E[u u^T] (u = A x) and S_g = E[v v^T] (v = B^T dL/dy) in fp32 on
 ``layer.stats`` (a :class:`~fteval.models.grit_layer.RankSpaceStats`), over real tokens only.
 
 Which factor preconditions which gradient (``pairing``), with M_a = S_a + l_a I, M_g = S_g + l_g I:
@@ -219,6 +220,32 @@ def _copy_into(targets: list[torch.Tensor], sources: list[torch.Tensor]) -> None
             t.copy_(s)
 
 
+class _Recording:
+    """One GRIT layer's statistics for one micro-batch: u from its forward, v from its backward.
+
+    The real-token mask and the AMP loss scale are those of the micro-batch the forward ran in.
+    v = B^T dL/dy carries the loss scale, so its Gram matrix is divided by its square.
+    """
+
+    __slots__ = ("cb", "group", "row", "mask", "count", "scale")
+
+    def __init__(self, cb: "KFACPreconditioner", group: "_Group", row: int) -> None:
+        self.cb, self.group, self.row = cb, group, row
+        self.mask = self.count = None
+        self.scale = 1.0 / cb._grad_scale**2
+
+    def activations(self, u: torch.Tensor) -> None:
+        t0 = time.perf_counter()
+        self.mask, self.count = self.cb._mask_for(u)
+        self.cb._defer(self.group, self.row, 0, u, self.mask, self.count, 1.0)
+        self.cb._hook_seconds += time.perf_counter() - t0
+
+    def gradients(self, v: torch.Tensor) -> None:
+        t0 = time.perf_counter()
+        self.cb._defer(self.group, self.row, 1, v.detach(), self.mask, self.count, self.scale)
+        self.cb._hook_seconds += time.perf_counter() - t0
+
+
 class KFACPreconditioner(L.Callback):
     """Rank-space K-FAC preconditioning of every GRIT layer's lora_A/lora_B gradient.
 
@@ -239,8 +266,8 @@ class KFACPreconditioner(L.Callback):
     preconditioned gradient this step), ``grit/preconditioned_grads`` (tensors),
     ``grit/factor_cond_max`` (largest condition number of the cached damped factors),
     ``grit/kfac_ms`` (time in this hook, CUDA-synchronised) and ``grit/kfac_hook_ms`` (host
-    time spent in the statistics hooks since the previous step; on GPU that is launch
-    time, the kernels overlap with the forward/backward).
+    time spent recording statistics since the previous step; no kernels are launched
+    there, the arithmetic runs batched in this hook).
 
     Under DDP the per-step statistics (sums and token counts) are all-reduced before they
     are folded, so every rank holds identical factors and preconditions identically.
@@ -284,7 +311,7 @@ class KFACPreconditioner(L.Callback):
         self._layers: dict[str, GritLoraLinear] = {}
         self._groups: list[_Group] = []
         self._where: dict[str, tuple[_Group, int]] = {}  # layer path -> (group, row)
-        self._handles: list[Any] = []
+        self._attached: list[GritLoraLinear] = []
         self._mask: torch.Tensor | None = None  # [batch, seq] bool for the current micro-batch
         self._mask_on: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}  # device -> (0/1 floats, count)
         self._mask_warned = False
@@ -296,7 +323,7 @@ class KFACPreconditioner(L.Callback):
 
     # ------------------------------------------------------------------ attach / detach
     def attach(self, model: torch.nn.Module) -> dict[str, GritLoraLinear]:
-        """Create ``layer.stats`` on every GRIT layer of ``model`` and register the statistics hooks."""
+        """Create ``layer.stats`` on every GRIT layer of ``model`` and make the layers report their statistics here."""
         self.detach()
         layers = grit_layers(model)
         if not layers:
@@ -315,42 +342,24 @@ class KFACPreconditioner(L.Callback):
             self._where.update({n: (group, i) for i, n in enumerate(names)})
             self._row_of.update({id(layer): (group, i) for i, layer in enumerate(group.layers)})
         for layer in layers.values():
-            self._handles.append(layer.lora_A.register_forward_hook(self._make_hook(layer)))
+            layer.recorder = self
+        self._attached = list(layers.values())
         if self._pending_state is not None:
             state, self._pending_state = self._pending_state, None
             self._apply_state(state)
         return layers
 
     def detach(self) -> None:
-        """Remove the hooks (statistics stay on the layers)."""
-        for h in self._handles:
-            h.remove()
-        self._handles = []
+        """Stop recording statistics (they stay on the layers)."""
+        for layer in self._attached:
+            if layer.recorder is self:
+                layer.recorder = None
+        self._attached = []
 
-    def _make_hook(self, layer: GritLoraLinear):
-        def hook(module: torch.nn.Module, inputs: Any, u: torch.Tensor) -> None:
-            st = layer.stats
-            if st is None or st.counted or not layer.training or not torch.is_grad_enabled():
-                return
-            t0 = time.perf_counter()
-            st.counted = True  # gradient checkpointing re-runs this forward: count it once
-            mask, count = self._mask_for(u)
-            group, row = self._row_of[id(layer)]
-            self._defer(group, row, 0, u.detach(), mask, count, 1.0)
-            if u.requires_grad:
-                # dL/du = scaling * v * (AMP loss scale): divide both out (RankSpaceStats docstring);
-                # the Gram matrix of grad is scaled by 1/divisor^2 when the deferred sums are flushed.
-                divisor = layer.scaling * self._grad_scale
-
-                def grad_hook(grad: torch.Tensor) -> None:
-                    t1 = time.perf_counter()
-                    self._defer(group, row, 1, grad.detach(), mask, count, 1.0 / divisor**2)
-                    self._hook_seconds += time.perf_counter() - t1
-
-                u.register_hook(grad_hook)
-            self._hook_seconds += time.perf_counter() - t0
-
-        return hook
+    def begin(self, layer: GritLoraLinear) -> "_Recording":
+        """Called by a GRIT layer's forward once per micro-batch: where its u and v go (``_AdapterBranch``)."""
+        group, row = self._row_of[id(layer)]
+        return _Recording(self, group, row)
 
     def _defer(self, group: _Group, row: int, side: int, t: torch.Tensor, mask: Any, count: Any, scale: float) -> None:
         """Keep a hook's rank-space activations until :meth:`flush` (no kernels launched per layer here)."""

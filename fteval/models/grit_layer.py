@@ -66,6 +66,13 @@ class GritLoraLinear(nn.Module):
     ``adapter_enabled = False`` makes the layer exactly its base layer (the paired
     baseline pass). ``stats`` holds a :class:`RankSpaceStats` once the K-FAC callback has
     attached, else None.
+
+    The branch runs as one autograd node (:class:`_AdapterBranch`) that hands the K-FAC
+    statistics u and v to ``recorder`` (the K-FAC callback) directly, instead of a module
+    forward hook plus a tensor hook per layer (448 Python callbacks per micro-batch at
+    Llama-3-8B; see BENCHMARKS.md). ``lora_A``/``lora_B`` stay ``nn.Linear`` modules for
+    their parameters and peft-compatible names, but forward does not call them, so hooks
+    registered on them do not fire.
     """
 
     def __init__(
@@ -99,6 +106,7 @@ class GritLoraLinear(nn.Module):
         self.lora_dropout: nn.Module = nn.Dropout(p=dropout) if dropout > 0 else nn.Identity()
         self.adapter_enabled = True
         self.stats: RankSpaceStats | None = None
+        self.recorder: Any = None  # set by the K-FAC callback: receives u and v (see _AdapterBranch)
 
     # HF code sometimes reads `proj.weight` / `proj.bias` (dtype and device checks): forward to the base.
     @property
@@ -113,19 +121,75 @@ class GritLoraLinear(nn.Module):
         result = self.base_layer(x)  # [..., out]
         if not self.adapter_enabled:
             return result
+        A, B = self.lora_A.weight, self.lora_B.weight  # [r, in], [out, r]
         if torch.is_autocast_enabled(x.device.type):
             # Under AMP the adapter matmuls run in the autocast dtype (bf16), as peft's LoRA layer does;
             # the fp32 master weights and the fp32 K-FAC statistics are unaffected.
-            delta = self.lora_B(self.lora_A(self.lora_dropout(x)))
+            dtype = torch.get_autocast_dtype(x.device.type)
         else:
-            delta = self.lora_B(self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype))))
-        return result + (self.scaling * delta).to(result.dtype)
+            dtype = A.dtype
+        token = None
+        recorder = self.recorder
+        if recorder is not None and self.training and torch.is_grad_enabled():
+            st = self.stats
+            if st is not None and not st.counted:  # gradient checkpointing re-runs forward: count it once
+                st.counted = True
+                token = recorder.begin(self)
+        xd = self.lora_dropout(x).to(dtype)
+        return _AdapterBranch.apply(result, xd, A.to(dtype), B.to(dtype), self.scaling, token)
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
             f"alpha={self.alpha}, scaling={self.scaling:.4g}, use_rslora={self.use_rslora}"
         )
+
+
+
+class _AdapterBranch(torch.autograd.Function):
+    """``result + scaling * (x A^T) B^T`` as one autograd node that reports K-FAC's u and v.
+
+    Inputs (all in the compute dtype except ``result``): result ``[..., out]`` (the base
+    layer's output), x ``[..., in]`` (the adapter input after dropout), A ``[r, in]``,
+    B ``[out, r]``; ``token`` is None or what ``recorder.begin(layer)`` returned.
+    Forward reports ``u = x A^T`` ``[..., r]`` with ``token.activations(u)``; backward
+    reports ``v = g B`` ``[..., r]`` (g = dL/dy, i.e. B^T g per token, no LoRA scaling in it)
+    with ``token.gradients(v)``. The add is fused into the second matmul (``addmm``) where
+    the dtypes agree. Hand-written because peft's LoRA layer exposes neither u nor v without
+    per-layer hooks; the arithmetic is the standard LoRA forward and backward.
+    """
+
+    @staticmethod
+    def forward(ctx, result, x, A, B, scaling, token):  # noqa: D102 - documented on the class
+        with torch.autocast(x.device.type, enabled=False):
+            x2 = x.reshape(-1, x.shape[-1])  # [N, in]
+            u = x2 @ A.t()  # [N, r]
+            us = u * scaling
+            r2 = result.reshape(-1, result.shape[-1])  # [N, out]
+            if r2.dtype == us.dtype:
+                out = torch.addmm(r2, us, B.t())
+            else:
+                out = r2 + (us @ B.t()).to(r2.dtype)
+        if token is not None:
+            token.activations(u.detach().view(*x.shape[:-1], u.shape[-1]))
+        ctx.save_for_backward(x, A, B, us)
+        ctx.scaling, ctx.token = scaling, token
+        return out.view(result.shape)
+
+    @staticmethod
+    def backward(ctx, grad_out):  # noqa: D102
+        x, A, B, us = ctx.saved_tensors
+        need_result, need_x, need_A, need_B = ctx.needs_input_grad[:4]
+        g = grad_out.reshape(-1, grad_out.shape[-1]).to(B.dtype)  # [N, out]
+        v = g @ B  # [N, r]: B^T g per token
+        if ctx.token is not None:
+            ctx.token.gradients(v.view(*x.shape[:-1], v.shape[-1]))
+            ctx.token = None
+        gu = v * ctx.scaling  # dL/du [N, r]
+        gx = (gu @ A).view(x.shape) if need_x else None
+        gA = gu.t() @ x.reshape(-1, x.shape[-1]) if need_A else None  # [r, in]
+        gB = g.t() @ us if need_B else None  # [out, r]
+        return (grad_out if need_result else None), gx, gA, gB, None, None
 
 
 def _check_hparams(r: Any, alpha: Any, dropout: Any) -> None:

@@ -232,9 +232,11 @@ def test_masked_tokens_do_not_enter_statistics():
     layers = inject_grit_layers(model, TARGETS, r=4, alpha=8, dropout=0.0)
     for layer in layers.values():
         nn.init.normal_(layer.lora_B.weight, std=0.05)
-    seen: dict[str, torch.Tensor] = {}
+    seen: dict[str, torch.Tensor] = {}  # u = A x per layer, from the layer's input (dropout is 0)
     for name, layer in layers.items():
-        layer.lora_A.register_forward_hook(lambda m, i, o, name=name: seen.__setitem__(name, o.detach()))
+        layer.register_forward_hook(
+            lambda m, i, o, name=name: seen.__setitem__(name, (i[0] @ m.lora_A.weight.T).detach())
+        )
     batch = lm_batch()
     _stats_after_one_pass(model, batch)
     mask = torch.zeros(2, 12, dtype=torch.bool)
@@ -259,7 +261,8 @@ def test_token_mask_alignment_and_fallbacks():
     assert token_mask_from_batch((torch.zeros(1),)) is None
 
 
-def test_gradient_checkpointing_does_not_double_count():
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_gradient_checkpointing_does_not_double_count(reentrant):
     results = []
     for checkpointing in (False, True):
         torch.manual_seed(0)
@@ -268,10 +271,12 @@ def test_gradient_checkpointing_does_not_double_count():
         for layer in layers.values():
             nn.init.normal_(layer.lora_B.weight, std=0.05)
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+            if reentrant:
+                model.enable_input_require_grads()  # reentrant checkpointing needs an input that requires grad
         calls = [0]
         first = next(iter(layers.values()))
-        first.lora_A.register_forward_hook(lambda *a: calls.__setitem__(0, calls[0] + 1))
+        first.register_forward_hook(lambda *a: calls.__setitem__(0, calls[0] + 1))
         _stats_after_one_pass(model, lm_batch())
         stats = {
             n: (int(l.stats.cnt_a), int(l.stats.cnt_g), l.stats.sum_a.clone(), l.stats.sum_g.clone())

@@ -69,11 +69,20 @@ def test_adapter_follows_autocast_and_keeps_fp32_weights():
     layer = GritLoraLinear(nn.Linear(8, 6), r=4, alpha=4.0)
     nn.init.normal_(layer.lora_B.weight)
     dtypes = []
-    layer.lora_A.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
+    mm = torch.Tensor.__matmul__
+
+    def spy(a, b):  # the branch's rank-space matmul x A^T
+        dtypes.append((a.dtype, b.dtype))
+        return mm(a, b)
+
     x = torch.randn(2, 8)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        y = layer(x)
-    assert dtypes == [torch.bfloat16] and y.dtype == torch.bfloat16
+    torch.Tensor.__matmul__ = spy
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = layer(x)
+    finally:
+        torch.Tensor.__matmul__ = mm
+    assert dtypes and all(d == (torch.bfloat16, torch.bfloat16) for d in dtypes) and y.dtype == torch.bfloat16
     assert layer.lora_A.weight.dtype == torch.float32
     y.float().sum().backward()
     assert layer.lora_A.weight.grad.dtype == torch.float32
@@ -85,6 +94,31 @@ def test_adapter_follows_autocast_and_keeps_fp32_weights():
     y32 = layer(x)  # no autocast: fp32 throughout
     torch.testing.assert_close(y32, layer.base_layer(x) + delta)
 
+
+
+def test_fused_branch_gradients_match_autograd_reference():
+    """The one-node adapter branch (forward + hand-written backward) against autograd on the plain formula."""
+    torch.manual_seed(0)
+    layer = GritLoraLinear(nn.Linear(7, 5, dtype=torch.float64), r=3, alpha=6.0, adapter_dtype=torch.float64)
+    nn.init.normal_(layer.lora_B.weight)
+    x = torch.randn(2, 4, 7, dtype=torch.float64, requires_grad=True)
+    y = layer(x)
+    w = torch.randn_like(y)
+    (y * w).sum().backward()
+    got = (x.grad.clone(), layer.lora_A.weight.grad.clone(), layer.lora_B.weight.grad.clone())
+    A = layer.lora_A.weight.detach().clone().requires_grad_()
+    B = layer.lora_B.weight.detach().clone().requires_grad_()
+    x2 = x.detach().clone().requires_grad_()
+    ref = layer.base_layer(x2) + 2.0 * (x2 @ A.T) @ B.T
+    torch.testing.assert_close(y, ref)
+    (ref * w).sum().backward()
+    for g, r in zip(got, (x2.grad, A.grad, B.grad)):
+        torch.testing.assert_close(g, r)
+    from fteval.models.grit_layer import _AdapterBranch
+
+    args = (torch.randn(3, 5, dtype=torch.float64, requires_grad=True), torch.randn(3, 7, dtype=torch.float64,
+            requires_grad=True), A.detach().requires_grad_(), B.detach().requires_grad_(), 2.0, None)
+    assert torch.autograd.gradcheck(_AdapterBranch.apply, args)
 
 def test_dropout_applies_to_adapter_input_only():
     torch.manual_seed(0)
