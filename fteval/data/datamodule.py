@@ -27,7 +27,7 @@ from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader
 
 from fteval.data.resumable import ResumableDataLoader
-from fteval.data.formatting import Template, format_prompt, pad_batch, tokenize_example
+from fteval.data.formatting import Template, flatten_batch, format_prompt, pad_batch, tokenize_example
 from fteval.data.safety import keyword_agreement
 from fteval.io import write_json_atomic
 from fteval.data.sources import DataSourceError, describe_source, load_records, require_columns
@@ -140,6 +140,10 @@ class AlignmentDataModule(L.LightningDataModule):
         seed: seed of the train/validation split and the evaluation sample.
         max_length: maximum tokens per training example (responses are truncated to fit).
         batch_size: training and validation batch size per device.
+        padding_free: concatenate each training/validation batch into one row without padding
+            (``position_ids`` restart per sequence; transformers keeps the sequences apart in
+            attention: block-diagonal masks with SDPA, variable-length kernels with
+            flash_attention_2). Same loss as the padded batch, no compute spent on padding.
         eval_batch_size: evaluation (test) batch size per device.
         num_workers: DataLoader workers.
         template: 'auto' (tokenizer chat template if any), 'chat', or 'llama2-inst' (fallback).
@@ -168,6 +172,7 @@ class AlignmentDataModule(L.LightningDataModule):
         seed: int = 42,
         max_length: int = 512,
         batch_size: int = 4,
+        padding_free: bool = False,
         eval_batch_size: int = 16,
         num_workers: int = 0,
         template: Template = "auto",
@@ -350,6 +355,12 @@ class AlignmentDataModule(L.LightningDataModule):
 
         return collate
 
+    def _train_collate(self):
+        """Training/validation batches: padded, or one padding-free row (``padding_free``)."""
+        if not self.hparams.padding_free:
+            return self._collate("right")
+        return flatten_batch
+
     def _fit_progress(self) -> Optional[tuple[int, int]]:
         """(epoch, batches trained on in that epoch) from the trainer's progress tracker."""
         if self.trainer is None:
@@ -361,11 +372,11 @@ class AlignmentDataModule(L.LightningDataModule):
         world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer is not None else (1, 0)
         return ResumableDataLoader(self.train_set, batch_size=self.hparams.batch_size, seed=self.hparams.seed,
                                    progress=self._fit_progress, num_replicas=world, rank=rank,
-                                   num_workers=self.hparams.num_workers, collate_fn=self._collate("right"))
+                                   num_workers=self.hparams.num_workers, collate_fn=self._train_collate())
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_set, batch_size=self.hparams.batch_size, shuffle=False,
-                          num_workers=self.hparams.num_workers, collate_fn=self._collate("right"))
+                          num_workers=self.hparams.num_workers, collate_fn=self._train_collate())
 
     def test_dataloader(self) -> DataLoader:
         return DataLoader(self.eval_set, batch_size=self.hparams.eval_batch_size, shuffle=False,

@@ -112,3 +112,21 @@ def pad_batch(features: list[dict], pad_token_id: int, side: Literal["right", "l
         values = [f[key] for f in features]
         out[key] = torch.tensor(values) if isinstance(values[0], (int, float, bool)) else values
     return out
+
+
+def flatten_batch(features: list[dict]) -> dict:
+    """One padding-free row from ``features`` (each with ``input_ids`` and ``labels``).
+
+    transformers' ``DataCollatorWithFlattening`` concatenates the sequences into
+    ``input_ids``/``labels``/``position_ids`` ``[1, total_tokens]`` (positions restart at 0,
+    each sequence's first label is -100 so no token predicts across a boundary) and no
+    ``attention_mask``: transformers derives per-sequence attention from ``position_ids``.
+    ``num_sequences`` (a Python int) is added for logging. Picklable, for DataLoader workers.
+    """
+    from transformers import DataCollatorWithFlattening
+
+    batch = DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE_INDEX)(
+        [{"input_ids": f["input_ids"], "labels": f["labels"]} for f in features]
+    )
+    batch["num_sequences"] = len(features)
+    return batch

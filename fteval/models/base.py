@@ -25,6 +25,13 @@ log = logging.getLogger(__name__)
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
+def sequences_in_batch(batch: dict) -> int:
+    """Sequences in a training batch: ``num_sequences`` of a padding-free batch (a Python int, so no
+    device sync), else its rows."""
+    n = batch.get("num_sequences")
+    return int(n) if n is not None else int(batch["input_ids"].shape[0])
+
+
 class AdapterModule(L.LightningModule):
     """Base for adapter fine-tuning modules (not used directly).
 
@@ -136,18 +143,25 @@ class AdapterModule(L.LightningModule):
         return self.model(**batch)
 
     def _lm_loss(self, batch: dict) -> tuple[torch.Tensor, int]:
-        out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
-        return out.loss, int(batch["attention_mask"].sum())
+        """Mean next-token loss over the labelled tokens, and the number of sequences in the batch.
+
+        Padded batches carry ``attention_mask`` ``[batch, seq]``; padding-free batches
+        (``AlignmentDataModule(padding_free=True)``) are one row ``[1, tokens]`` with
+        ``position_ids`` restarting at 0 for every sequence, which transformers turns into
+        per-sequence attention.
+        """
+        kwargs = {k: batch[k] for k in ("attention_mask", "position_ids") if k in batch}
+        out = self.model(input_ids=batch["input_ids"], labels=batch["labels"], **kwargs)
+        return out.loss, sequences_in_batch(batch)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss, _ = self._lm_loss(batch)
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=batch["input_ids"].shape[0])
+        loss, n_seq = self._lm_loss(batch)
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=n_seq)
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss, _ = self._lm_loss(batch)
-        self.log("val/loss", loss, prog_bar=True, on_step=False, on_epoch=True, sync_dist=True,
-                 batch_size=batch["input_ids"].shape[0])
+        loss, n_seq = self._lm_loss(batch)
+        self.log("val/loss", loss, prog_bar=True, on_step=False, on_epoch=True, sync_dist=True, batch_size=n_seq)
         return loss
 
     def on_before_optimizer_step(self, optimizer) -> None:

@@ -135,3 +135,17 @@ def test_bundled_samples_meet_the_promised_sizes():
     assert sum(v for (a, l), v in counts.items() if l == "unsafe") >= 300
     assert len({a for a, _ in counts}) == 7
     assert bundled_path("accd").name == "accd_sample.jsonl"
+
+
+def test_padding_free_loaders_flatten_batches(data_files, tmp_path):
+    padded = make_dm(data_files, tmp_path, batch_size=3)
+    flat = make_dm(data_files, tmp_path, batch_size=3, padding_free=True)
+    for dm in (padded, flat):
+        dm.setup("fit")
+    bp, bf = next(iter(padded.val_dataloader())), next(iter(flat.val_dataloader()))
+    assert "attention_mask" not in bf and bf["num_sequences"] == 3
+    n_real = int(bp["attention_mask"].sum())
+    assert bf["input_ids"].shape == (1, n_real) and n_real < bp["input_ids"].numel()  # the padding is gone
+    assert int((bf["labels"] != -100).sum()) == int((bp["labels"] != -100).sum())
+    assert int((bf["position_ids"] == 0).sum()) == 3
+    assert next(iter(flat.train_dataloader()))["input_ids"].shape[0] == 1
