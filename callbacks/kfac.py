@@ -126,6 +126,9 @@ class _Group:
         self.factors = torch.zeros(n, 2, rank, rank, dtype=torch.float32, device=device)  # S_a, S_g
         self.pending = torch.zeros_like(self.factors)  # sums of this optimizer step
         self.counts = torch.zeros(n, 2, dtype=torch.int64, device=device)  # tokens of this optimizer step
+        self.tokens = torch.zeros(n, 2, dtype=torch.float64, device=device)  # folded tokens (n_a, n_g)
+        self.ema = torch.zeros(n, 2, dtype=torch.bool, device=device)  # side in EMA mode (mirrors stats.ema_*)
+        self.dropped = torch.zeros((), dtype=torch.bool, device=device)  # a non-finite step was dropped
         self.chol = torch.zeros_like(self.factors)  # cached Cholesky factors of the damped factors
         self.has_chol = [[False, False] for _ in range(n)]
         self.inv_scale = [[1.0, 1.0] for _ in range(n)]
@@ -133,49 +136,62 @@ class _Group:
         self.refreshed_at = [[-1, -1] for _ in range(n)]  # optimizer step of the last refresh, -1 = never
         for i, layer in enumerate(layers):
             old = layer.stats
-            storage = (self.factors[i], self.pending[i], self.counts[i])
+            storage = (self.factors[i], self.pending[i], self.counts[i], self.tokens[i])
             layer.stats = RankSpaceStats(rank, device, ema_decay, storage=storage)
             if old is not None and old.rank == rank:  # statistics of an earlier fit carry over
                 layer.stats.load_state_dict(old.state_dict())
                 layer.stats.ema_decay = ema_decay
+        self.sync_ema()
 
-    def fold(self, ema_decay: float) -> bool:
-        """All-reduce (DDP) and fold the pending sums; one host transfer. True if a non-finite step was dropped."""
+    def sync_ema(self) -> None:
+        """Copy the layers' host-side EMA flags into the device mask the batched fold reads."""
+        flags = [[st.ema_a, st.ema_g] for st in (layer.stats for layer in self.layers)]
+        self.ema.copy_(torch.tensor(flags, dtype=torch.bool))
+
+    def fold(self, ema_decay: float) -> None:
+        """All-reduce (DDP) and fold the pending sums, on the device (no host sync).
+
+        Per layer and side the same arithmetic as :func:`fold_coefficients`: running mean
+        while ``ema`` is off, EMA after; a side whose sums are not finite (fp16 overflow) is
+        dropped for this step and ``dropped`` is set.
+        """
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             if torch.distributed.get_world_size() > 1:
                 torch.distributed.all_reduce(self.pending)
                 torch.distributed.all_reduce(self.counts)
         finite = torch.isfinite(self.pending).flatten(2).all(-1)  # [n, 2]
-        host = torch.cat([self.counts.flatten().double(), finite.flatten().double()]).tolist()
-        n = len(self.layers)
-        keep, add, dropped = [], [], False
-        for i, layer in enumerate(self.layers):
-            st = layer.stats
-            for side, name in enumerate("ag"):
-                cnt, ok = int(host[2 * i + side]), host[2 * n + 2 * i + side] > 0
-                if cnt > 0 and not ok:
-                    dropped, cnt = True, 0
-                k, a = fold_coefficients(getattr(st, f"n_{name}"), cnt, getattr(st, f"ema_{name}"), ema_decay)
-                keep.append(k)
-                add.append(a)
-                setattr(st, f"n_{name}", getattr(st, f"n_{name}") + cnt)
-        K = torch.tensor(keep, dtype=torch.float32).view(n, 2, 1, 1).to(self.device, non_blocking=True)
-        A = torch.tensor(add, dtype=torch.float32).view(n, 2, 1, 1).to(self.device, non_blocking=True)
+        self.dropped |= ((self.counts > 0) & ~finite).any()
+        cnt = torch.where(finite, self.counts, 0).double()  # [n, 2]
+        total = (self.tokens + cnt).clamp_min(1.0)
+        keep = torch.where(self.ema, ema_decay, self.tokens / total)
+        add = torch.where(self.ema, (1.0 - ema_decay) / cnt.clamp_min(1.0), 1.0 / total)
+        used = cnt > 0
+        keep = torch.where(used, keep, 1.0).float()[..., None, None]
+        add = torch.where(used, add, 0.0).float()[..., None, None]
         self.pending.masked_fill_(~finite[..., None, None], 0.0)
-        self.factors.mul_(K).add_(self.pending * A)
+        self.factors.mul_(keep).add_(self.pending * add)
+        self.tokens += cnt
         self.pending.zero_()
         self.counts.zero_()
-        return dropped
+
+    def take_dropped(self) -> bool:
+        """Whether a non-finite step was dropped since the last call (reads the device: a sync)."""
+        flag = bool(self.dropped)
+        self.dropped.zero_()
+        return flag
 
     def refresh(self, step: int, update_freq: int, min_samples: int, damping: float, damping_mode: str) -> None:
         """Re-factorise every side that is ready and due (never factorised, or ``update_freq`` steps old)."""
-        due = []
-        for i, layer in enumerate(self.layers):
-            st = layer.stats
-            for side, n_tokens in enumerate((st.n_a, st.n_g)):
-                stale = not self.has_chol[i][side] or step - self.refreshed_at[i][side] >= update_freq
-                if n_tokens >= min_samples and stale:
-                    due.append((i, side))
+        stale = [
+            (i, side)
+            for i in range(len(self.layers))
+            for side in (0, 1)
+            if not self.has_chol[i][side] or step - self.refreshed_at[i][side] >= update_freq
+        ]
+        if not stale:
+            return  # the usual step: nothing read from the device
+        tokens = self.tokens.tolist()
+        due = [(i, side) for i, side in stale if tokens[i][side] >= min_samples]
         if not due:
             return
         rows = torch.tensor([d[0] for d in due], device=self.device)
@@ -194,6 +210,7 @@ class _Group:
             self.cond[i][side] = cond_list[j]
             self.refreshed_at[i][side] = step
             setattr(self.layers[i].stats, "ema_" + "ag"[side], True)  # running mean until first use, EMA after
+        self.sync_ema()
 
     def side_state(self, i: int, side: int) -> dict[str, Any]:
         return {
@@ -461,14 +478,19 @@ class KFACPreconditioner(L.Callback):
                 _copy_into(grads, list(new.to(grads[0].dtype).unbind(0)))
         return len(done_layers), sum(len(rows) for rows, _ in jobs.values())
 
-    def optimizer_step_work(self, optimizer: torch.optim.Optimizer | None = None) -> dict[str, float]:
-        """Fold statistics, refresh due factors, precondition gradients (if enabled); returns the step's metrics."""
+    def optimizer_step_work(
+        self, optimizer: torch.optim.Optimizer | None = None, check_finite: bool = True
+    ) -> dict[str, float]:
+        """Fold statistics, refresh due factors, precondition gradients (if enabled); returns the step's metrics.
+
+        ``check_finite`` reads the device's dropped-step flag (a host sync) to warn about
+        non-finite statistics; the Lightning hook does so on logging steps only.
+        """
         self.flush()
-        dropped = False
         for group in self._groups:
-            dropped = group.fold(self.ema_decay) or dropped
-        if dropped:
-            rank_zero_warn("KFACPreconditioner: non-finite statistics this step (fp16 overflow?) were dropped.")
+            group.fold(self.ema_decay)
+        if check_finite and any([group.take_dropped() for group in self._groups]):
+            rank_zero_warn("KFACPreconditioner: non-finite statistics (fp16 overflow?) were dropped since the last check.")
         n_layers = n_grads = 0
         if self.enabled:
             for group in self._groups:
@@ -513,7 +535,8 @@ class KFACPreconditioner(L.Callback):
         if cuda:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        metrics = self.optimizer_step_work(optimizer)
+        on_cpu = all(group.device.type == "cpu" for group in self._groups)
+        metrics = self.optimizer_step_work(optimizer, check_finite=cuda or on_cpu)
         if cuda:
             torch.cuda.synchronize()
         metrics["grit/kfac_ms"] = 1000.0 * (time.perf_counter() - t0)
@@ -562,3 +585,5 @@ class KFACPreconditioner(L.Callback):
             group, i = self._where[name]
             group.load_side_state(i, 0, entry["a"])
             group.load_side_state(i, 1, entry["g"])
+        for group in self._groups:
+            group.sync_ema()

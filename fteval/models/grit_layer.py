@@ -219,11 +219,11 @@ class RankSpaceStats:
 
     ``S_a = E[u u^T]`` with ``u = A dropout(x)`` and ``S_g = E[v v^T]`` with ``v = B^T g``,
     ``g = dL/dy`` of the layer output; both ``[r, r]``, averaged over real (unmasked)
-    tokens. The gradient arriving at lora_B's input is ``scaling * v`` (times the AMP loss
-    scale): the K-FAC hook divides both out before :meth:`add_g`, so S_g is in units of
-    (dL/dy)^2 whatever alpha, r or the grad scaler are.
+    tokens. The layer reports v without the LoRA scaling; the K-FAC callback divides the
+    AMP loss scale out before :meth:`add_g`, so S_g is in units of (dL/dy)^2 whatever
+    alpha, r or the grad scaler are.
 
-    Hooks add per micro-batch into pending sums (:meth:`add_a`, :meth:`add_g`); once per
+    The layers add per micro-batch into pending sums (:meth:`add_a`, :meth:`add_g`); once per
     optimizer step the sums are folded (:meth:`fold`, or the K-FAC callback's batched
     equivalent): a token-weighted running mean until that side is first used (``ema_a``/
     ``ema_g``, set by the K-FAC callback at its first refresh), then
@@ -231,9 +231,10 @@ class RankSpaceStats:
     ``counted`` is the once-per-micro-batch flag (gradient checkpointing re-runs forward).
 
     Storage: ``factors`` ``[2, r, r]`` (S_a, S_g), ``pending`` ``[2, r, r]`` (sums this
-    step) and ``counts`` ``[2]`` int64 (tokens this step). The K-FAC callback passes views
-    into buffers shared by all layers (``storage=``), so its per-step work is a few
-    batched operations instead of several per layer.
+    step), ``counts`` ``[2]`` int64 (tokens this step) and ``tokens`` ``[2]`` float64 (folded
+    tokens, read as ``n_a``/``n_g``; on the device, so folding needs no host sync). The
+    K-FAC callback passes views into buffers shared by all layers (``storage=``), so its
+    per-step work is a few batched operations instead of several per layer.
     """
 
     def __init__(
@@ -241,7 +242,7 @@ class RankSpaceStats:
         rank: int,
         device: torch.device | str,
         ema_decay: float = 0.95,
-        storage: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+        storage: tuple[torch.Tensor, ...] | None = None,
     ) -> None:
         if not 0.0 <= ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay!r}.")
@@ -252,14 +253,13 @@ class RankSpaceStats:
                 torch.zeros(2, self.rank, self.rank, dtype=torch.float32, device=device),
                 torch.zeros(2, self.rank, self.rank, dtype=torch.float32, device=device),
                 torch.zeros(2, dtype=torch.int64, device=device),
+                torch.zeros(2, dtype=torch.float64, device=device),
             )
-        self.factors, self.pending, self.counts = storage
-        if self.factors.shape != (2, self.rank, self.rank) or self.counts.shape != (2,):
+        self.factors, self.pending, self.counts, self.tokens = storage
+        if self.factors.shape != (2, self.rank, self.rank) or self.counts.shape != (2,) or self.tokens.shape != (2,):
             raise ValueError(
-                f"RankSpaceStats storage must be [2, {rank}, {rank}] x2 and [2], got {tuple(self.factors.shape)}."
+                f"RankSpaceStats storage must be [2, {rank}, {rank}] x2, [2] and [2], got {tuple(self.factors.shape)}."
             )
-        self.n_a = 0  # folded real tokens, input side
-        self.n_g = 0  # folded real tokens, gradient side
         self.ema_a = False
         self.ema_g = False
         self.counted = False
@@ -271,6 +271,9 @@ class RankSpaceStats:
     sum_g = property(lambda self: self.pending[1])
     cnt_a = property(lambda self: self.counts[0])
     cnt_g = property(lambda self: self.counts[1])
+    # folded real tokens per side (reading them synchronises with the device)
+    n_a = property(lambda self: int(self.tokens[0]), lambda self, v: self.tokens[0].fill_(float(v)))
+    n_g = property(lambda self: int(self.tokens[1]), lambda self, v: self.tokens[1].fill_(float(v)))
 
     @property
     def device(self) -> torch.device:

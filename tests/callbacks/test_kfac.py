@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -487,3 +488,35 @@ def test_amp_loss_scale_and_lora_scaling_are_divided_out():
     g = torch.autograd.grad(y.sin().sum(), y)[0]  # dL/dy [5, 4]
     v = g @ layer.lora_B.weight.detach()  # [5, r]
     torch.testing.assert_close(s_g(16.0, 1.0), v.T @ v, rtol=1e-5, atol=1e-6)
+
+
+def test_non_finite_statistics_are_dropped_with_a_warning():
+    """The batched device-side fold drops a side whose sums overflowed, keeps the rest, and says so once."""
+    torch.manual_seed(0)
+    layers = [GritLoraLinear(nn.Linear(6, 6), r=2, alpha=2.0) for _ in range(2)]
+    model = nn.Sequential(*layers)
+    for layer in layers:
+        nn.init.normal_(layer.lora_B.weight)
+    cb = KFACPreconditioner(min_samples=1, update_freq=100)
+    cb.attach(model)
+    cb.begin_micro_batch(None)
+    model(torch.randn(5, 6)).pow(2).sum().backward()
+    cb.optimizer_step_work(None)
+    before = [(l.stats.S_a.clone(), l.stats.S_g.clone(), l.stats.n_a, l.stats.n_g) for l in layers]
+    assert before[0][2] == 5 and before[1][3] == 5
+    cb.begin_micro_batch(None)
+    model(torch.randn(5, 6)).pow(2).sum().backward()
+    cb.flush()
+    layers[0].stats.pending[0, 0, 0] = float("inf")  # layer 0's S_a sum overflowed this step
+    with pytest.warns(UserWarning, match="non-finite statistics"):
+        cb.optimizer_step_work(None)
+    s0, s1 = layers[0].stats, layers[1].stats
+    assert torch.equal(s0.S_a, before[0][0]) and s0.n_a == 5  # dropped: unchanged, tokens not counted
+    assert not torch.equal(s0.S_g, before[0][1]) and s0.n_g == 10  # the finite side folded
+    assert not torch.equal(s1.S_a, before[1][0]) and s1.n_a == 10
+    assert torch.isfinite(torch.stack([s0.S_a, s0.S_g, s1.S_a, s1.S_g])).all()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cb.begin_micro_batch(None)
+        model(torch.randn(5, 6)).pow(2).sum().backward()
+        cb.optimizer_step_work(None)  # the flag was taken: no repeat warning
