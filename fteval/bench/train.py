@@ -81,22 +81,48 @@ TARGETS = {"qlora_vs_plain_max": 1.03, "grit_vs_qlora_max": 1.10, "mfu_goal_b4_n
 
 
 class SyntheticLM(Dataset):
-    """``n`` rows of random token ids ``[seq_len]``; attention mask all ones; labels = input_ids.
+    """``n`` rows of random token ids; every token real and in the loss (labels = input_ids).
 
-    Every position is a real token that enters the loss, so tokens per step = batch x seq_len.
-    Deterministic in ``seed``.
+    With ``min_len`` None every row has ``seq_len`` tokens (tokens per step = batch x seq_len).
+    Otherwise row lengths are drawn uniformly from ``[min_len, seq_len]`` (like real
+    instruction data), and the loader pads each batch to its longest row or flattens it
+    (``padding_free``). Deterministic in ``seed``.
     """
 
-    def __init__(self, n: int, seq_len: int, vocab_size: int, seed: int = 0) -> None:
+    def __init__(self, n: int, seq_len: int, vocab_size: int, seed: int = 0, min_len: Optional[int] = None) -> None:
         gen = torch.Generator().manual_seed(seed)
         self.input_ids = torch.randint(vocab_size, (n, seq_len), generator=gen)  # [n, seq]
+        if min_len is None:
+            self.lengths = [seq_len] * n
+        else:
+            self.lengths = torch.randint(min_len, seq_len + 1, (n,), generator=gen).tolist()
+        self.variable = min_len is not None
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        ids = self.input_ids[i]
+        ids = self.input_ids[i, : self.lengths[i]]
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+
+    def real_tokens(self, batch_size: int, first_batch: int) -> float:
+        """Mean real tokens per batch from batch ``first_batch`` on (the timed steps)."""
+        batches = [self.lengths[i : i + batch_size] for i in range(0, len(self.lengths), batch_size)][first_batch:]
+        return sum(sum(b) for b in batches) / max(len(batches), 1)
+
+    def collate(self, padding_free: bool):
+        """Batches as the DataModule builds them: padded to the longest row, or one padding-free row."""
+        from fteval.data.formatting import flatten_batch, pad_batch
+
+        if padding_free:
+            return flatten_batch
+        if not self.variable:
+            return None  # equal lengths: the default collate stacks them
+
+        def pad(features: list[dict]) -> dict:
+            return pad_batch([{"input_ids": f["input_ids"].tolist(), "labels": f["labels"].tolist()} for f in features], 0)
+
+        return pad
 
 
 class _StepClock:
@@ -233,7 +259,7 @@ def _plain_run(bm: BenchModel, loader: DataLoader, clock: _StepClock, gradient_c
     optimizer = _optimizer_factory(bm.device, lr)(params)
     amp = bm.device.type == "cuda"
     for batch in loader:
-        batch = {k: v.to(bm.device, non_blocking=True) for k, v in batch.items()}
+        batch = {k: v.to(bm.device, non_blocking=True) for k, v in batch.items() if isinstance(v, torch.Tensor)}
         with torch.autocast(bm.device.type, dtype=torch.bfloat16, enabled=amp):
             loss = model(**batch).loss
         loss.backward()
@@ -313,16 +339,19 @@ def _restore_base(bm: BenchModel) -> None:
 
 def _run_method(
     method: str, bm: BenchModel, batch_size: int, seq_len: int, gradient_checkpointing: bool, steps: int,
-    warmup: int, seed: int, lr: float, workdir: Path, profiler: Any = None,
+    warmup: int, seed: int, lr: float, workdir: Path, profiler: Any = None, min_seq_len: Optional[int] = None,
+    padding_free: bool = False,
 ) -> dict:
     """Run one method for warmup + steps optimizer steps; return its measurements."""
     device = bm.device
-    dataset = SyntheticLM((warmup + steps) * batch_size, seq_len, bm.config.vocab_size, seed=seed)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0, pin_memory=device.type == "cuda")
+    dataset = SyntheticLM((warmup + steps) * batch_size, seq_len, bm.config.vocab_size, seed=seed, min_len=min_seq_len)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0, pin_memory=device.type == "cuda",
+                        collate_fn=dataset.collate(padding_free))
     clock = _StepClock(device, profiler)
     row: dict[str, Any] = {"method": method, "batch_size": batch_size, "seq_len": seq_len,
+                           "min_seq_len": min_seq_len, "padding_free": padding_free,
                            "gradient_checkpointing": gradient_checkpointing, "steps": steps, "warmup": warmup,
-                           "tokens_per_step": batch_size * seq_len, "error": None}
+                           "tokens_per_step": dataset.real_tokens(batch_size, warmup), "error": None}
     free_memory(device)
     reset_peak_memory(device)
     torch.manual_seed(seed)  # same adapter initialisation for every method
@@ -448,10 +477,18 @@ def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
 def _comparisons(runs: list[dict]) -> list[dict]:
     """Per (batch, checkpointing): qlora vs plain and grit vs qlora (step time, throughput, memory)."""
     out = []
-    keys = sorted({(r["batch_size"], r["gradient_checkpointing"]) for r in runs}, key=lambda k: (k[0], not k[1]))
-    for b, ckpt in keys:
-        by = {r["method"]: r for r in runs if (r["batch_size"], r["gradient_checkpointing"]) == (b, ckpt) and not r["error"]}
-        row: dict[str, Any] = {"batch_size": b, "gradient_checkpointing": ckpt}
+    def key(r: dict) -> tuple:
+        return r["batch_size"], r["gradient_checkpointing"], bool(r.get("padding_free", False))
+
+    keys = sorted({key(r) for r in runs}, key=lambda k: (k[0], not k[1], k[2]))
+    for b, ckpt, pf in keys:
+        by = {r["method"]: r for r in runs if key(r) == (b, ckpt, pf) and not r["error"]}
+        row: dict[str, Any] = {"batch_size": b, "gradient_checkpointing": ckpt, "padding_free": pf}
+        padded = {r["method"]: r for r in runs if key(r) == (b, ckpt, False) and not r["error"]}
+        if pf:  # what flattening bought each method over its padded batches
+            for m, r in by.items():
+                if m in padded:
+                    row[f"{m}_padding_free_speedup"] = _ratio(r["tokens_per_s"], padded[m]["tokens_per_s"])
         for num, den in (("qlora", "plain"), ("grit", "qlora"), ("grit", "plain")):
             if num in by and den in by:
                 n, d = by[num], by[den]
@@ -472,7 +509,7 @@ def _comparisons(runs: list[dict]) -> list[dict]:
 
 RUN_COLUMNS = (
     ("method", "method", ""), ("batch_size", "batch", "d"), ("gradient_checkpointing", "ckpt", ""),
-    ("tokens_per_s", "tokens/s", ",.0f"), ("step_mean_ms", "step ms mean", ".1f"), ("step_p50_ms", "p50", ".1f"),
+    ("padding_free", "padding-free", ""), ("tokens_per_step", "tokens/step", ",.0f"), ("tokens_per_s", "tokens/s", ",.0f"), ("step_mean_ms", "step ms mean", ".1f"), ("step_p50_ms", "p50", ".1f"),
     ("peak_mem_gib", "peak GiB", ".1f"), ("mfu", "MFU", ".3f"), ("amortised_step_ms", "GRIT amortised ms", ".1f"),
     ("error", "error", ""),
 )
@@ -481,7 +518,9 @@ RATIO_COLUMNS = (
     ("qlora_vs_plain_step_mean", "qlora/plain step", ".3f"), ("qlora_target_met", "<=1.03", ""),
     ("grit_vs_qlora_step_mean", "grit/qlora step", ".3f"), ("grit_vs_qlora_amortised", "grit/qlora amortised", ".3f"),
     ("grit_target_met", "<=1.10", ""), ("qlora_vs_plain_peak_mem", "qlora/plain mem", ".3f"),
-    ("grit_vs_qlora_peak_mem", "grit/qlora mem", ".3f"),
+    ("grit_vs_qlora_peak_mem", "grit/qlora mem", ".3f"), ("padding_free", "padding-free", ""),
+    ("plain_padding_free_speedup", "plain pf/padded", ".3f"), ("qlora_padding_free_speedup", "qlora pf/padded", ".3f"),
+    ("grit_padding_free_speedup", "grit pf/padded", ".3f"),
 )
 
 
@@ -501,6 +540,8 @@ def bench_train(
     peak_tflops: float = PEAK_FLOPS / 1e12,
     attn_implementation: str = "sdpa",
     seed: int = 0,
+    min_seq_len: Optional[int] = None,
+    padding_free: list[bool] = [False],  # noqa: B006
 ) -> int:
     """Training throughput of fteval QLoRA and GRIT against a plain PyTorch + peft loop, in one process.
 
@@ -528,6 +569,11 @@ def bench_train(
         attn_implementation: 'sdpa' (PyTorch's fused attention, as the reference loop), 'flash_attention_2'
             (needs flash-attn), 'eager' or 'auto'.
         seed: data and adapter-initialisation seed.
+        min_seq_len: draw each row's length uniformly from [min_seq_len, seq_len] (real data is
+            ragged) instead of every row having seq_len tokens; tokens/s then counts real tokens.
+        padding_free: one run per value: batches padded to their longest row (False) or
+            flattened into one row without padding (True, ``data.padding_free`` of ``fteval fit``).
+            With equal lengths there is no padding to remove.
 
     Returns 0 when every run finished, 1 when any failed (its row holds the error).
     """
@@ -551,6 +597,10 @@ def bench_train(
         raise ValueError(f"quantization={quantization!r} needs bitsandbytes; install it or pass quantization='none'")
     if profile and profile_method not in methods:
         raise ValueError(f"profile_method={profile_method!r} is not among methods={methods}")
+    if min_seq_len is not None and not 1 <= min_seq_len <= seq_len:
+        raise ValueError(f"min_seq_len={min_seq_len} must lie in [1, seq_len={seq_len}] (or be None: all rows seq_len)")
+    if not padding_free:
+        raise ValueError("padding_free is empty; pass [false], [true] or [false, true]")
     if profile_steps < 1:
         raise ValueError(f"profile_steps={profile_steps} must be >= 1")
     if peak_tflops <= 0:
@@ -572,13 +622,16 @@ def bench_train(
     with tempfile.TemporaryDirectory(prefix="fteval-bench-") as tmp:
         for b in batch_sizes:
             for ckpt in gradient_checkpointing:
-                for method in methods:
-                    print(f"[fteval bench] {method}: batch {b} x {seq_len} tokens, checkpointing {ckpt}", flush=True)
-                    row = _run_method(method, bm, int(b), seq_len, bool(ckpt), steps, warmup, seed, LEARNING_RATE,
-                                      Path(tmp))
-                    if row["error"] is None:
-                        row["mfu"] = mfu(row["tokens_per_s"], flops["total"], peak)
-                    runs.append(row)
+                for pf in padding_free:
+                    for method in methods:
+                        lengths = f"{seq_len}" if min_seq_len is None else f"{min_seq_len}-{seq_len}"
+                        print(f"[fteval bench] {method}: batch {b} x {lengths} tokens, checkpointing {ckpt}, "
+                              f"padding-free {pf}", flush=True)
+                        row = _run_method(method, bm, int(b), seq_len, bool(ckpt), steps, warmup, seed, LEARNING_RATE,
+                                          Path(tmp), min_seq_len=min_seq_len, padding_free=bool(pf))
+                        if row["error"] is None:
+                            row["mfu"] = mfu(row["tokens_per_s"], flops["total"], peak)
+                        runs.append(row)
         prof = None
         if profile:
             prof = _profile_method(profile_method, bm, int(batch_sizes[0]), seq_len, bool(gradient_checkpointing[0]),
@@ -590,7 +643,7 @@ def bench_train(
         "settings": {
             "model_config": model_config, "methods": methods, "batch_sizes": list(batch_sizes), "seq_len": seq_len,
             "gradient_checkpointing": list(gradient_checkpointing), "steps": steps, "warmup": warmup,
-            "quantization": quantization, "seed": seed, "lora": {"r": LORA_R, "alpha": LORA_ALPHA,
+            "quantization": quantization, "seed": seed, "min_seq_len": min_seq_len, "padding_free": list(padding_free), "lora": {"r": LORA_R, "alpha": LORA_ALPHA,
             "dropout": LORA_DROPOUT, "target_modules": list(DEFAULT_TARGETS)}, "learning_rate": LEARNING_RATE,
             "precision": "bf16 autocast (Lightning bf16-mixed)" if device.type == "cuda" else "fp32",
             "grit": {"update_freq": GRIT_UPDATE_FREQ, "every_n_steps": GRIT_REPROJECT_EVERY},

@@ -140,6 +140,32 @@ def test_bench_train_tiny_all_methods(tmp_path, capsys):
     assert "qlora/plain step" in printed and "tokens/s" in printed
 
 
+
+def test_bench_train_ragged_lengths_padded_vs_padding_free(tmp_path, capsys):
+    out = tmp_path / "train.json"
+    rc = bench_train(model_config="tiny", methods=["plain", "qlora"], batch_sizes=[3], seq_len=24, min_seq_len=6,
+                     gradient_checkpointing=[False], padding_free=[False, True], steps=2, warmup=1,
+                     quantization="none", output=out)
+    assert rc == 0
+    data = json.loads(out.read_text())
+    runs = {(r["method"], r["padding_free"]): r for r in data["runs"]}
+    assert len(runs) == 4 and all(r["error"] is None for r in runs.values())
+    from fteval.bench.train import SyntheticLM
+
+    ds = SyntheticLM(9, 24, 512, seed=0, min_len=6)
+    assert all(6 <= n <= 24 for n in ds.lengths) and len(set(ds.lengths)) > 1
+    real = sum(ds.lengths[3:]) / 2  # the two timed batches (after one warm-up batch)
+    for r in runs.values():
+        assert r["tokens_per_step"] == pytest.approx(real)  # real tokens, padding not counted
+        assert r["tokens_per_s"] == pytest.approx(real / (sum(r["step_ms_all"]) / 2 / 1000.0))
+    # the same real tokens enter the loss either way: first losses agree
+    for m in ("plain", "qlora"):
+        assert runs[(m, True)]["loss_first"] == pytest.approx(runs[(m, False)]["loss_first"], rel=1e-4)
+    flat = next(c for c in data["comparisons"] if c["padding_free"])
+    assert flat["qlora_padding_free_speedup"] == pytest.approx(
+        runs[("qlora", True)]["tokens_per_s"] / runs[("qlora", False)]["tokens_per_s"])
+    assert "qlora pf/padded" in capsys.readouterr().out
+
 def test_bench_train_profile_plain(tmp_path):
     out = tmp_path / "train.json"
     rc = bench_train(model_config="tiny", methods=["plain"], batch_sizes=[1], seq_len=8, gradient_checkpointing=[False],
@@ -164,6 +190,8 @@ def test_bench_train_profile_plain(tmp_path):
         ({"batch_sizes": [0]}, "batch_sizes="),
         ({"seq_len": 4096}, "seq_len=4096"),
         ({"quantization": "int3"}, "quantization='int3'"),
+        ({"min_seq_len": 0}, "min_seq_len=0"),
+        ({"padding_free": []}, "padding_free is empty"),
         ({"profile": True, "profile_method": "grit", "methods": ["plain"]}, "profile_method='grit'"),
     ],
 )
