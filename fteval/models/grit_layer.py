@@ -161,15 +161,15 @@ class _AdapterBranch(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, result, x, A, B, scaling, token):  # noqa: D102 - documented on the class
-        with torch.autocast(x.device.type, enabled=False):
-            x2 = x.reshape(-1, x.shape[-1])  # [N, in]
-            u = x2 @ A.t()  # [N, r]
-            us = u * scaling
-            r2 = result.reshape(-1, result.shape[-1])  # [N, out]
-            if r2.dtype == us.dtype:
-                out = torch.addmm(r2, us, B.t())
-            else:
-                out = r2 + (us @ B.t()).to(r2.dtype)
+        # x, A and B already share the compute dtype, so autocast (if on) changes nothing here
+        x2 = x.reshape(-1, x.shape[-1])  # [N, in]
+        u = x2 @ A.t()  # [N, r]
+        us = u * scaling
+        r2 = result.reshape(-1, result.shape[-1])  # [N, out]
+        if r2.dtype == us.dtype:
+            out = torch.addmm(r2, us, B.t())
+        else:
+            out = r2 + (us @ B.t()).to(r2.dtype)
         if token is not None:
             token.activations(u.detach().view(*x.shape[:-1], u.shape[-1]))
         ctx.save_for_backward(x, A, B, us)
