@@ -180,8 +180,11 @@ class _Group:
         self.dropped.zero_()
         return flag
 
-    def refresh(self, step: int, update_freq: int, min_samples: int, damping: float, damping_mode: str) -> None:
-        """Re-factorise every side that is ready and due (never factorised, or ``update_freq`` steps old)."""
+    def refresh(self, step: int, update_freq: int, min_samples: int, damping: float, damping_mode: str) -> bool:
+        """Re-factorise every side that is ready and due (never factorised, or ``update_freq`` steps old).
+
+        Returns True when a side got its first factor (which gradients are preconditioned changed).
+        """
         stale = [
             (i, side)
             for i in range(len(self.layers))
@@ -189,17 +192,18 @@ class _Group:
             if not self.has_chol[i][side] or step - self.refreshed_at[i][side] >= update_freq
         ]
         if not stale:
-            return  # the usual step: nothing read from the device
+            return False  # the usual step: nothing read from the device
         tokens = self.tokens.tolist()
         due = [(i, side) for i, side in stale if tokens[i][side] >= min_samples]
         if not due:
-            return
+            return False
         rows = torch.tensor([d[0] for d in due], device=self.device)
         sides = torch.tensor([d[1] for d in due], device=self.device)
         chol, inv_scale, cond, ok = damped_cholesky(self.factors[rows, sides].cpu(), damping, damping_mode)
         good = [j for j, flag in enumerate(ok.tolist()) if flag]  # degenerate sides keep their previous cache
         if not good:
-            return
+            return False
+        first = any(not self.has_chol[due[j][0]][due[j][1]] for j in good)
         sel = torch.tensor(good)
         self.chol[rows[sel.to(self.device)], sides[sel.to(self.device)]] = chol[sel].to(self.device)
         inv_list, cond_list = inv_scale.tolist(), cond.tolist()
@@ -211,6 +215,7 @@ class _Group:
             self.refreshed_at[i][side] = step
             setattr(self.layers[i].stats, "ema_" + "ag"[side], True)  # running mean until first use, EMA after
         self.sync_ema()
+        return first
 
     def side_state(self, i: int, side: int) -> dict[str, Any]:
         return {
@@ -241,25 +246,32 @@ class _Recording:
     """One GRIT layer's statistics for one micro-batch: u from its forward, v from its backward.
 
     The real-token mask and the AMP loss scale are those of the micro-batch the forward ran in.
-    v = B^T dL/dy carries the loss scale, so its Gram matrix is divided by its square.
+    The gradient reaching u is ``scaling * v * loss_scale`` (v = B^T dL/dy), so its Gram matrix
+    is divided by ``(scaling * loss_scale)^2``.
     """
 
-    __slots__ = ("cb", "group", "row", "mask", "count", "scale")
+    __slots__ = ("cb", "group", "row", "mask", "count", "scale", "lead")
 
     def __init__(self, cb: "KFACPreconditioner", group: "_Group", row: int) -> None:
         self.cb, self.group, self.row = cb, group, row
         self.mask = self.count = None
-        self.scale = 1.0 / cb._grad_scale**2
+        self.scale = 1.0
+        self.lead: tuple = ()
 
-    def activations(self, u: torch.Tensor) -> None:
+    def record(self, u: torch.Tensor, lead: tuple, scaling: float) -> None:
+        """u ``[N, r]`` (N = prod(lead) tokens) from the forward; hooks u for its gradient."""
         t0 = time.perf_counter()
-        self.mask, self.count = self.cb._mask_for(u)
-        self.cb._defer(self.group, self.row, 0, u, self.mask, self.count, 1.0)
+        self.lead = tuple(lead)
+        self.mask, self.count = self.cb._mask_for(self.lead, u.device)
+        self.cb._defer(self.group, self.row, 0, u.detach(), self.mask, self.count, 1.0)
+        if u.requires_grad:
+            self.scale = 1.0 / (scaling * self.cb._grad_scale) ** 2
+            u.register_hook(self.gradients)
         self.cb._hook_seconds += time.perf_counter() - t0
 
-    def gradients(self, v: torch.Tensor) -> None:
+    def gradients(self, grad: torch.Tensor) -> None:
         t0 = time.perf_counter()
-        self.cb._defer(self.group, self.row, 1, v.detach(), self.mask, self.count, self.scale)
+        self.cb._defer(self.group, self.row, 1, grad.detach(), self.mask, self.count, self.scale)
         self.cb._hook_seconds += time.perf_counter() - t0
 
 
@@ -337,6 +349,9 @@ class KFACPreconditioner(L.Callback):
         self._pending_state: dict[str, Any] | None = None
         self._deferred: dict[tuple, tuple] = {}  # statistics waiting for flush(), see _defer
         self._row_of: dict[int, tuple[_Group, int]] = {}  # id(layer) -> (group, row)
+        self._chol_version = 0  # bumped when a refresh or a restore changes the cached factors
+        self._plan_cache: tuple | None = None
+        self._adapter_params: list[torch.Tensor] | None = None  # lora_A/lora_B weights of every layer, in order
 
     # ------------------------------------------------------------------ attach / detach
     def attach(self, model: torch.nn.Module) -> dict[str, GritLoraLinear]:
@@ -353,6 +368,7 @@ class KFACPreconditioner(L.Callback):
         for name, layer in layers.items():
             by_key.setdefault((layer.lora_A.weight.device, layer.r), []).append(name)
         self._groups, self._where, self._row_of, self._deferred = [], {}, {}, {}
+        self._plan_cache, self._adapter_params = None, None
         for (_, rank), names in by_key.items():
             group = _Group(names, [layers[n] for n in names], rank, self.ema_decay)
             self._groups.append(group)
@@ -408,23 +424,24 @@ class KFACPreconditioner(L.Callback):
             tokens = torch.as_tensor(X.shape[1] if count is None else count, dtype=torch.int64, device=group.device)
             group.counts[:, side].index_add_(0, index, tokens.expand(len(rows)).contiguous())
 
-    def _mask_for(self, u: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """(0/1 float weights ``u.shape[:-1]``, their count) on u's device, or (None, None) without a mask."""
+    def _mask_for(self, lead: tuple, device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(0/1 float weights of shape ``lead`` = the activations' token dims, their count) on ``device``,
+        or (None, None) without a mask."""
         mask = self._mask
         if mask is None:
             return None, None
-        if tuple(u.shape[:-1]) != tuple(mask.shape):
+        if lead != tuple(mask.shape):
             if not self._mask_warned:
                 rank_zero_warn(
                     f"KFACPreconditioner: token mask of shape {tuple(mask.shape)} does not match GRIT activations "
-                    f"{tuple(u.shape)}; statistics use all tokens for such layers."
+                    f"{lead}; statistics use all tokens for such layers."
                 )
                 self._mask_warned = True
             return None, None
-        cached = self._mask_on.get(u.device)
+        cached = self._mask_on.get(device)
         if cached is None:
-            m = mask.to(u.device, non_blocking=True)
-            cached = self._mask_on[u.device] = (m.float(), m.sum(dtype=torch.int64))
+            m = mask.to(device, non_blocking=True)
+            cached = self._mask_on[device] = (m.float(), m.sum(dtype=torch.int64))
         return cached
 
     def begin_micro_batch(self, token_mask: torch.Tensor | None, grad_scale: float = 1.0) -> None:
@@ -437,13 +454,26 @@ class KFACPreconditioner(L.Callback):
                 layer.stats.counted = False
 
     # ------------------------------------------------------------------ the optimizer-step work
-    def _precondition(self, optimizer: torch.optim.Optimizer | None) -> tuple[int, int]:
-        """Apply the cached inverses to lora_A/lora_B ``.grad`` in place; returns (layers, tensors) done."""
+    def _plan(self, optimizer: torch.optim.Optimizer | None) -> tuple[list[tuple], int]:
+        """Which gradients to precondition, grouped into same-shaped batches: (jobs, layers touched).
+
+        A job is (group, right-multiplied?, side, rows, row-index tensor, params). Cached until a
+        refresh changes which sides have factors, the optimizer changes, or a gradient
+        appears or disappears (rebuilding it walks every layer in Python).
+        """
+        if self._adapter_params is None:
+            self._adapter_params = [
+                p for group in self._groups for layer in group.layers for p in (layer.lora_A.weight, layer.lora_B.weight)
+            ]
+        grads_present = tuple(p.grad is not None for p in self._adapter_params)
+        key = (self._chol_version, id(optimizer), grads_present)
+        if self._plan_cache is not None and self._plan_cache[0] == key:
+            return self._plan_cache[1], self._plan_cache[2]
         in_opt: set[int] | None = None
         if optimizer is not None:
             in_opt = {id(p) for group in optimizer.param_groups for p in group["params"]}
         side_of_B, side_of_A = (0, 1) if self.pairing == "kfac" else (1, 0)  # 0 = S_a, 1 = S_g
-        jobs: dict[tuple, tuple[list[int], list[torch.Tensor]]] = {}
+        by_key: dict[tuple, tuple[list[int], list[torch.Tensor]]] = {}
         done_layers: set[tuple[int, int]] = set()
         for gi, group in enumerate(self._groups):
             for i, layer in enumerate(group.layers):
@@ -453,17 +483,26 @@ class KFACPreconditioner(L.Callback):
                         continue
                     if in_opt is not None and id(param) not in in_opt:
                         continue
-                    key = (gi, right, side, tuple(param.grad.shape), param.grad.dtype)
-                    rows, params = jobs.setdefault(key, ([], []))
+                    k = (gi, right, side, tuple(param.grad.shape), param.grad.dtype)
+                    rows, params = by_key.setdefault(k, ([], []))
                     rows.append(i)
                     params.append(param)
                     done_layers.add((gi, i))
+        jobs = [
+            (self._groups[gi], right, side, rows, torch.tensor(rows, device=self._groups[gi].device), params)
+            for (gi, right, side, _, _), (rows, params) in by_key.items()
+        ]
+        self._plan_cache = (key, jobs, len(done_layers))
+        return jobs, len(done_layers)
+
+    def _precondition(self, optimizer: torch.optim.Optimizer | None) -> tuple[int, int]:
+        """Apply the cached inverses to lora_A/lora_B ``.grad`` in place; returns (layers, tensors) done."""
+        jobs, n_layers = self._plan(optimizer)
         with torch.no_grad():
-            for (gi, right, side, _, _), (rows, params) in jobs.items():
-                group = self._groups[gi]
+            for group, right, side, rows, index, params in jobs:
                 grads = [p.grad for p in params]
                 G = torch.stack(grads).float()  # B: [m, out, r] (right-multiplied), A: [m, r, in] (left)
-                chol = group.chol[torch.tensor(rows, device=group.device), side]  # [m, r, r]
+                chol = group.chol[index, side]  # [m, r, r]
                 if right:
                     new = torch.cholesky_solve(G.transpose(1, 2), chol).transpose(1, 2)  # G M^-1 (M symmetric)
                 else:
@@ -476,15 +515,16 @@ class KFACPreconditioner(L.Callback):
                     scale = torch.tensor([group.inv_scale[i][side] for i in rows], dtype=G.dtype).to(group.device)
                 new = new * scale[:, None, None]
                 _copy_into(grads, list(new.to(grads[0].dtype).unbind(0)))
-        return len(done_layers), sum(len(rows) for rows, _ in jobs.values())
+        return n_layers, sum(len(job[3]) for job in jobs)
 
     def optimizer_step_work(
-        self, optimizer: torch.optim.Optimizer | None = None, check_finite: bool = True
+        self, optimizer: torch.optim.Optimizer | None = None, check_finite: bool = True, metrics: bool = True
     ) -> dict[str, float]:
         """Fold statistics, refresh due factors, precondition gradients (if enabled); returns the step's metrics.
 
         ``check_finite`` reads the device's dropped-step flag (a host sync) to warn about
-        non-finite statistics; the Lightning hook does so on logging steps only.
+        non-finite statistics; the Lightning hook does so on logging steps only. ``metrics=False``
+        skips assembling the returned metrics (an empty dict is returned).
         """
         self.flush()
         for group in self._groups:
@@ -494,8 +534,12 @@ class KFACPreconditioner(L.Callback):
         n_layers = n_grads = 0
         if self.enabled:
             for group in self._groups:
-                group.refresh(self.step, self.update_freq, self.min_samples, self.damping, self.damping_mode)
+                if group.refresh(self.step, self.update_freq, self.min_samples, self.damping, self.damping_mode):
+                    self._chol_version += 1
             n_layers, n_grads = self._precondition(optimizer)
+        if not metrics:
+            self.step += 1
+            return {}
         conds = [
             group.cond[i][side]
             for group in self._groups
@@ -529,14 +573,18 @@ class KFACPreconditioner(L.Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         """Runs after backward and AMP unscaling, before clipping and ``optimizer.step`` (module docstring)."""
-        # CUDA syncs make kfac_ms a true duration but stall the launch queue: only on logging steps.
-        every = max(int(getattr(trainer, "log_every_n_steps", 1) or 1), 1)
-        cuda = any(group.device.type == "cuda" for group in self._groups) and trainer.global_step % every == 0
+        # Metrics (and the CUDA syncs that make kfac_ms a true duration, which stall the launch queue)
+        # only on the steps Lightning writes to the logger: each self.log costs ~1 ms of host time.
+        connector = getattr(trainer, "_logger_connector", None)
+        log_now = bool(getattr(connector, "should_update_logs", True))
+        cuda = log_now and any(group.device.type == "cuda" for group in self._groups)
         if cuda:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         on_cpu = all(group.device.type == "cpu" for group in self._groups)
-        metrics = self.optimizer_step_work(optimizer, check_finite=cuda or on_cpu)
+        metrics = self.optimizer_step_work(optimizer, check_finite=cuda or on_cpu, metrics=log_now)
+        if not log_now:
+            return
         if cuda:
             torch.cuda.synchronize()
         metrics["grit/kfac_ms"] = 1000.0 * (time.perf_counter() - t0)
@@ -587,3 +635,4 @@ class KFACPreconditioner(L.Callback):
             group.load_side_state(i, 1, entry["g"])
         for group in self._groups:
             group.sync_ema()
+        self._chol_version += 1

@@ -168,6 +168,9 @@ class AdapterModule(L.LightningModule):
         # Runs after callbacks' on_before_optimizer_step (GRIT's preconditioning) and before clipping.
         # One foreach reduction instead of a norm kernel per adapter tensor (448 at Llama-3-8B): at
         # small batches the step is bound by kernel launches, and per-tensor norms cost ~10% there.
+        connector = getattr(self.trainer, "_logger_connector", None)
+        if not getattr(connector, "should_update_logs", True):
+            return  # Lightning writes on_step values only on logging steps: skip the work in between
         grads = [p.grad.detach() for p in self.trainable_parameters() if p.grad is not None]
         if grads:
             norms = torch._foreach_norm(grads)
@@ -175,7 +178,14 @@ class AdapterModule(L.LightningModule):
 
     # ------------------------------------------------------------- optimiser
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        return [p for p in self.model.parameters() if p.requires_grad]
+        """The adapter parameters (``requires_grad``). Cached per model: walking an 8B model's
+        parameters costs milliseconds, and the gradient-norm log needs them every step."""
+        cached = getattr(self, "_trainable_cache", None)
+        if cached is not None and cached[0] is self.model:
+            return list(cached[1])
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self._trainable_cache = (self.model, params)
+        return list(params)
 
     def configure_optimizers(self):
         optimizer = self.optimizer_factory(self.trainable_parameters())

@@ -67,12 +67,13 @@ class GritLoraLinear(nn.Module):
     baseline pass). ``stats`` holds a :class:`RankSpaceStats` once the K-FAC callback has
     attached, else None.
 
-    The branch runs as one autograd node (:class:`_AdapterBranch`) that hands the K-FAC
-    statistics u and v to ``recorder`` (the K-FAC callback) directly, instead of a module
-    forward hook plus a tensor hook per layer (448 Python callbacks per micro-batch at
-    Llama-3-8B; see BENCHMARKS.md). ``lora_A``/``lora_B`` stay ``nn.Linear`` modules for
-    their parameters and peft-compatible names, but forward does not call them, so hooks
-    registered on them do not fire.
+    The branch is written out with plain tensor ops (``x A^T``, then ``addmm`` fusing the
+    residual add into the second matmul) so the forward can hand u = A x to ``recorder``
+    (the K-FAC callback) directly and attach the one tensor hook that catches v in backward;
+    no module hooks, no Python autograd Function (both cost more host time per layer than
+    the kernels they launch at small batches; BENCHMARKS.md). ``lora_A``/``lora_B`` stay
+    ``nn.Linear`` modules for their parameters and peft-compatible names, but forward does
+    not call them, so hooks registered on them do not fire.
     """
 
     def __init__(
@@ -104,6 +105,7 @@ class GritLoraLinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # peft's default LoRA init
         nn.init.zeros_(self.lora_B.weight)
         self.lora_dropout: nn.Module = nn.Dropout(p=dropout) if dropout > 0 else nn.Identity()
+        self.dropout_p = float(dropout)  # forward calls F.dropout directly (no module call per layer)
         self.adapter_enabled = True
         self.stats: RankSpaceStats | None = None
         self.recorder: Any = None  # set by the K-FAC callback: receives u and v (see _AdapterBranch)
@@ -128,15 +130,23 @@ class GritLoraLinear(nn.Module):
             dtype = torch.get_autocast_dtype(x.device.type)
         else:
             dtype = A.dtype
-        token = None
+        p = self.dropout_p
+        xd = torch.nn.functional.dropout(x, p, True) if p > 0.0 and self.training else x
+        x2 = xd.reshape(-1, self.in_features).to(dtype)  # [N, in]
+        u = x2 @ A.to(dtype).t()  # [N, r]
         recorder = self.recorder
         if recorder is not None and self.training and torch.is_grad_enabled():
             st = self.stats
             if st is not None and not st.counted:  # gradient checkpointing re-runs forward: count it once
                 st.counted = True
-                token = recorder.begin(self)
-        xd = self.lora_dropout(x).to(dtype)
-        return _AdapterBranch.apply(result, xd, A.to(dtype), B.to(dtype), self.scaling, token)
+                recorder.begin(self).record(u, x.shape[:-1], self.scaling)
+        us = u * self.scaling
+        r2 = result.reshape(-1, self.out_features)  # [N, out]
+        if r2.dtype == us.dtype:
+            out = torch.addmm(r2, us, B.to(dtype).t())  # the residual add fused into the matmul
+        else:
+            out = r2 + (us @ B.to(dtype).t()).to(r2.dtype)
+        return out.view(result.shape)
 
     def extra_repr(self) -> str:
         return (
@@ -145,51 +155,6 @@ class GritLoraLinear(nn.Module):
         )
 
 
-
-class _AdapterBranch(torch.autograd.Function):
-    """``result + scaling * (x A^T) B^T`` as one autograd node that reports K-FAC's u and v.
-
-    Inputs (all in the compute dtype except ``result``): result ``[..., out]`` (the base
-    layer's output), x ``[..., in]`` (the adapter input after dropout), A ``[r, in]``,
-    B ``[out, r]``; ``token`` is None or what ``recorder.begin(layer)`` returned.
-    Forward reports ``u = x A^T`` ``[..., r]`` with ``token.activations(u)``; backward
-    reports ``v = g B`` ``[..., r]`` (g = dL/dy, i.e. B^T g per token, no LoRA scaling in it)
-    with ``token.gradients(v)``. The add is fused into the second matmul (``addmm``) where
-    the dtypes agree. Hand-written because peft's LoRA layer exposes neither u nor v without
-    per-layer hooks; the arithmetic is the standard LoRA forward and backward.
-    """
-
-    @staticmethod
-    def forward(ctx, result, x, A, B, scaling, token):  # noqa: D102 - documented on the class
-        # x, A and B already share the compute dtype, so autocast (if on) changes nothing here
-        x2 = x.reshape(-1, x.shape[-1])  # [N, in]
-        u = x2 @ A.t()  # [N, r]
-        us = u * scaling
-        r2 = result.reshape(-1, result.shape[-1])  # [N, out]
-        if r2.dtype == us.dtype:
-            out = torch.addmm(r2, us, B.t())
-        else:
-            out = r2 + (us @ B.t()).to(r2.dtype)
-        if token is not None:
-            token.activations(u.detach().view(*x.shape[:-1], u.shape[-1]))
-        ctx.save_for_backward(x, A, B, us)
-        ctx.scaling, ctx.token = scaling, token
-        return out.view(result.shape)
-
-    @staticmethod
-    def backward(ctx, grad_out):  # noqa: D102
-        x, A, B, us = ctx.saved_tensors
-        need_result, need_x, need_A, need_B = ctx.needs_input_grad[:4]
-        g = grad_out.reshape(-1, grad_out.shape[-1]).to(B.dtype)  # [N, out]
-        v = g @ B  # [N, r]: B^T g per token
-        if ctx.token is not None:
-            ctx.token.gradients(v.view(*x.shape[:-1], v.shape[-1]))
-            ctx.token = None
-        gu = v * ctx.scaling  # dL/du [N, r]
-        gx = (gu @ A).view(x.shape) if need_x else None
-        gA = gu.t() @ x.reshape(-1, x.shape[-1]) if need_A else None  # [r, in]
-        gB = g.t() @ us if need_B else None  # [out, r]
-        return (grad_out if need_result else None), gx, gA, gB, None, None
 
 
 def _check_hparams(r: Any, alpha: Any, dropout: Any) -> None:

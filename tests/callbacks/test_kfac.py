@@ -67,6 +67,7 @@ class TinyGrit(L.LightningModule):
 
 
 def trainer(max_steps: int, callbacks=(), **kw) -> L.Trainer:
+    kw.setdefault("log_every_n_steps", 1)  # the K-FAC callback logs on Lightning's logging steps only
     return L.Trainer(
         max_steps=max_steps, callbacks=list(callbacks), logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1,

@@ -96,8 +96,8 @@ def test_adapter_follows_autocast_and_keeps_fp32_weights():
 
 
 
-def test_fused_branch_gradients_match_autograd_reference():
-    """The one-node adapter branch (forward + hand-written backward) against autograd on the plain formula."""
+def test_branch_gradients_match_autograd_reference():
+    """The written-out adapter branch (addmm-fused add) against autograd on the plain formula."""
     torch.manual_seed(0)
     layer = GritLoraLinear(nn.Linear(7, 5, dtype=torch.float64), r=3, alpha=6.0, adapter_dtype=torch.float64)
     nn.init.normal_(layer.lora_B.weight)
@@ -114,11 +114,7 @@ def test_fused_branch_gradients_match_autograd_reference():
     (ref * w).sum().backward()
     for g, r in zip(got, (x2.grad, A.grad, B.grad)):
         torch.testing.assert_close(g, r)
-    from fteval.models.grit_layer import _AdapterBranch
 
-    args = (torch.randn(3, 5, dtype=torch.float64, requires_grad=True), torch.randn(3, 7, dtype=torch.float64,
-            requires_grad=True), A.detach().requires_grad_(), B.detach().requires_grad_(), 2.0, None)
-    assert torch.autograd.gradcheck(_AdapterBranch.apply, args)
 
 def test_dropout_applies_to_adapter_input_only():
     torch.manual_seed(0)

@@ -30,7 +30,9 @@ def test_grit_fit_preconditions_reprojects_and_exports_a_peft_adapter(tmp_path):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             seen.append({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("grit/")})
 
-    trainer(tmp_path, max_steps=4, callbacks=[kfac, reproj, Watch()], limit_val_batches=0).fit(model, datamodule(tmp_path))
+    trainer(tmp_path, max_steps=4, callbacks=[kfac, reproj, Watch()], limit_val_batches=0, log_every_n_steps=1).fit(
+        model, datamodule(tmp_path)
+    )
     layers = [m for m in model.model.modules() if isinstance(m, GritLoraLinear)]
     assert len(layers) == 2 * 30
     assert max(s.get("grit/preconditioned_layers", 0) for s in seen) == 60  # every layer, counted per step
