@@ -352,6 +352,7 @@ class KFACPreconditioner(L.Callback):
         self._chol_version = 0  # bumped when a refresh or a restore changes the cached factors
         self._plan_cache: tuple | None = None
         self._adapter_params: list[torch.Tensor] | None = None  # lora_A/lora_B weights of every layer, in order
+        self._index_cache: dict[tuple, torch.Tensor] = {}  # (group, rows) -> row-index tensor on the device
 
     # ------------------------------------------------------------------ attach / detach
     def attach(self, model: torch.nn.Module) -> dict[str, GritLoraLinear]:
@@ -368,7 +369,7 @@ class KFACPreconditioner(L.Callback):
         for name, layer in layers.items():
             by_key.setdefault((layer.lora_A.weight.device, layer.r), []).append(name)
         self._groups, self._where, self._row_of, self._deferred = [], {}, {}, {}
-        self._plan_cache, self._adapter_params = None, None
+        self._plan_cache, self._adapter_params, self._index_cache = None, None, {}
         for (_, rank), names in by_key.items():
             group = _Group(names, [layers[n] for n in names], rank, self.ema_decay)
             self._groups.append(group)
@@ -417,12 +418,23 @@ class KFACPreconditioner(L.Callback):
             X = torch.stack(tensors).reshape(len(tensors), -1, r).float()  # [layers, tokens, r]
             W = X if mask is None else X * mask.reshape(1, -1, 1).to(X.dtype)
             G = W.transpose(1, 2) @ X  # [layers, r, r]
-            if any(sc != 1.0 for sc in scales):
+            if all(sc == scales[0] for sc in scales):  # the usual case: one LoRA scaling, one loss scale
+                if scales[0] != 1.0:
+                    G = G * scales[0]
+            else:
                 G = G * torch.tensor(scales, dtype=G.dtype).to(G.device, non_blocking=True).view(-1, 1, 1)
-            index = torch.tensor(rows, device=group.device)
+            # No host-to-device copies here: a blocking copy (torch.tensor(..., device=cuda)) synchronises
+            # the stream, which at launch-bound shapes exposes all of the step's remaining host work.
+            key = (id(group), tuple(rows))
+            index = self._index_cache.get(key)
+            if index is None:
+                index = self._index_cache[key] = torch.tensor(rows, device=group.device)
             group.pending[:, side].index_add_(0, index, G.to(group.device))
-            tokens = torch.as_tensor(X.shape[1] if count is None else count, dtype=torch.int64, device=group.device)
-            group.counts[:, side].index_add_(0, index, tokens.expand(len(rows)).contiguous())
+            if count is None:
+                tokens = torch.full((len(rows),), X.shape[1], dtype=torch.int64, device=group.device)
+            else:
+                tokens = count.to(device=group.device, dtype=torch.int64).expand(len(rows)).contiguous()
+            group.counts[:, side].index_add_(0, index, tokens)
 
     def _mask_for(self, lead: tuple, device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(0/1 float weights of shape ``lead`` = the activations' token dims, their count) on ``device``,

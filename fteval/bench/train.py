@@ -573,7 +573,9 @@ def bench_train(
             ragged) instead of every row having seq_len tokens; tokens/s then counts real tokens.
         padding_free: one run per value: batches padded to their longest row (False) or
             flattened into one row without padding (True, ``data.padding_free`` of ``fteval fit``).
-            With equal lengths there is no padding to remove.
+            With equal lengths there is no padding to remove. With ragged lengths each
+            (batch, checkpointing, padding-free) group starts with one untimed pass of the first
+            method over the same batches (shape warm-up).
 
     Returns 0 when every run finished, 1 when any failed (its row holds the error).
     """
@@ -623,6 +625,13 @@ def bench_train(
         for b in batch_sizes:
             for ckpt in gradient_checkpointing:
                 for pf in padding_free:
+                    if min_seq_len is not None:
+                        # Ragged batches: every batch has a new shape, and the first run to see a shape pays
+                        # for it (cuDNN attention plans, allocator growth): one untimed pass of the first
+                        # method over the same batches, so every timed method finds them warm.
+                        print(f"[fteval bench] shape warm-up: {methods[0]}, untimed", flush=True)
+                        _run_method(methods[0], bm, int(b), seq_len, bool(ckpt), steps, warmup, seed, LEARNING_RATE,
+                                    Path(tmp), min_seq_len=min_seq_len, padding_free=bool(pf))
                     for method in methods:
                         lengths = f"{seq_len}" if min_seq_len is None else f"{min_seq_len}-{seq_len}"
                         print(f"[fteval bench] {method}: batch {b} x {lengths} tokens, checkpointing {ckpt}, "
