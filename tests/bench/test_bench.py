@@ -166,6 +166,22 @@ def test_bench_train_ragged_lengths_padded_vs_padding_free(tmp_path, capsys):
         runs[("qlora", True)]["tokens_per_s"] / runs[("qlora", False)]["tokens_per_s"])
     assert "qlora pf/padded" in capsys.readouterr().out
 
+
+def test_bench_train_repeats_report_the_median_run(tmp_path):
+    out = tmp_path / "train.json"
+    rc = bench_train(model_config="tiny", methods=["plain", "qlora"], batch_sizes=[1], seq_len=8,
+                     gradient_checkpointing=[False], steps=2, warmup=1, quantization="none", repeats=3, output=out)
+    assert rc == 0
+    data = json.loads(out.read_text())
+    assert data["settings"]["repeats"] == 3 and len(data["runs"]) == 2
+    for r in data["runs"]:
+        means = r["repeat_step_mean_ms"]
+        assert r["repeats"] == 3 and len(means) == 3 and len(r["repeat_step_p50_ms"]) == 3
+        assert r["step_mean_ms"] == sorted(means)[1]  # the median repeat is the one reported
+    (cmp,) = data["comparisons"]
+    runs = {r["method"]: r for r in data["runs"]}
+    assert cmp["qlora_vs_plain_step_mean"] == pytest.approx(runs["qlora"]["step_mean_ms"] / runs["plain"]["step_mean_ms"])
+
 def test_bench_train_profile_plain(tmp_path):
     out = tmp_path / "train.json"
     rc = bench_train(model_config="tiny", methods=["plain"], batch_sizes=[1], seq_len=8, gradient_checkpointing=[False],
@@ -192,6 +208,7 @@ def test_bench_train_profile_plain(tmp_path):
         ({"quantization": "int3"}, "quantization='int3'"),
         ({"min_seq_len": 0}, "min_seq_len=0"),
         ({"padding_free": []}, "padding_free is empty"),
+        ({"repeats": 0}, "repeats=0"),
         ({"profile": True, "profile_method": "grit", "methods": ["plain"]}, "profile_method='grit'"),
     ],
 )
