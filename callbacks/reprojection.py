@@ -176,6 +176,10 @@ class NeuralReprojection(L.Callback):
                 if isinstance(m, torch.Tensor) and m.shape == param.shape:
                     m.copy_(project(m.float()).to(m.dtype))
 
+    def subspaces(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Per reprojected layer path: (V_a, V_g), the ``[r, k]`` orthonormal bases of the latest projection (CPU)."""
+        return {name: (b["V_a"], b["V_g"]) for name, b in self._bases.items()}
+
     def effective_ranks(self) -> dict[str, int]:
         """Current k per GRIT layer path (r for layers not reprojected yet)."""
         return dict(self._ranks)
