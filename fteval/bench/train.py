@@ -437,12 +437,24 @@ def _top_ops(prof, active_steps: int, device: torch.device, top: int = 20) -> di
     cats: dict[str, float] = {}
     for ev in events:
         cats[_category(ev.key)] = cats.get(_category(ev.key), 0.0) + self_us(ev)
-    return {
+    out = {
         "sort_by": "self device (CUDA kernel) time" if on_device else "self CPU time",
         "total_ms_per_step": total / 1000.0 / active_steps,
         "top": rows,
         "categories_ms_per_step": {k: v / 1000.0 / active_steps for k, v in sorted(cats.items(), key=lambda kv: -kv[1])},
     }
+    if on_device:
+        # Host side of the same steps: at launch-bound shapes the step is the host's time, not the GPU's.
+        host = [ev for ev in prof.key_averages()
+                if ev.self_cpu_time_total > 0 and "CUDA" not in str(getattr(ev, "device_type", ""))]
+        host.sort(key=lambda ev: ev.self_cpu_time_total, reverse=True)
+        out["kernels_per_step"] = sum(int(ev.count) for ev in events) / active_steps
+        out["host_top"] = [{
+            "name": ev.key[:120],
+            "calls": int(ev.count),
+            "self_cpu_ms_per_step": ev.self_cpu_time_total / 1000.0 / active_steps,
+        } for ev in host[:top]]
+    return out
 
 
 def _profile_method(
@@ -715,6 +727,10 @@ def bench_train(
         print(format_table(prof["top"], (("name", "kernel / op", ""), ("calls", "calls", "d"),
                                          ("self_ms_per_step", "ms/step", ".2f"), ("percent", "%", ".1f"),
                                          ("category", "category", ""))))
+        if prof.get("host_top"):
+            print(f"\nhost side of the same steps ({prof['kernels_per_step']:.0f} kernels per step; self CPU time):")
+            print(format_table(prof["host_top"], (("name", "op", ""), ("calls", "calls", "d"),
+                                                  ("self_cpu_ms_per_step", "ms/step", ".2f"))))
     print(f"\nwritten {output}")
     return 1 if any(r["error"] for r in runs) or (prof and prof.get("error")) else 0
 

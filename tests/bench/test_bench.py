@@ -262,3 +262,24 @@ def test_extraction_batches_from_real_prompts(tokenizer):
 def test_bench_eval_rejects_bad_input(tmp_path, kwargs, match):
     with pytest.raises(ValueError, match=match):
         bench_eval(output=tmp_path / "x.json", **kwargs)
+
+
+def test_profile_summary_on_cuda_reports_kernels_and_host_time():
+    """The CUDA branch of the profile summary, fed a stand-in for torch.profiler's key averages (no GPU here)."""
+    from types import SimpleNamespace as NS
+
+    from fteval.bench.train import _top_ops
+
+    evs = [
+        NS(key="void gemm_kernel", count=4, self_device_time_total=4000.0, self_cpu_time_total=0.0, device_type="DeviceType.CUDA"),
+        NS(key="kDequantizeBlockwise", count=6, self_device_time_total=1000.0, self_cpu_time_total=0.0,
+           device_type="DeviceType.CUDA"),
+        NS(key="aten::mm", count=4, self_device_time_total=0.0, self_cpu_time_total=800.0, device_type="DeviceType.CPU"),
+        NS(key="cudaLaunchKernel", count=10, self_device_time_total=0.0, self_cpu_time_total=400.0, device_type="DeviceType.CPU"),
+    ]
+    out = _top_ops(NS(key_averages=lambda: evs), 2, torch.device("cuda"))
+    assert out["total_ms_per_step"] == pytest.approx(2.5) and out["kernels_per_step"] == 5
+    assert [r["name"] for r in out["top"]] == ["void gemm_kernel", "kDequantizeBlockwise"]
+    assert out["top"][0]["percent"] == pytest.approx(80.0)
+    assert out["categories_ms_per_step"] == {"matmul": pytest.approx(2.0), "4-bit dequantise": pytest.approx(0.5)}
+    assert [(r["name"], r["self_cpu_ms_per_step"]) for r in out["host_top"]] == [("aten::mm", 0.4), ("cudaLaunchKernel", 0.2)]
