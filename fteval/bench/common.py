@@ -48,7 +48,7 @@ __all__ = [
 PEAK_FLOPS = 790e12
 
 #: Names accepted by ``model_config`` (architecture hyper-parameters written out below).
-MODEL_CONFIGS = ("llama3-8b", "smollm2-135m", "tiny")
+MODEL_CONFIGS = ("llama3-8b", "smollm2-135m", "tiny", "tiny-deep")
 
 _ARCHITECTURES: dict[str, dict[str, Any]] = {
     # meta-llama/Meta-Llama-3-8B config.json: 8,030,261,248 parameters.
@@ -73,6 +73,10 @@ _ARCHITECTURES: dict[str, dict[str, Any]] = {
         bos_token_id=1, eos_token_id=2, hidden_act="silu",
     ),
 }
+# Llama-3-8B's layer count (32 blocks x 7 projections = 224 adapted layers) at the tiny width: on a CPU
+# the step is then host time (Python, dispatch) rather than arithmetic, a stand-in for the GPU's
+# launch-bound shapes (batch 1 with checkpointing) when comparing fteval's per-layer overhead.
+_ARCHITECTURES["tiny-deep"] = dict(_ARCHITECTURES["tiny"], num_hidden_layers=32)
 
 
 def llama_config(name: str):

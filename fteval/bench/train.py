@@ -582,7 +582,8 @@ def bench_train(
 
     Args:
         model_config: 'llama3-8b' (Meta-Llama-3-8B's architecture, 8.03B parameters; GPU),
-            'smollm2-135m', or 'tiny' (2 layers, hidden 64; CPU tests).
+            'smollm2-135m', 'tiny' (2 layers, hidden 64; CPU tests) or 'tiny-deep' (32 such layers: on a CPU
+            a stand-in for host-bound GPU shapes, where per-layer Python overhead decides the step).
         methods: any of 'plain', 'qlora', 'grit'.
         batch_sizes: sequences per optimizer step, one run per value.
         seq_len: tokens per sequence.

@@ -53,6 +53,18 @@ def test_llama3_8b_config_has_8_03b_parameters():
     assert (cfg.num_key_value_heads, cfg.intermediate_size, cfg.rope_parameters["rope_theta"]) == (8, 14336, 500000.0)
 
 
+def test_tiny_deep_has_llama3_8b_layer_count_at_tiny_width():
+    from transformers import AutoModelForCausalLM
+
+    tiny, deep = llama_config("tiny"), llama_config("tiny-deep")
+    assert deep.num_hidden_layers == 32 == llama_config("llama3-8b").num_hidden_layers
+    assert (deep.hidden_size, deep.intermediate_size, deep.vocab_size) == (tiny.hidden_size, tiny.intermediate_size, 512)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(deep)
+    per_block = 4 * 64 * 64 // 2 + 2 * 64 * 64 // 2 + 3 * 64 * 128 + 2 * 64  # q,o 64x64; k,v 64x32; mlp; 2 norms
+    assert sum(p.numel() for p in model.parameters()) == 2 * 512 * 64 + 64 + 32 * per_block
+
+
 def test_timing_summary_and_table():
     t = timing_summary([0.1, 0.3, 0.2])
     assert t["mean_ms"] == pytest.approx(200.0) and t["p50_ms"] == pytest.approx(200.0)
