@@ -1,9 +1,10 @@
 """K-FAC natural-gradient preconditioning of GRIT's LoRA factors, as a Lightning callback.
 
 Statistics: every :class:`~fteval.models.grit_layer.GritLoraLinear` hands its rank-space
-activations to this callback from inside its forward and backward (``layer.recorder``; no
-module or tensor hooks), which records the rank-space factors S_a = E[u u^T] (u = A x) and S_g = E[v v^T] (v = B^T dL/dy) in fp32 on
-``layer.stats`` (a :class:`~fteval.models.grit_layer.RankSpaceStats`), over real tokens only.
+activations u to this callback from its forward (``layer.recorder``) and v through one tensor
+hook on u; the callback records the rank-space factors S_a = E[u u^T] (u = A x) and
+S_g = E[v v^T] (v = B^T dL/dy) in fp32 on ``layer.stats`` (a
+:class:`~fteval.models.grit_layer.RankSpaceStats`), over real tokens only.
 
 Which factor preconditions which gradient (``pairing``), with M_a = S_a + l_a I, M_g = S_g + l_g I:
 
@@ -55,7 +56,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
-from fteval.models.grit_layer import GritLoraLinear, RankSpaceStats, fold_coefficients, grit_layers
+from fteval.models.grit_layer import GritLoraLinear, RankSpaceStats, grit_layers
 
 __all__ = ["KFACPreconditioner", "damped_cholesky", "token_mask_from_batch"]
 
@@ -151,7 +152,7 @@ class _Group:
     def fold(self, ema_decay: float) -> None:
         """All-reduce (DDP) and fold the pending sums, on the device (no host sync).
 
-        Per layer and side the same arithmetic as :func:`fold_coefficients`: running mean
+        Per layer and side the same arithmetic as :func:`fteval.models.grit_layer.fold_coefficients`: running mean
         while ``ema`` is off, EMA after; a side whose sums are not finite (fp16 overflow) is
         dropped for this step and ``dropped`` is set.
         """
@@ -391,7 +392,7 @@ class KFACPreconditioner(L.Callback):
         self._attached = []
 
     def begin(self, layer: GritLoraLinear) -> "_Recording":
-        """Called by a GRIT layer's forward once per micro-batch: where its u and v go (``_AdapterBranch``)."""
+        """Called by a GRIT layer's forward once per micro-batch: where its u and v go (:class:`_Recording`)."""
         group, row = self._row_of[id(layer)]
         return _Recording(self, group, row)
 

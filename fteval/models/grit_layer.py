@@ -108,7 +108,7 @@ class GritLoraLinear(nn.Module):
         self.dropout_p = float(dropout)  # forward calls F.dropout directly (no module call per layer)
         self.adapter_enabled = True
         self.stats: RankSpaceStats | None = None
-        self.recorder: Any = None  # set by the K-FAC callback: receives u and v (see _AdapterBranch)
+        self.recorder: Any = None  # set by the K-FAC callback: its begin(layer) receives u and hooks v
 
     # HF code sometimes reads `proj.weight` / `proj.bias` (dtype and device checks): forward to the base.
     @property
@@ -155,8 +155,6 @@ class GritLoraLinear(nn.Module):
         )
 
 
-
-
 def _check_hparams(r: Any, alpha: Any, dropout: Any) -> None:
     if isinstance(r, bool) or not isinstance(r, int) or r < 1:
         raise ValueError(f"LoRA rank r must be a positive integer, got {r!r}.")
@@ -184,9 +182,9 @@ class RankSpaceStats:
 
     ``S_a = E[u u^T]`` with ``u = A dropout(x)`` and ``S_g = E[v v^T]`` with ``v = B^T g``,
     ``g = dL/dy`` of the layer output; both ``[r, r]``, averaged over real (unmasked)
-    tokens. The layer reports v without the LoRA scaling; the K-FAC callback divides the
-    AMP loss scale out before :meth:`add_g`, so S_g is in units of (dL/dy)^2 whatever
-    alpha, r or the grad scaler are.
+    tokens. The gradient reaching u = A x is ``scaling * v`` (times the AMP loss scale): the
+    K-FAC callback divides both out before :meth:`add_g`, so S_g is in units of (dL/dy)^2
+    whatever alpha, r or the grad scaler are.
 
     The layers add per micro-batch into pending sums (:meth:`add_a`, :meth:`add_g`); once per
     optimizer step the sums are folded (:meth:`fold`, or the K-FAC callback's batched
