@@ -56,6 +56,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
+from fteval.models.base import is_logging_step
 from fteval.models.grit_layer import GritLoraLinear, RankSpaceStats, grit_layers
 
 __all__ = ["KFACPreconditioner", "damped_cholesky", "token_mask_from_batch"]
@@ -588,8 +589,7 @@ class KFACPreconditioner(L.Callback):
         """Runs after backward and AMP unscaling, before clipping and ``optimizer.step`` (module docstring)."""
         # Metrics (and the CUDA syncs that make kfac_ms a true duration, which stall the launch queue)
         # only on the steps Lightning writes to the logger: each self.log costs ~1 ms of host time.
-        connector = getattr(trainer, "_logger_connector", None)
-        log_now = bool(getattr(connector, "should_update_logs", True))
+        log_now = is_logging_step(trainer)
         cuda = log_now and any(group.device.type == "cuda" for group in self._groups)
         if cuda:
             torch.cuda.synchronize()

@@ -35,6 +35,7 @@ from typing import Any
 import lightning as L
 import torch
 
+from fteval.models.base import is_logging_step
 from fteval.models.grit_layer import GritLoraLinear, grit_layers
 
 __all__ = ["GeometryRegulariser"]
@@ -112,8 +113,7 @@ class GeometryRegulariser(L.Callback):
         if not self.active:
             return
         values = self.apply(trainer.global_step, getattr(self._reprojection, "period", None))
-        connector = getattr(trainer, "_logger_connector", None)
-        if getattr(connector, "should_update_logs", True):
+        if is_logging_step(trainer):
             for key, value in values.items():
                 pl_module.log(key, value, on_step=True, on_epoch=False)
 

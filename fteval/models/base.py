@@ -25,6 +25,18 @@ log = logging.getLogger(__name__)
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
+def is_logging_step(trainer) -> bool:
+    """Whether Lightning writes this optimizer step's on_step values to the loggers.
+
+    Lightning keeps values logged between logging steps only in ``callback_metrics``; step
+    diagnostics that cost host time (gradient norms, GRIT's metrics) are computed only when
+    this is True. Reads the trainer's logger connector (Lightning 2.x ``should_update_logs``);
+    True when that is not available.
+    """
+    connector = getattr(trainer, "_logger_connector", None)
+    return bool(getattr(connector, "should_update_logs", True))
+
+
 def sequences_in_batch(batch: dict) -> int:
     """Sequences in a training batch: ``num_sequences`` of a padding-free batch (a Python int, so no
     device sync), else its rows."""
@@ -168,8 +180,7 @@ class AdapterModule(L.LightningModule):
         # Runs after callbacks' on_before_optimizer_step (GRIT's preconditioning) and before clipping.
         # One foreach reduction instead of a norm kernel per adapter tensor (448 at Llama-3-8B): at
         # small batches the step is bound by kernel launches, and per-tensor norms cost ~10% there.
-        connector = getattr(self.trainer, "_logger_connector", None)
-        if not getattr(connector, "should_update_logs", True):
+        if not is_logging_step(self.trainer):
             return  # Lightning writes on_step values only on logging steps: skip the work in between
         grads = [p.grad.detach() for p in self.trainable_parameters() if p.grad is not None]
         if grads:
