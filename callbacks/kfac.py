@@ -266,8 +266,8 @@ class _Recording:
         self.lead = tuple(lead)
         self.mask, self.count = self.cb._mask_for(self.lead, u.device)
         self.cb._defer(self.group, self.row, 0, u.detach(), self.mask, self.count, 1.0)
-        if u.requires_grad:
-            self.scale = 1.0 / (scaling * self.cb._grad_scale) ** 2
+        self.scale = 1.0 / (scaling * self.cb._grad_scale) ** 2
+        if u.requires_grad:  # eager; in a compiled block the layer's grit_tap_grad op calls gradients()
             u.register_hook(self.gradients)
         self.cb._hook_seconds += time.perf_counter() - t0
 

@@ -62,6 +62,7 @@ from fteval.bench.common import (
     timing_summary,
 )
 from fteval.models.base import DEFAULT_TARGETS
+from fteval.models.base import compile_blocks as _compile_blocks
 
 log = logging.getLogger(__name__)
 
@@ -223,6 +224,9 @@ def strip_adapters(model: nn.Module) -> int:
         base = layer.get_base_layer() if isinstance(layer, BaseTunerLayer) else layer.base_layer
         model.set_submodule(name, base)
         done.append(name)
+    for m in model.modules():  # undo nn.Module.compile (compile_blocks)
+        if getattr(m, "_compiled_call_impl", None) is not None:
+            m._compiled_call_impl = None
     if hasattr(model, "peft_config"):
         del model.peft_config
     if getattr(model, "is_gradient_checkpointing", False):
@@ -240,8 +244,11 @@ def _optimizer_factory(device: torch.device, lr: float):
     return partial(torch.optim.AdamW, lr=lr, weight_decay=0.0, **kwargs)
 
 
-def _plain_run(bm: BenchModel, loader: DataLoader, clock: _StepClock, gradient_checkpointing: bool, lr: float) -> dict:
-    """The reference loop: peft + PyTorch, nothing else."""
+def _plain_run(
+    bm: BenchModel, loader: DataLoader, clock: _StepClock, gradient_checkpointing: bool, lr: float,
+    compile_blocks: bool = False,
+) -> dict:
+    """The reference loop: peft + PyTorch, nothing else (``compile_blocks``: the blocks compiled as fteval's are)."""
     from peft import LoraConfig, get_peft_model
 
     base = bm.model
@@ -255,6 +262,8 @@ def _plain_run(bm: BenchModel, loader: DataLoader, clock: _StepClock, gradient_c
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
+    if compile_blocks:
+        _compile_blocks(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = _optimizer_factory(bm.device, lr)(params)
     amp = bm.device.type == "cuda"
@@ -273,7 +282,7 @@ def _plain_run(bm: BenchModel, loader: DataLoader, clock: _StepClock, gradient_c
 
 def _lightning_run(
     method: str, bm: BenchModel, loader: DataLoader, clock: _StepClock, gradient_checkpointing: bool, lr: float,
-    max_steps: int, workdir: Path,
+    max_steps: int, workdir: Path, compile_blocks: bool = False,
 ) -> dict:
     """fteval's module in a Lightning Trainer, as ``fteval fit`` would run it (minus logging/checkpoints)."""
     import lightning as L
@@ -289,7 +298,7 @@ def _lightning_run(
         model_name_or_path=f"random:{bm.name}", quantization=bm.quantization, r=LORA_R, alpha=LORA_ALPHA,
         dropout=LORA_DROPOUT, target_modules=DEFAULT_TARGETS, optimizer=_optimizer_factory(bm.device, lr),
         lr_schedule="constant", warmup_steps=0, gradient_checkpointing=gradient_checkpointing,
-        attn_implementation=bm.attn_implementation, export_dir=str(workdir / f"{method}_adapter"),
+        compile_blocks=compile_blocks, attn_implementation=bm.attn_implementation, export_dir=str(workdir / f"{method}_adapter"),
     )
     module.setup_base_model(bm.model, attn_implementation=bm.attn_implementation)
     callbacks: list = []
@@ -340,7 +349,7 @@ def _restore_base(bm: BenchModel) -> None:
 def _run_method(
     method: str, bm: BenchModel, batch_size: int, seq_len: int, gradient_checkpointing: bool, steps: int,
     warmup: int, seed: int, lr: float, workdir: Path, profiler: Any = None, min_seq_len: Optional[int] = None,
-    padding_free: bool = False,
+    padding_free: bool = False, compile_blocks: bool = False,
 ) -> dict:
     """Run one method for warmup + steps optimizer steps; return its measurements."""
     device = bm.device
@@ -349,7 +358,7 @@ def _run_method(
                         collate_fn=dataset.collate(padding_free))
     clock = _StepClock(device, profiler)
     row: dict[str, Any] = {"method": method, "batch_size": batch_size, "seq_len": seq_len,
-                           "min_seq_len": min_seq_len, "padding_free": padding_free,
+                           "min_seq_len": min_seq_len, "padding_free": padding_free, "compile_blocks": compile_blocks,
                            "gradient_checkpointing": gradient_checkpointing, "steps": steps, "warmup": warmup,
                            "tokens_per_step": dataset.real_tokens(batch_size, warmup), "error": None}
     free_memory(device)
@@ -358,9 +367,10 @@ def _run_method(
     t0 = time.perf_counter()
     try:
         if method == "plain":
-            row.update(_plain_run(bm, loader, clock, gradient_checkpointing, lr))
+            row.update(_plain_run(bm, loader, clock, gradient_checkpointing, lr, compile_blocks))
         else:
-            row.update(_lightning_run(method, bm, loader, clock, gradient_checkpointing, lr, warmup + steps, workdir))
+            row.update(_lightning_run(method, bm, loader, clock, gradient_checkpointing, lr, warmup + steps, workdir,
+                                      compile_blocks))
     except Exception as exc:  # one failed run (often out of memory) must not lose the others
         traceback.print_exc()
         row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
@@ -370,6 +380,13 @@ def _run_method(
     del loader, dataset
     t1 = time.perf_counter()
     _restore_base(bm)
+    if compile_blocks:
+        from torch._dynamo.utils import counters
+
+        row["graph_breaks"] = int(sum(counters["graph_break"].values()))
+        row["compiled_graphs"] = int(counters["stats"]["unique_graphs"])
+        torch._dynamo.reset()  # every compiled run starts cold: its compile falls in its own warm-up
+        counters.clear()
     row["restore_s"] = time.perf_counter() - t1
     if row["error"] is None:
         seconds = clock.step_seconds(warmup)
@@ -459,7 +476,7 @@ def _top_ops(prof, active_steps: int, device: torch.device, top: int = 20) -> di
 
 def _profile_method(
     method: str, bm: BenchModel, batch_size: int, seq_len: int, gradient_checkpointing: bool, warmup: int,
-    active: int, seed: int, lr: float, workdir: Path,
+    active: int, seed: int, lr: float, workdir: Path, compile_blocks: bool = False,
 ) -> dict:
     from torch.profiler import ProfilerActivity, profile, schedule
 
@@ -467,7 +484,7 @@ def _profile_method(
     sched = schedule(wait=max(warmup - 1, 0), warmup=1, active=active, repeat=1)
     with profile(activities=activities, schedule=sched) as prof:
         row = _run_method(method, bm, batch_size, seq_len, gradient_checkpointing, active, warmup, seed, lr, workdir,
-                          profiler=prof)
+                          profiler=prof, compile_blocks=compile_blocks)
     if row["error"]:
         return {"method": method, "error": row["error"]}
     out = {"method": method, "batch_size": batch_size, "seq_len": seq_len,
@@ -508,17 +525,27 @@ def _comparisons(runs: list[dict]) -> list[dict]:
     """Per (batch, checkpointing): qlora vs plain and grit vs qlora (step time, throughput, memory)."""
     out = []
     def key(r: dict) -> tuple:
-        return r["batch_size"], r["gradient_checkpointing"], bool(r.get("padding_free", False))
+        return (r["batch_size"], r["gradient_checkpointing"], bool(r.get("padding_free", False)),
+                bool(r.get("compile_blocks", False)))
 
-    keys = sorted({key(r) for r in runs}, key=lambda k: (k[0], not k[1], k[2]))
-    for b, ckpt, pf in keys:
-        by = {r["method"]: r for r in runs if key(r) == (b, ckpt, pf) and not r["error"]}
-        row: dict[str, Any] = {"batch_size": b, "gradient_checkpointing": ckpt, "padding_free": pf}
-        padded = {r["method"]: r for r in runs if key(r) == (b, ckpt, False) and not r["error"]}
+    keys = sorted({key(r) for r in runs}, key=lambda k: (k[0], not k[1], k[2], k[3]))
+    for b, ckpt, pf, comp in keys:
+        by = {r["method"]: r for r in runs if key(r) == (b, ckpt, pf, comp) and not r["error"]}
+        row: dict[str, Any] = {"batch_size": b, "gradient_checkpointing": ckpt, "padding_free": pf,
+                               "compile_blocks": comp}
+        padded = {r["method"]: r for r in runs if key(r) == (b, ckpt, False, comp) and not r["error"]}
         if pf:  # what flattening bought each method over its padded batches
             for m, r in by.items():
                 if m in padded:
                     row[f"{m}_padding_free_speedup"] = _ratio(r["tokens_per_s"], padded[m]["tokens_per_s"])
+        eager = {r["method"]: r for r in runs if key(r) == (b, ckpt, pf, False) and not r["error"]}
+        if comp:  # what compiling the blocks bought each method, and fteval compiled against the eager plain loop
+            for m, r in by.items():
+                if m in eager:
+                    row[f"{m}_compile_speedup"] = _ratio(r["tokens_per_s"], eager[m]["tokens_per_s"])
+            if "qlora" in by and "plain" in eager:
+                row["qlora_compiled_vs_plain_eager_step_mean"] = _ratio(by["qlora"]["step_mean_ms"],
+                                                                        eager["plain"]["step_mean_ms"])
         for num, den in (("qlora", "plain"), ("grit", "qlora"), ("grit", "plain")):
             if num in by and den in by:
                 n, d = by[num], by[den]
@@ -539,7 +566,7 @@ def _comparisons(runs: list[dict]) -> list[dict]:
 
 RUN_COLUMNS = (
     ("method", "method", ""), ("batch_size", "batch", "d"), ("gradient_checkpointing", "ckpt", ""),
-    ("padding_free", "padding-free", ""), ("tokens_per_step", "tokens/step", ",.0f"), ("tokens_per_s", "tokens/s", ",.0f"), ("step_mean_ms", "step ms mean", ".1f"), ("step_p50_ms", "p50", ".1f"),
+    ("padding_free", "padding-free", ""), ("compile_blocks", "compiled", ""), ("tokens_per_step", "tokens/step", ",.0f"), ("tokens_per_s", "tokens/s", ",.0f"), ("step_mean_ms", "step ms mean", ".1f"), ("step_p50_ms", "p50", ".1f"),
     ("peak_mem_gib", "peak GiB", ".1f"), ("mfu", "MFU", ".3f"), ("amortised_step_ms", "GRIT amortised ms", ".1f"),
     ("error", "error", ""),
 )
@@ -550,7 +577,10 @@ RATIO_COLUMNS = (
     ("grit_target_met", "<=1.10", ""), ("qlora_vs_plain_peak_mem", "qlora/plain mem", ".3f"),
     ("grit_vs_qlora_peak_mem", "grit/qlora mem", ".3f"), ("padding_free", "padding-free", ""),
     ("plain_padding_free_speedup", "plain pf/padded", ".3f"), ("qlora_padding_free_speedup", "qlora pf/padded", ".3f"),
-    ("grit_padding_free_speedup", "grit pf/padded", ".3f"),
+    ("grit_padding_free_speedup", "grit pf/padded", ".3f"), ("compile_blocks", "compiled", ""),
+    ("plain_compile_speedup", "plain compiled/eager", ".3f"), ("qlora_compile_speedup", "qlora compiled/eager", ".3f"),
+    ("grit_compile_speedup", "grit compiled/eager", ".3f"),
+    ("qlora_compiled_vs_plain_eager_step_mean", "qlora compiled/plain eager step", ".3f"),
 )
 
 
@@ -573,6 +603,7 @@ def bench_train(
     min_seq_len: Optional[int] = None,
     padding_free: list[bool] = [False],  # noqa: B006
     repeats: int = 1,
+    compile_blocks: list[bool] = [False],  # noqa: B006
 ) -> int:
     """Training throughput of fteval QLoRA and GRIT against a plain PyTorch + peft loop, in one process.
 
@@ -613,6 +644,10 @@ def bench_train(
             mean and p50 listed (``repeat_step_mean_ms``/``repeat_step_p50_ms``). Host-bound
             rows (batch 1 with checkpointing) vary by tens of percent between runs on a shared
             host; one run is not enough to compare them.
+        compile_blocks: one run per value: transformer blocks eager (False) or ``torch.compile``d
+            (True, ``model.compile_blocks`` of ``fteval fit``; the plain loop's blocks are compiled
+            the same way). Every compiled run starts cold (``torch._dynamo.reset``), so its compile
+            falls in its warm-up steps: keep ``warmup`` >= 2 (a backward recompile can follow the first step).
 
     Returns 0 when every run finished, 1 when any failed (its row holds the error).
     """
@@ -640,6 +675,8 @@ def bench_train(
         raise ValueError(f"min_seq_len={min_seq_len} must lie in [1, seq_len={seq_len}] (or be None: all rows seq_len)")
     if not padding_free:
         raise ValueError("padding_free is empty; pass [false], [true] or [false, true]")
+    if not compile_blocks:
+        raise ValueError("compile_blocks is empty; pass [false], [true] or [false, true]")
     if profile_steps < 1:
         raise ValueError(f"profile_steps={profile_steps} must be >= 1")
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
@@ -663,23 +700,24 @@ def bench_train(
     with tempfile.TemporaryDirectory(prefix="fteval-bench-") as tmp:
         for b in batch_sizes:
             for ckpt in gradient_checkpointing:
-                for pf in padding_free:
+                for pf, comp in [(pf, comp) for pf in padding_free for comp in compile_blocks]:
                     if min_seq_len is not None:
                         # Ragged batches: every batch has a new shape, and the first run to see a shape pays
                         # for it (cuDNN attention plans, allocator growth): one untimed pass of the first
                         # method over the same batches, so every timed method finds them warm.
                         print(f"[fteval bench] shape warm-up: {methods[0]}, untimed", flush=True)
                         _run_method(methods[0], bm, int(b), seq_len, bool(ckpt), steps, warmup, seed, LEARNING_RATE,
-                                    Path(tmp), min_seq_len=min_seq_len, padding_free=bool(pf))
+                                    Path(tmp), min_seq_len=min_seq_len, padding_free=bool(pf), compile_blocks=bool(comp))
                     group: dict[str, list[dict]] = {m: [] for m in methods}
                     for rep in range(repeats):  # interleaved: plain, qlora, grit, plain, qlora, grit, ...
                         for method in methods:
                             lengths = f"{seq_len}" if min_seq_len is None else f"{min_seq_len}-{seq_len}"
                             again = f", repeat {rep + 1}/{repeats}" if repeats > 1 else ""
                             print(f"[fteval bench] {method}: batch {b} x {lengths} tokens, checkpointing {ckpt}, "
-                                  f"padding-free {pf}{again}", flush=True)
+                                  f"padding-free {pf}, compiled {comp}{again}", flush=True)
                             row = _run_method(method, bm, int(b), seq_len, bool(ckpt), steps, warmup, seed,
-                                              LEARNING_RATE, Path(tmp), min_seq_len=min_seq_len, padding_free=bool(pf))
+                                              LEARNING_RATE, Path(tmp), min_seq_len=min_seq_len, padding_free=bool(pf),
+                                              compile_blocks=bool(comp))
                             row["repeat"] = rep
                             if row["error"] is None:
                                 row["mfu"] = mfu(row["tokens_per_s"], flops["total"], peak)
@@ -689,7 +727,8 @@ def bench_train(
         prof = None
         if profile:
             prof = _profile_method(profile_method, bm, int(batch_sizes[0]), seq_len, bool(gradient_checkpointing[0]),
-                                   warmup, profile_steps, seed, LEARNING_RATE, Path(tmp))
+                                   warmup, profile_steps, seed, LEARNING_RATE, Path(tmp),
+                                   compile_blocks=bool(compile_blocks[0]))
     comparisons = _comparisons(runs)
     result = {
         "benchmark": "train",
@@ -698,7 +737,7 @@ def bench_train(
             "model_config": model_config, "methods": methods, "batch_sizes": list(batch_sizes), "seq_len": seq_len,
             "gradient_checkpointing": list(gradient_checkpointing), "steps": steps, "warmup": warmup,
             "quantization": quantization, "seed": seed, "min_seq_len": min_seq_len, "padding_free": list(padding_free),
-            "repeats": repeats, "lora": {"r": LORA_R, "alpha": LORA_ALPHA,
+            "compile_blocks": list(compile_blocks), "repeats": repeats, "lora": {"r": LORA_R, "alpha": LORA_ALPHA,
             "dropout": LORA_DROPOUT, "target_modules": list(DEFAULT_TARGETS)}, "learning_rate": LEARNING_RATE,
             "precision": "bf16 autocast (Lightning bf16-mixed)" if device.type == "cuda" else "fp32",
             "grit": {"update_freq": GRIT_UPDATE_FREQ, "every_n_steps": GRIT_REPROJECT_EVERY},

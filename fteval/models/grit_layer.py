@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import tempfile
+import weakref
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -109,6 +110,8 @@ class GritLoraLinear(nn.Module):
         self.adapter_enabled = True
         self.stats: RankSpaceStats | None = None
         self.recorder: Any = None  # set by the K-FAC callback: its begin(layer) receives u and hooks v
+        self._open_recording: Any = None  # compiled blocks: the recording waiting for this layer's v
+        _ALL_LAYERS.add(self)
 
     # HF code sometimes reads `proj.weight` / `proj.bias` (dtype and device checks): forward to the base.
     @property
@@ -134,12 +137,12 @@ class GritLoraLinear(nn.Module):
         xd = torch.nn.functional.dropout(x, p, True) if p > 0.0 and self.training else x
         x2 = xd.reshape(-1, self.in_features).to(dtype)  # [N, in]
         u = x2 @ A.to(dtype).t()  # [N, r]
-        recorder = self.recorder
-        if recorder is not None and self.training and torch.is_grad_enabled():
-            st = self.stats
-            if st is not None and not st.counted:  # gradient checkpointing re-runs forward: count it once
-                st.counted = True
-                recorder.begin(self).record(u, x.shape[:-1], self.scaling)
+        if self.recorder is not None and self.training and torch.is_grad_enabled():
+            if torch.compiler.is_compiling():
+                # inside a compiled graph: an opaque op hands u (and v in backward) over, no graph break
+                u = torch.ops.fteval.grit_tap(u, self.lora_A.weight, list(x.shape[:-1]))
+            else:
+                _record(self, u, x.shape[:-1])
         us = u * self.scaling
         r2 = result.reshape(-1, self.out_features)  # [N, out]
         if r2.dtype == us.dtype:
@@ -153,6 +156,90 @@ class GritLoraLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
             f"alpha={self.alpha}, scaling={self.scaling:.4g}, use_rslora={self.use_rslora}"
         )
+
+
+def _record(layer: GritLoraLinear, u: torch.Tensor, lead: tuple) -> None:
+    """Hand u to the K-FAC callback once per micro-batch (gradient checkpointing re-runs forward);
+    the callback hooks u for v."""
+    st = layer.stats
+    if st is not None and not st.counted:
+        st.counted = True
+        layer.recorder.begin(layer).record(u, lead, layer.scaling)
+
+
+# ---------------------------------------------------------------------------------------------
+# The same hand-over inside torch.compile'd blocks (AdapterModule's compile_blocks).
+#
+# A compiled graph cannot hold the callback's Python (it keeps u and registers a hook on it), and
+# leaving the graph at every adapted layer (torch.compiler.disable) cut a block into 8 graphs and
+# made GRIT 2.9x slower than eager on the CPU stand-in. Instead two opaque custom ops sit in the
+# graph: ``grit_tap`` (identity on u, forward) and ``grit_tap_grad`` (identity on du, its backward).
+# They find their layer from the lora_A weight they are given (its storage address: an int
+# argument would be a constant baked into the graph, one recompile per layer), and hand copies
+# to the callback: the compiler reuses a graph's buffers once their last use has run.
+# ---------------------------------------------------------------------------------------------
+
+_LAYER_BY_WEIGHT: dict[int, "weakref.ReferenceType[GritLoraLinear]"] = {}
+_ALL_LAYERS: "weakref.WeakSet[GritLoraLinear]" = weakref.WeakSet()
+
+
+def _layer_of(lora_A: torch.Tensor) -> GritLoraLinear:
+    ptr = lora_A.data_ptr()
+    ref = _LAYER_BY_WEIGHT.get(ptr)
+    layer = ref() if ref is not None else None
+    if layer is None or layer.lora_A.weight.data_ptr() != ptr:  # new layers, or weights moved: re-index
+        _LAYER_BY_WEIGHT.clear()
+        _LAYER_BY_WEIGHT.update({m.lora_A.weight.data_ptr(): weakref.ref(m) for m in _ALL_LAYERS})
+        ref = _LAYER_BY_WEIGHT.get(ptr)
+        layer = ref() if ref is not None else None
+        if layer is None:
+            raise RuntimeError("grit_tap: no GRIT layer owns this lora_A weight (was it replaced after compiling?)")
+    return layer
+
+
+@torch.library.custom_op("fteval::grit_tap", mutates_args=())
+def _grit_tap(u: torch.Tensor, lora_A: torch.Tensor, lead: list[int]) -> torch.Tensor:
+    """u ``[N, r]`` unchanged (a copy); records u for ``lora_A``'s layer once per micro-batch."""
+    layer = _layer_of(lora_A)
+    st = layer.stats
+    if layer.recorder is not None and st is not None and not st.counted:
+        st.counted = True
+        recording = layer.recorder.begin(layer)
+        recording.record(u.clone(), tuple(lead), layer.scaling)
+        layer._open_recording = recording
+    return u.clone()
+
+
+@_grit_tap.register_fake
+def _grit_tap_fake(u: torch.Tensor, lora_A: torch.Tensor, lead: list[int]) -> torch.Tensor:
+    return torch.empty_like(u)
+
+
+@torch.library.custom_op("fteval::grit_tap_grad", mutates_args=())
+def _grit_tap_grad(grad: torch.Tensor, lora_A: torch.Tensor) -> torch.Tensor:
+    """dL/du ``[N, r]`` unchanged (a copy); gives it to the recording its forward opened."""
+    layer = _layer_of(lora_A)
+    recording, layer._open_recording = layer._open_recording, None
+    if recording is not None:
+        recording.gradients(grad.clone())
+    return grad.clone()
+
+
+@_grit_tap_grad.register_fake
+def _grit_tap_grad_fake(grad: torch.Tensor, lora_A: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(grad)
+
+
+def _grit_tap_setup(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+    ctx.save_for_backward(inputs[1])
+
+
+def _grit_tap_backward(ctx: Any, grad: torch.Tensor) -> tuple:
+    (lora_A,) = ctx.saved_tensors
+    return torch.ops.fteval.grit_tap_grad(grad, lora_A), None, None
+
+
+_grit_tap.register_autograd(_grit_tap_backward, setup_context=_grit_tap_setup)
 
 
 def _check_hparams(r: Any, alpha: Any, dropout: Any) -> None:

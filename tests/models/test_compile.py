@@ -1,0 +1,99 @@
+"""compile_blocks: torch.compile on every transformer block, with the same numbers as eager."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from callbacks.kfac import KFACPreconditioner
+from fteval.models.base import compile_blocks, transformer_blocks
+from fteval.models.grit_layer import inject_grit_layers
+from fteval.models.qlora import QLoRAModule
+
+TARGETS = ["q_proj", "v_proj", "down_proj"]
+
+
+def tiny(layers: int = 2) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=128, max_position_embeddings=64, use_cache=False)
+    cfg._attn_implementation = "sdpa"
+    return LlamaForCausalLM(cfg)
+
+
+def test_transformer_blocks_are_the_decoder_layers_also_inside_peft():
+    from peft import LoraConfig, get_peft_model
+
+    model = tiny(layers=3)
+    assert [type(b).__name__ for b in transformer_blocks(model)] == ["LlamaDecoderLayer"] * 3
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"]))
+    blocks = transformer_blocks(peft_model)
+    assert blocks == list(model.model.layers)
+
+
+def test_a_model_without_blocks_is_refused_with_the_fix():
+    with pytest.raises(ValueError, match=r"declares no transformer blocks.*compile_blocks: false"):
+        compile_blocks(nn.Sequential(nn.Linear(4, 4), nn.ReLU()))
+
+
+def test_module_option_compiles_every_block_and_keeps_parameter_names():
+    module = QLoRAModule(quantization="none", r=4, alpha=8, target_modules=("q_proj", "v_proj"), compile_blocks=True)
+    base = tiny()
+    names_before = {n for n, _ in base.named_parameters()}
+    module.setup_base_model(base)
+    blocks = transformer_blocks(module.model)
+    assert len(blocks) == 2 and all(b._compiled_call_impl is not None for b in blocks)
+    # nn.Module.compile works in place: no `_orig_mod.` in names, so checkpoints and adapters keep their keys
+    names_after = {n.replace("base_model.model.", "").replace(".base_layer", "") for n, _ in module.model.named_parameters()}
+    assert names_before <= names_after and not any("_orig_mod" in n for n in names_after)
+
+
+def _grit_step(compiled: bool, batch: dict, checkpointing: bool) -> tuple[float, dict, dict]:
+    model = tiny()
+    layers = inject_grit_layers(model, TARGETS, r=4, alpha=8, dropout=0.0)
+    for layer in layers.values():
+        nn.init.normal_(layer.lora_B.weight, std=0.05)
+    model.train()
+    if checkpointing:  # forward runs twice per micro-batch: statistics must still count it once
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    if compiled:
+        assert len(compile_blocks(model)) == 2
+    cb = KFACPreconditioner(min_samples=1)
+    cb.attach(model)
+    losses = []
+    for _ in range(2):  # a second micro-batch: the once-per-micro-batch flag is re-armed and read again
+        cb.begin_micro_batch(batch["attention_mask"])
+        loss = model(**batch).loss
+        loss.backward()
+        losses.append(float(loss.detach()))
+    cb.flush()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    stats = {n: (m.stats.sum_a.clone(), m.stats.sum_g.clone(), int(m.stats.cnt_a), int(m.stats.cnt_g))
+             for n, m in layers.items()}
+    return losses, grads, stats
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_compiled_grit_blocks_match_eager_loss_gradients_and_kfac_statistics(checkpointing, one_thread):
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 128, (2, 12), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 9:] = 0  # three padding tokens: statistics count 21 real tokens per micro-batch
+    labels = ids.masked_fill(mask == 0, -100)
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    loss_e, grads_e, stats_e = _grit_step(False, batch, checkpointing)
+    torch._dynamo.reset()
+    loss_c, grads_c, stats_c = _grit_step(True, batch, checkpointing)
+    torch._dynamo.reset()
+    assert loss_c == pytest.approx(loss_e, rel=1e-5)
+    assert grads_e.keys() == grads_c.keys() and len(grads_e) == 12
+    for name in grads_e:
+        torch.testing.assert_close(grads_c[name], grads_e[name], rtol=1e-4, atol=1e-6)
+    for name, (sa, sg, ca, cg) in stats_e.items():
+        assert (ca, cg) == (42, 42) and stats_c[name][2:] == (42, 42)
+        assert float(sg.abs().sum()) > 0  # v reached the statistics under compile too
+        torch.testing.assert_close(stats_c[name][0], sa, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(stats_c[name][1], sg, rtol=1e-4, atol=1e-8)
