@@ -267,9 +267,14 @@ class _Recording:
         self.mask, self.count = self.cb._mask_for(self.lead, u.device)
         self.cb._defer(self.group, self.row, 0, u.detach(), self.mask, self.count, 1.0)
         self.scale = 1.0 / (scaling * self.cb._grad_scale) ** 2
-        if u.requires_grad:  # eager; in a compiled block the layer's grit_tap_grad op calls gradients()
+        if u.requires_grad:  # eager; compiled GRIT layers call record_pair
             u.register_hook(self.gradients)
         self.cb._hook_seconds += time.perf_counter() - t0
+
+    def record_pair(self, u: torch.Tensor, grad: torch.Tensor, lead: tuple, scaling: float) -> None:
+        """u and its gradient ``[N, r]`` at once (compiled GRIT layers report both from their backward)."""
+        self.record(u, lead, scaling)
+        self.gradients(grad)
 
     def gradients(self, grad: torch.Tensor) -> None:
         t0 = time.perf_counter()

@@ -110,7 +110,6 @@ class GritLoraLinear(nn.Module):
         self.adapter_enabled = True
         self.stats: RankSpaceStats | None = None
         self.recorder: Any = None  # set by the K-FAC callback: its begin(layer) receives u and hooks v
-        self._open_recording: Any = None  # compiled blocks: the recording waiting for this layer's v
         _ALL_LAYERS.add(self)
 
     # HF code sometimes reads `proj.weight` / `proj.bias` (dtype and device checks): forward to the base.
@@ -139,8 +138,8 @@ class GritLoraLinear(nn.Module):
         u = x2 @ A.to(dtype).t()  # [N, r]
         if self.recorder is not None and self.training and torch.is_grad_enabled():
             if torch.compiler.is_compiling():
-                # inside a compiled graph: an opaque op hands u (and v in backward) over, no graph break
-                u = torch.ops.fteval.grit_tap(u, self.lora_A.weight, list(x.shape[:-1]))
+                # inside a compiled graph: u and du reach the callback from the backward, no graph break
+                u = _GritTap.apply(u.view(*x.shape[:-1], self.r), self.lora_A.weight).view(-1, self.r)
             else:
                 _record(self, u, x.shape[:-1])
         us = u * self.scaling
@@ -170,76 +169,63 @@ def _record(layer: GritLoraLinear, u: torch.Tensor, lead: tuple) -> None:
 # ---------------------------------------------------------------------------------------------
 # The same hand-over inside torch.compile'd blocks (AdapterModule's compile_blocks).
 #
-# A compiled graph cannot hold the callback's Python (it keeps u and registers a hook on it), and
-# leaving the graph at every adapted layer (torch.compiler.disable) cut a block into 8 graphs and
-# made GRIT 2.9x slower than eager on the CPU stand-in. Instead two opaque custom ops sit in the
-# graph: ``grit_tap`` (identity on u, forward) and ``grit_tap_grad`` (identity on du, its backward).
-# They find their layer from the lora_A weight they are given (its storage address: an int
-# argument would be a constant baked into the graph, one recompile per layer), and hand copies
-# to the callback: the compiler reuses a graph's buffers once their last use has run.
+# A compiled graph cannot hold the callback's Python (it keeps u and registers a hook on it). Leaving
+# the graph at every adapted layer (torch.compiler.disable) cut a block into 8 graphs and made GRIT
+# 2.9x slower than eager on the CPU stand-in. Instead the forward passes u through ``_GritTap``, an
+# autograd Function the compiler traces (identity; it saves u), and its backward calls one opaque
+# op, ``fteval::grit_record(u, du, lora_A)``, which hands both u and du to the callback: one Python
+# call per layer per backward, none in forward, so gradient checkpointing's recompute records
+# nothing and needs no once-per-micro-batch flag. The op finds its layer from the lora_A weight
+# (its storage address: an int argument would be a constant baked into the graph, one recompile
+# per layer) and gives the callback copies: a compiled graph reuses its buffers after their last use.
+# The op is registered with the low-level torch.library API (no Python autograd wrapper: it only
+# ever runs inside backward); measured on the CPU stand-in, torch.library.custom_op's wrapper
+# cost ~50 us per call.
 # ---------------------------------------------------------------------------------------------
 
-_LAYER_BY_WEIGHT: dict[int, "weakref.ReferenceType[GritLoraLinear]"] = {}
+_LAYER_BY_WEIGHT: "weakref.WeakValueDictionary[int, GritLoraLinear]" = weakref.WeakValueDictionary()
 _ALL_LAYERS: "weakref.WeakSet[GritLoraLinear]" = weakref.WeakSet()
 
 
 def _layer_of(lora_A: torch.Tensor) -> GritLoraLinear:
     ptr = lora_A.data_ptr()
-    ref = _LAYER_BY_WEIGHT.get(ptr)
-    layer = ref() if ref is not None else None
+    layer = _LAYER_BY_WEIGHT.get(ptr)
     if layer is None or layer.lora_A.weight.data_ptr() != ptr:  # new layers, or weights moved: re-index
         _LAYER_BY_WEIGHT.clear()
-        _LAYER_BY_WEIGHT.update({m.lora_A.weight.data_ptr(): weakref.ref(m) for m in _ALL_LAYERS})
-        ref = _LAYER_BY_WEIGHT.get(ptr)
-        layer = ref() if ref is not None else None
+        _LAYER_BY_WEIGHT.update({m.lora_A.weight.data_ptr(): m for m in _ALL_LAYERS})
+        layer = _LAYER_BY_WEIGHT.get(ptr)
         if layer is None:
-            raise RuntimeError("grit_tap: no GRIT layer owns this lora_A weight (was it replaced after compiling?)")
+            raise RuntimeError("grit_record: no GRIT layer owns this lora_A weight (was it replaced after compiling?)")
     return layer
 
 
-@torch.library.custom_op("fteval::grit_tap", mutates_args=())
-def _grit_tap(u: torch.Tensor, lora_A: torch.Tensor, lead: list[int]) -> torch.Tensor:
-    """u ``[N, r]`` unchanged (a copy); records u for ``lora_A``'s layer once per micro-batch."""
+def _grit_record(u: torch.Tensor, grad: torch.Tensor, lora_A: torch.Tensor) -> torch.Tensor:
+    """Backward of a compiled GRIT layer: u and du ``[..., r]`` to the K-FAC callback; returns du (a copy)."""
     layer = _layer_of(lora_A)
-    st = layer.stats
-    if layer.recorder is not None and st is not None and not st.counted:
-        st.counted = True
-        recording = layer.recorder.begin(layer)
-        recording.record(u.clone(), tuple(lead), layer.scaling)
-        layer._open_recording = recording
-    return u.clone()
-
-
-@_grit_tap.register_fake
-def _grit_tap_fake(u: torch.Tensor, lora_A: torch.Tensor, lead: list[int]) -> torch.Tensor:
-    return torch.empty_like(u)
-
-
-@torch.library.custom_op("fteval::grit_tap_grad", mutates_args=())
-def _grit_tap_grad(grad: torch.Tensor, lora_A: torch.Tensor) -> torch.Tensor:
-    """dL/du ``[N, r]`` unchanged (a copy); gives it to the recording its forward opened."""
-    layer = _layer_of(lora_A)
-    recording, layer._open_recording = layer._open_recording, None
-    if recording is not None:
-        recording.gradients(grad.clone())
+    if layer.recorder is not None and layer.stats is not None:
+        layer.recorder.begin(layer).record_pair(u.clone(), grad.clone(), tuple(u.shape[:-1]), layer.scaling)
     return grad.clone()
 
 
-@_grit_tap_grad.register_fake
-def _grit_tap_grad_fake(grad: torch.Tensor, lora_A: torch.Tensor) -> torch.Tensor:
-    return torch.empty_like(grad)
+if not hasattr(torch.ops.fteval, "grit_record"):  # once per process (re-imports keep the first registration)
+    _LIB = torch.library.Library("fteval", "DEF")
+    _LIB.define("grit_record(Tensor u, Tensor grad, Tensor lora_A) -> Tensor")
+    _LIB.impl("grit_record", _grit_record, "CompositeExplicitAutograd")
+    torch.library.register_fake("fteval::grit_record", lambda u, grad, lora_A: torch.empty_like(grad), lib=_LIB)
 
 
-def _grit_tap_setup(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
-    ctx.save_for_backward(inputs[1])
+class _GritTap(torch.autograd.Function):
+    """Identity on u ``[..., r]`` whose backward reports (u, du) through ``fteval::grit_record``."""
 
+    @staticmethod
+    def forward(ctx: Any, u: torch.Tensor, lora_A: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(u, lora_A)
+        return u.clone()
 
-def _grit_tap_backward(ctx: Any, grad: torch.Tensor) -> tuple:
-    (lora_A,) = ctx.saved_tensors
-    return torch.ops.fteval.grit_tap_grad(grad, lora_A), None, None
-
-
-_grit_tap.register_autograd(_grit_tap_backward, setup_context=_grit_tap_setup)
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple:
+        u, lora_A = ctx.saved_tensors
+        return torch.ops.fteval.grit_record(u, grad, lora_A), None
 
 
 def _check_hparams(r: Any, alpha: Any, dropout: Any) -> None:
