@@ -142,12 +142,15 @@ class GritLoraLinear(nn.Module):
                 u = _GritTap.apply(u.view(*x.shape[:-1], self.r), self.lora_A.weight).view(-1, self.r)
             else:
                 _record(self, u, x.shape[:-1])
-        us = u * self.scaling
+        # The scaling goes into B's cast (one fused kernel when compiled) rather than a multiply of u
+        # (a separate kernel per layer in forward and in backward). The gradient reaching u is
+        # still scaling * B^T dL/dy, which the K-FAC callback divides out.
+        Bs = (B * self.scaling).to(dtype)  # [out, r]
         r2 = result.reshape(-1, self.out_features)  # [N, out]
-        if r2.dtype == us.dtype:
-            out = torch.addmm(r2, us, B.to(dtype).t())  # the residual add fused into the matmul
+        if r2.dtype == u.dtype:
+            out = torch.addmm(r2, u, Bs.t())  # the residual add fused into the matmul
         else:
-            out = r2 + (us @ B.to(dtype).t()).to(r2.dtype)
+            out = r2 + (u @ Bs.t()).to(r2.dtype)
         return out.view(result.shape)
 
     def extra_repr(self) -> str:

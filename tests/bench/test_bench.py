@@ -194,6 +194,25 @@ def test_bench_train_repeats_report_the_median_run(tmp_path):
     runs = {r["method"]: r for r in data["runs"]}
     assert cmp["qlora_vs_plain_step_mean"] == pytest.approx(runs["qlora"]["step_mean_ms"] / runs["plain"]["step_mean_ms"])
 
+def test_bench_train_compiled_blocks_same_losses_no_graph_breaks(tmp_path, capsys, one_thread):
+    out = tmp_path / "train.json"
+    rc = bench_train(model_config="tiny", methods=["plain", "grit"], batch_sizes=[1], seq_len=8,
+                     gradient_checkpointing=[False], compile_blocks=[False, True], steps=2, warmup=2,
+                     quantization="none", output=out)
+    assert rc == 0
+    data = json.loads(out.read_text())
+    runs = {(r["method"], r["compile_blocks"]): r for r in data["runs"]}
+    assert len(runs) == 4 and all(r["error"] is None for r in runs.values())
+    for m in ("plain", "grit"):
+        assert runs[(m, True)]["graph_breaks"] == 0  # GRIT's statistics do not split the compiled blocks
+        assert runs[(m, True)]["loss_first"] == pytest.approx(runs[(m, False)]["loss_first"], rel=1e-5)
+        assert "graph_breaks" not in runs[(m, False)]
+    compiled = next(c for c in data["comparisons"] if c["compile_blocks"])
+    assert compiled["grit_compile_speedup"] == pytest.approx(
+        runs[("grit", True)]["tokens_per_s"] / runs[("grit", False)]["tokens_per_s"])
+    assert "grit compiled/eager" in capsys.readouterr().out
+
+
 def test_bench_train_profile_plain(tmp_path):
     out = tmp_path / "train.json"
     rc = bench_train(model_config="tiny", methods=["plain"], batch_sizes=[1], seq_len=8, gradient_checkpointing=[False],
@@ -220,6 +239,7 @@ def test_bench_train_profile_plain(tmp_path):
         ({"quantization": "int3"}, "quantization='int3'"),
         ({"min_seq_len": 0}, "min_seq_len=0"),
         ({"padding_free": []}, "padding_free is empty"),
+        ({"compile_blocks": []}, "compile_blocks is empty"),
         ({"repeats": 0}, "repeats=0"),
         ({"profile": True, "profile_method": "grit", "methods": ["plain"]}, "profile_method='grit'"),
     ],
