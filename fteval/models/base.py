@@ -52,12 +52,33 @@ def transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
     return [b for b in blocks if id(b) not in inside]
 
 
+def _check_compiler(model: torch.nn.Module) -> None:
+    """Fail before training when inductor's code generator for the model's device is missing."""
+    import importlib.util
+    import os
+    import shutil
+
+    param = next(model.parameters(), None)
+    device = param.device.type if param is not None else "cpu"
+    if device == "cuda" and importlib.util.find_spec("triton") is None:
+        raise ValueError(
+            "compile_blocks: torch.compile on a CUDA device needs Triton, which is not installed; "
+            "pip install triton (it ships with PyTorch's CUDA wheels) or set compile_blocks: false."
+        )
+    if device == "cpu" and not any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "g++", "clang++", "c++")):
+        raise ValueError(
+            "compile_blocks: torch.compile on the CPU needs a C++ compiler (g++ or clang++) on PATH; "
+            "install one (e.g. apt-get install g++) or set compile_blocks: false."
+        )
+
+
 def compile_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
     """``torch.compile`` every transformer block of ``model`` in place (``nn.Module.compile``: parameter
     names and ``state_dict`` keys are unchanged). Returns the blocks.
 
     Raises ValueError when the model declares no blocks (no ``_no_split_modules``).
     """
+    _check_compiler(model)
     blocks = transformer_blocks(model)
     if not blocks:
         raise ValueError(

@@ -38,6 +38,14 @@ def test_a_model_without_blocks_is_refused_with_the_fix():
         compile_blocks(nn.Sequential(nn.Linear(4, 4), nn.ReLU()))
 
 
+def test_missing_cpu_compiler_is_reported_before_training(monkeypatch):
+    import shutil
+
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(ValueError, match=r"needs a C\+\+ compiler.*compile_blocks: false"):
+        compile_blocks(tiny())
+
+
 def test_module_option_compiles_every_block_and_keeps_parameter_names():
     module = QLoRAModule(quantization="none", r=4, alpha=8, target_modules=("q_proj", "v_proj"), compile_blocks=True)
     base = tiny()
