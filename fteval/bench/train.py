@@ -623,8 +623,8 @@ def bench_train(
         warmup: untimed optimizer steps before them (>= 1; GRIT's first K-FAC refreshes fall here).
         quantization: 'nf4', 'fp4' or 'none' (base in bf16 on GPU / fp32 on CPU).
         output: JSON file with machine, settings, every run and the ratios.
-        profile: after the timed runs, profile ``profile_method`` on the first batch size and
-            checkpointing value with torch.profiler; the JSON and the console get the top-20
+        profile: after the timed runs, profile ``profile_method`` on the first batch size,
+            checkpointing and ``compile_blocks`` value with torch.profiler; the JSON and the console get the top-20
             kernels by CUDA time, or CPU ops by CPU time on a CPU.
         profile_method: the method to profile.
         profile_steps: optimizer steps recorded by the profiler.
