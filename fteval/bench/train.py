@@ -31,6 +31,7 @@ before the next method (not timed).
 
 from __future__ import annotations
 
+import gc
 import logging
 import tempfile
 import time
@@ -246,7 +247,7 @@ def _optimizer_factory(device: torch.device, lr: float):
 
 def _plain_run(
     bm: BenchModel, loader: DataLoader, clock: _StepClock, gradient_checkpointing: bool, lr: float,
-    compile_blocks: bool = False,
+    compile_blocks: bool = False, gc_freeze: bool = False,
 ) -> dict:
     """The reference loop: peft + PyTorch, nothing else (``compile_blocks``: the blocks compiled as fteval's are)."""
     from peft import LoraConfig, get_peft_model
@@ -267,6 +268,9 @@ def _plain_run(
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = _optimizer_factory(bm.device, lr)(params)
     amp = bm.device.type == "cuda"
+    if gc_freeze:  # what callbacks.perf.GarbageCollection does for the Lightning methods
+        gc.collect()
+        gc.freeze()
     for batch in loader:
         batch = {k: v.to(bm.device, non_blocking=True) for k, v in batch.items() if isinstance(v, torch.Tensor)}
         with torch.autocast(bm.device.type, dtype=torch.bfloat16, enabled=amp):
@@ -275,6 +279,8 @@ def _plain_run(
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         clock.mark(loss)
+    if gc_freeze:
+        gc.unfreeze()
     n_train = sum(p.numel() for p in params)
     del optimizer, params, model
     return {"trainable_params": n_train}
@@ -282,12 +288,13 @@ def _plain_run(
 
 def _lightning_run(
     method: str, bm: BenchModel, loader: DataLoader, clock: _StepClock, gradient_checkpointing: bool, lr: float,
-    max_steps: int, workdir: Path, compile_blocks: bool = False,
+    max_steps: int, workdir: Path, compile_blocks: bool = False, gc_freeze: bool = False,
 ) -> dict:
     """fteval's module in a Lightning Trainer, as ``fteval fit`` would run it (minus logging/checkpoints)."""
     import lightning as L
 
     from callbacks.kfac import KFACPreconditioner
+    from callbacks.perf import GarbageCollection
     from callbacks.reprojection import NeuralReprojection
     from fteval.models.grit import GRITModule
     from fteval.models.qlora import QLoRAModule
@@ -301,7 +308,7 @@ def _lightning_run(
         compile_blocks=compile_blocks, attn_implementation=bm.attn_implementation, export_dir=str(workdir / f"{method}_adapter"),
     )
     module.setup_base_model(bm.model, attn_implementation=bm.attn_implementation)
-    callbacks: list = []
+    callbacks: list = [GarbageCollection()] if gc_freeze else []  # as the training configs list it
     probe = None
     if method == "grit":
         kfac = KFACPreconditioner(update_freq=GRIT_UPDATE_FREQ)  # must precede NeuralReprojection
@@ -349,7 +356,7 @@ def _restore_base(bm: BenchModel) -> None:
 def _run_method(
     method: str, bm: BenchModel, batch_size: int, seq_len: int, gradient_checkpointing: bool, steps: int,
     warmup: int, seed: int, lr: float, workdir: Path, profiler: Any = None, min_seq_len: Optional[int] = None,
-    padding_free: bool = False, compile_blocks: bool = False,
+    padding_free: bool = False, compile_blocks: bool = False, gc_freeze: bool = False,
 ) -> dict:
     """Run one method for warmup + steps optimizer steps; return its measurements."""
     device = bm.device
@@ -359,6 +366,7 @@ def _run_method(
     clock = _StepClock(device, profiler)
     row: dict[str, Any] = {"method": method, "batch_size": batch_size, "seq_len": seq_len,
                            "min_seq_len": min_seq_len, "padding_free": padding_free, "compile_blocks": compile_blocks,
+                           "gc_freeze": gc_freeze,
                            "gradient_checkpointing": gradient_checkpointing, "steps": steps, "warmup": warmup,
                            "tokens_per_step": dataset.real_tokens(batch_size, warmup), "error": None}
     free_memory(device)
@@ -367,10 +375,10 @@ def _run_method(
     t0 = time.perf_counter()
     try:
         if method == "plain":
-            row.update(_plain_run(bm, loader, clock, gradient_checkpointing, lr, compile_blocks))
+            row.update(_plain_run(bm, loader, clock, gradient_checkpointing, lr, compile_blocks, gc_freeze))
         else:
             row.update(_lightning_run(method, bm, loader, clock, gradient_checkpointing, lr, warmup + steps, workdir,
-                                      compile_blocks))
+                                      compile_blocks, gc_freeze))
     except Exception as exc:  # one failed run (often out of memory) must not lose the others
         traceback.print_exc()
         row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
@@ -476,7 +484,7 @@ def _top_ops(prof, active_steps: int, device: torch.device, top: int = 20) -> di
 
 def _profile_method(
     method: str, bm: BenchModel, batch_size: int, seq_len: int, gradient_checkpointing: bool, warmup: int,
-    active: int, seed: int, lr: float, workdir: Path, compile_blocks: bool = False,
+    active: int, seed: int, lr: float, workdir: Path, compile_blocks: bool = False, gc_freeze: bool = False,
 ) -> dict:
     from torch.profiler import ProfilerActivity, profile, schedule
 
@@ -484,7 +492,7 @@ def _profile_method(
     sched = schedule(wait=max(warmup - 1, 0), warmup=1, active=active, repeat=1)
     with profile(activities=activities, schedule=sched) as prof:
         row = _run_method(method, bm, batch_size, seq_len, gradient_checkpointing, active, warmup, seed, lr, workdir,
-                          profiler=prof, compile_blocks=compile_blocks)
+                          profiler=prof, compile_blocks=compile_blocks, gc_freeze=gc_freeze)
     if row["error"]:
         return {"method": method, "error": row["error"]}
     out = {"method": method, "batch_size": batch_size, "seq_len": seq_len,
@@ -604,6 +612,7 @@ def bench_train(
     padding_free: list[bool] = [False],  # noqa: B006
     repeats: int = 1,
     compile_blocks: list[bool] = [False],  # noqa: B006
+    gc_freeze: bool = True,
 ) -> int:
     """Training throughput of fteval QLoRA and GRIT against a plain PyTorch + peft loop, in one process.
 
@@ -648,6 +657,10 @@ def bench_train(
             (True, ``model.compile_blocks`` of ``fteval fit``; the plain loop's blocks are compiled
             the same way). Every compiled run starts cold (``torch._dynamo.reset``), so its compile
             falls in its warm-up steps: keep ``warmup`` >= 2 (a backward recompile can follow the first step).
+        gc_freeze: every method runs with Python's garbage collector frozen after set-up
+            (``callbacks.perf.GarbageCollection``, in the training configs; the plain loop calls
+            ``gc.freeze()`` itself). Without it a full collection (hundreds of ms) lands in some
+            runs' timed windows and not in others'.
 
     Returns 0 when every run finished, 1 when any failed (its row holds the error).
     """
@@ -707,7 +720,8 @@ def bench_train(
                         # method over the same batches, so every timed method finds them warm.
                         print(f"[fteval bench] shape warm-up: {methods[0]}, untimed", flush=True)
                         _run_method(methods[0], bm, int(b), seq_len, bool(ckpt), steps, warmup, seed, LEARNING_RATE,
-                                    Path(tmp), min_seq_len=min_seq_len, padding_free=bool(pf), compile_blocks=bool(comp))
+                                    Path(tmp), min_seq_len=min_seq_len, padding_free=bool(pf), compile_blocks=bool(comp),
+                                    gc_freeze=gc_freeze)
                     group: dict[str, list[dict]] = {m: [] for m in methods}
                     for rep in range(repeats):  # interleaved: plain, qlora, grit, plain, qlora, grit, ...
                         for method in methods:
@@ -717,7 +731,7 @@ def bench_train(
                                   f"padding-free {pf}, compiled {comp}{again}", flush=True)
                             row = _run_method(method, bm, int(b), seq_len, bool(ckpt), steps, warmup, seed,
                                               LEARNING_RATE, Path(tmp), min_seq_len=min_seq_len, padding_free=bool(pf),
-                                              compile_blocks=bool(comp))
+                                              compile_blocks=bool(comp), gc_freeze=gc_freeze)
                             row["repeat"] = rep
                             if row["error"] is None:
                                 row["mfu"] = mfu(row["tokens_per_s"], flops["total"], peak)
@@ -728,7 +742,7 @@ def bench_train(
         if profile:
             prof = _profile_method(profile_method, bm, int(batch_sizes[0]), seq_len, bool(gradient_checkpointing[0]),
                                    warmup, profile_steps, seed, LEARNING_RATE, Path(tmp),
-                                   compile_blocks=bool(compile_blocks[0]))
+                                   compile_blocks=bool(compile_blocks[0]), gc_freeze=gc_freeze)
     comparisons = _comparisons(runs)
     result = {
         "benchmark": "train",
@@ -737,7 +751,7 @@ def bench_train(
             "model_config": model_config, "methods": methods, "batch_sizes": list(batch_sizes), "seq_len": seq_len,
             "gradient_checkpointing": list(gradient_checkpointing), "steps": steps, "warmup": warmup,
             "quantization": quantization, "seed": seed, "min_seq_len": min_seq_len, "padding_free": list(padding_free),
-            "compile_blocks": list(compile_blocks), "repeats": repeats, "lora": {"r": LORA_R, "alpha": LORA_ALPHA,
+            "compile_blocks": list(compile_blocks), "gc_freeze": gc_freeze, "repeats": repeats, "lora": {"r": LORA_R, "alpha": LORA_ALPHA,
             "dropout": LORA_DROPOUT, "target_modules": list(DEFAULT_TARGETS)}, "learning_rate": LEARNING_RATE,
             "precision": "bf16 autocast (Lightning bf16-mixed)" if device.type == "cuda" else "fp32",
             "grit": {"update_freq": GRIT_UPDATE_FREQ, "every_n_steps": GRIT_REPROJECT_EVERY},

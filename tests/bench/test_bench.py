@@ -148,6 +148,7 @@ def test_bench_train_tiny_all_methods(tmp_path, capsys):
     assert cmp["grit_vs_qlora_amortised"] == pytest.approx(g["amortised_step_ms"] / runs["qlora"]["step_p50_ms"])
     assert cmp["qlora_target_met"] == (cmp["qlora_vs_plain_step_mean"] <= 1.03)
     assert data["machine"]["packages"]["torch"] and data["model"]["quantized_layers"] == 14
+    assert data["settings"]["gc_freeze"] is True and all(r["gc_freeze"] for r in runs.values())
     printed = capsys.readouterr().out
     assert "qlora/plain step" in printed and "tokens/s" in printed
 
