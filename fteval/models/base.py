@@ -76,7 +76,8 @@ def compile_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
     """``torch.compile`` every transformer block of ``model`` in place (``nn.Module.compile``: parameter
     names and ``state_dict`` keys are unchanged). Returns the blocks.
 
-    Raises ValueError when the model declares no blocks (no ``_no_split_modules``).
+    Raises ValueError when the model declares no blocks (no ``_no_split_modules``) or when the
+    compiler toolchain for its device is missing (Triton on CUDA, a C++ compiler on the CPU).
     """
     _check_compiler(model)
     blocks = transformer_blocks(model)

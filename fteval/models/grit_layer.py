@@ -71,8 +71,11 @@ class GritLoraLinear(nn.Module):
     The branch is written out with plain tensor ops (``x A^T``, then ``addmm`` fusing the
     residual add into the second matmul) so the forward can hand u = A x to ``recorder``
     (the K-FAC callback) directly and attach the one tensor hook that catches v in backward;
-    no module hooks, no Python autograd Function (both cost more host time per layer than
-    the kernels they launch at small batches; BENCHMARKS.md). ``lora_A``/``lora_B`` stay
+    no module hooks, no Python autograd Function in eager mode (both cost more host time per
+    layer than the kernels they launch at small batches; BENCHMARKS.md). Inside a
+    ``torch.compile``d block, where hooks cannot be registered, u goes through ``_GritTap``
+    instead (see the comment above it). The LoRA scaling is applied to B (fused into its
+    cast), not to u. ``lora_A``/``lora_B`` stay
     ``nn.Linear`` modules for their parameters and peft-compatible names, but forward does
     not call them, so hooks registered on them do not fire.
     """
