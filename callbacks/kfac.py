@@ -261,14 +261,21 @@ class _Recording:
         self.lead: tuple = ()
 
     def record(self, u: torch.Tensor, lead: tuple, scaling: float) -> None:
-        """u ``[N, r]`` (N = prod(lead) tokens) from the forward; hooks u for its gradient."""
+        """u ``[N, r]`` (N = prod(lead) tokens) from the forward; asks autograd to keep its gradient.
+
+        ``u.retain_grad()`` keeps dL/du in ``u.grad`` with a hook that runs in C++; :meth:`flush`
+        reads it after backward (or at the next micro-batch's start). A Python tensor hook did the
+        same at twice the host cost: recording cost ~57-65 us per layer and micro-batch with the
+        hook and 24-31 us with ``retain_grad`` (CPU, fwd + bwd of 32 GRIT layers, BENCHMARKS.md).
+        """
         t0 = time.perf_counter()
         self.lead = tuple(lead)
         self.mask, self.count = self.cb._mask_for(self.lead, u.device)
         self.cb._defer(self.group, self.row, 0, u.detach(), self.mask, self.count, 1.0)
         self.scale = 1.0 / (scaling * self.cb._grad_scale) ** 2
         if u.requires_grad:  # eager; compiled GRIT layers call record_pair
-            u.register_hook(self.gradients)
+            u.retain_grad()
+            self.cb._awaiting_grad.append((self, u))
         self.cb._hook_seconds += time.perf_counter() - t0
 
     def record_pair(self, u: torch.Tensor, grad: torch.Tensor, lead: tuple, scaling: float) -> None:
@@ -355,6 +362,7 @@ class KFACPreconditioner(L.Callback):
         self._hook_seconds = 0.0
         self._pending_state: dict[str, Any] | None = None
         self._deferred: dict[tuple, tuple] = {}  # statistics waiting for flush(), see _defer
+        self._awaiting_grad: list[tuple[_Recording, torch.Tensor]] = []  # u whose u.grad flush() reads
         self._row_of: dict[int, tuple[_Group, int]] = {}  # id(layer) -> (group, row)
         self._chol_version = 0  # bumped when a refresh or a restore changes the cached factors
         self._plan_cache: tuple | None = None
@@ -376,6 +384,7 @@ class KFACPreconditioner(L.Callback):
         for name, layer in layers.items():
             by_key.setdefault((layer.lora_A.weight.device, layer.r), []).append(name)
         self._groups, self._where, self._row_of, self._deferred = [], {}, {}, {}
+        self._awaiting_grad = []
         self._plan_cache, self._adapter_params, self._index_cache = None, None, {}
         for (_, rank), names in by_key.items():
             group = _Group(names, [layers[n] for n in names], rank, self.ema_decay)
@@ -419,6 +428,7 @@ class KFACPreconditioner(L.Callback):
         micro-batch (224 layers); at launch-bound shapes (batch 1, checkpointing) that dominated
         GRIT's overhead. Mathematically identical to ``RankSpaceStats.add_a``/``add_g`` per layer.
         """
+        self._collect_grads()
         deferred, self._deferred = self._deferred, {}
         for group, side, mask, count, rows, tensors, scales in deferred.values():
             r = group.rank
@@ -443,6 +453,17 @@ class KFACPreconditioner(L.Callback):
                 tokens = count.to(device=group.device, dtype=torch.int64).expand(len(rows)).contiguous()
             group.counts[:, side].index_add_(0, index, tokens)
 
+    def _collect_grads(self) -> None:
+        """v-side statistics from the gradients autograd kept on the recorded u (after backward).
+
+        Also run at each micro-batch start, so no u (and the graph it holds) outlives its
+        micro-batch; a u whose backward never ran contributes no v-side statistics.
+        """
+        awaiting, self._awaiting_grad = self._awaiting_grad, []
+        for recording, u in awaiting:
+            if u.grad is not None:
+                recording.gradients(u.grad)
+
     def _mask_for(self, lead: tuple, device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(0/1 float weights of shape ``lead`` = the activations' token dims, their count) on ``device``,
         or (None, None) without a mask."""
@@ -465,6 +486,7 @@ class KFACPreconditioner(L.Callback):
 
     def begin_micro_batch(self, token_mask: torch.Tensor | None, grad_scale: float = 1.0) -> None:
         """Start a micro-batch: its real-token mask ``[batch, seq]`` and AMP loss scale; re-arm the layers."""
+        self._collect_grads()  # the previous micro-batch's backward has run
         self._mask = None if token_mask is None else token_mask.bool()
         self._mask_on = {}
         self._grad_scale = float(grad_scale)

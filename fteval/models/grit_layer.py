@@ -70,7 +70,7 @@ class GritLoraLinear(nn.Module):
 
     The branch is written out with plain tensor ops (``x A^T``, then ``addmm`` fusing the
     residual add into the second matmul) so the forward can hand u = A x to ``recorder``
-    (the K-FAC callback) directly and attach the one tensor hook that catches v in backward;
+    (the K-FAC callback) directly, which keeps u's gradient (``retain_grad``) for v;
     no module hooks, no Python autograd Function in eager mode (both cost more host time per
     layer than the kernels they launch at small batches; BENCHMARKS.md). Inside a
     ``torch.compile``d block, where hooks cannot be registered, u goes through ``_GritTap``
