@@ -195,6 +195,7 @@ def test_bench_train_repeats_report_the_median_run(tmp_path):
     runs = {r["method"]: r for r in data["runs"]}
     assert cmp["qlora_vs_plain_step_mean"] == pytest.approx(runs["qlora"]["step_mean_ms"] / runs["plain"]["step_mean_ms"])
 
+
 def test_bench_train_compiled_blocks_same_losses_no_graph_breaks(tmp_path, capsys, one_thread):
     out = tmp_path / "train.json"
     rc = bench_train(model_config="tiny", methods=["plain", "grit"], batch_sizes=[1], seq_len=8,
