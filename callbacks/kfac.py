@@ -48,8 +48,9 @@ refresh 60 ms every ``update_freq`` steps (per layer and operation it was 95 ms 
 
 from __future__ import annotations
 
+import math
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import lightning as L
@@ -363,6 +364,9 @@ class KFACPreconditioner(L.Callback):
         self._pending_state: dict[str, Any] | None = None
         self._deferred: dict[tuple, tuple] = {}  # statistics waiting for flush(), see _defer
         self._awaiting_grad: list[tuple[_Recording, torch.Tensor]] = []  # u whose u.grad flush() reads
+        self._leaf_layers: list[tuple[GritLoraLinear, _Group, int]] = []  # GRIT layers inside compiled blocks
+        self._leaf_lead: tuple | None = None  # token dims the leaves are sized for
+        self._leaf_dims: tuple | None = None  # (lead, grad_scale) of the micro-batch that fills them
         self._row_of: dict[int, tuple[_Group, int]] = {}  # id(layer) -> (group, row)
         self._chol_version = 0  # bumped when a refresh or a restore changes the cached factors
         self._plan_cache: tuple | None = None
@@ -394,6 +398,10 @@ class KFACPreconditioner(L.Callback):
         for layer in layers.values():
             layer.recorder = self
         self._attached = list(layers.values())
+        self._leaf_layers = [
+            (layer, group, i) for group in self._groups for i, layer in enumerate(group.layers) if layer.in_compiled_block
+        ]
+        self._leaf_lead = self._leaf_dims = None
         if self._pending_state is not None:
             state, self._pending_state = self._pending_state, None
             self._apply_state(state)
@@ -404,7 +412,9 @@ class KFACPreconditioner(L.Callback):
         for layer in self._attached:
             if layer.recorder is self:
                 layer.recorder = None
+                layer.kfac_leaf = None
         self._attached = []
+        self._leaf_layers, self._leaf_lead, self._leaf_dims = [], None, None
 
     def begin(self, layer: GritLoraLinear) -> "_Recording":
         """Called by a GRIT layer's forward once per micro-batch: where its u and v go (:class:`_Recording`)."""
@@ -457,12 +467,49 @@ class KFACPreconditioner(L.Callback):
         """v-side statistics from the gradients autograd kept on the recorded u (after backward).
 
         Also run at each micro-batch start, so no u (and the graph it holds) outlives its
-        micro-batch; a u whose backward never ran contributes no v-side statistics.
+        micro-batch; a u whose backward never ran contributes no v-side statistics. Then the
+        same for compiled GRIT layers: (u, du) from their leaves' ``.grad`` (:meth:`_collect_leaves`).
         """
         awaiting, self._awaiting_grad = self._awaiting_grad, []
         for recording, u in awaiting:
             if u.grad is not None:
                 recording.gradients(u.grad)
+        self._collect_leaves()
+
+    def _prepare_leaves(self, lead: tuple | None) -> None:
+        """Give every GRIT layer inside a compiled block a ``[2, tokens, r]`` leaf for this micro-batch.
+
+        The leaves have zero strides (no memory) and are kept while the token count stays the
+        same. ``lead`` None (token count unknown): no leaves, and the layers fall back to the
+        ``fteval::grit_record`` op (fteval/models/grit_layer.py).
+        """
+        if not self._leaf_layers or lead == self._leaf_lead:
+            return
+        self._leaf_lead = lead
+        n = math.prod(lead) if lead is not None else 0
+        for layer, group, _ in self._leaf_layers:
+            layer.kfac_leaf = (
+                None
+                if lead is None
+                else torch.empty_strided((2, n, group.rank), (0, 0, 0), device=group.device).requires_grad_()
+            )
+
+    def _collect_leaves(self) -> None:
+        """Defer (u, du) of every compiled GRIT layer whose backward filled its leaf; clear the leaves."""
+        if not self._leaf_layers or self._leaf_dims is None:
+            return
+        t0 = time.perf_counter()
+        lead, grad_scale = self._leaf_dims  # of the micro-batch whose backward filled the leaves
+        for layer, group, row in self._leaf_layers:
+            leaf = layer.kfac_leaf
+            if leaf is None or leaf.grad is None:
+                continue
+            pair = leaf.grad
+            leaf.grad = None
+            mask, count = self._mask_for(lead, group.device)  # still that micro-batch's mask (cached per device)
+            self._defer(group, row, 0, pair[0], mask, count, 1.0)
+            self._defer(group, row, 1, pair[1], mask, count, 1.0 / (layer.scaling * grad_scale) ** 2)
+        self._hook_seconds += time.perf_counter() - t0
 
     def _mask_for(self, lead: tuple, device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(0/1 float weights of shape ``lead`` = the activations' token dims, their count) on ``device``,
@@ -484,8 +531,15 @@ class KFACPreconditioner(L.Callback):
             cached = self._mask_on[device] = (m.float(), m.sum(dtype=torch.int64))
         return cached
 
-    def begin_micro_batch(self, token_mask: torch.Tensor | None, grad_scale: float = 1.0) -> None:
-        """Start a micro-batch: its real-token mask ``[batch, seq]`` and AMP loss scale; re-arm the layers."""
+    def begin_micro_batch(
+        self, token_mask: torch.Tensor | None, grad_scale: float = 1.0, token_shape: Sequence[int] | None = None
+    ) -> None:
+        """Start a micro-batch: its real-token mask ``[batch, seq]`` and AMP loss scale; re-arm the layers.
+
+        ``token_shape``: the micro-batch's token dims (``input_ids.shape``; default: the mask's
+        shape). GRIT layers inside compiled blocks need it to hand their statistics over
+        without Python per layer; without it they use the slower fallback op.
+        """
         self._collect_grads()  # the previous micro-batch's backward has run
         self._mask = None if token_mask is None else token_mask.bool()
         self._mask_on = {}
@@ -493,6 +547,12 @@ class KFACPreconditioner(L.Callback):
         for layer in self._layers.values():
             if layer.stats is not None:
                 layer.stats.counted = False
+        if self._leaf_layers:
+            if token_shape is None and token_mask is not None:
+                token_shape = token_mask.shape
+            lead = None if token_shape is None else tuple(int(d) for d in token_shape)
+            self._prepare_leaves(lead)
+            self._leaf_dims = None if lead is None else (lead, self._grad_scale)
 
     # ------------------------------------------------------------------ the optimizer-step work
     def _plan(self, optimizer: torch.optim.Optimizer | None) -> tuple[list[tuple], int]:
@@ -608,7 +668,9 @@ class KFACPreconditioner(L.Callback):
     ) -> None:
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         scale = scaler.get_scale() if scaler is not None and scaler.is_enabled() else 1.0
-        self.begin_micro_batch(token_mask_from_batch(batch), scale)
+        ids = batch.get("input_ids") if isinstance(batch, Mapping) else None
+        shape = tuple(ids.shape) if isinstance(ids, torch.Tensor) else None
+        self.begin_micro_batch(token_mask_from_batch(batch), scale, token_shape=shape)
 
     def on_before_optimizer_step(
         self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer

@@ -87,6 +87,9 @@ def compile_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
             "set compile_blocks: false for this model."
         )
     for block in blocks:
+        for m in block.modules():  # GRIT layers hand their K-FAC statistics over differently when compiled
+            if hasattr(m, "in_compiled_block"):
+                m.in_compiled_block = True
         block.compile()
     return blocks
 

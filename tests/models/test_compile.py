@@ -58,7 +58,7 @@ def test_module_option_compiles_every_block_and_keeps_parameter_names():
     assert names_before <= names_after and not any("_orig_mod" in n for n in names_after)
 
 
-def _grit_step(compiled: bool, batch: dict, checkpointing: bool) -> tuple[float, dict, dict]:
+def _grit_step(compiled: bool, batch: dict, checkpointing: bool, masked: bool = True) -> tuple[float, dict, dict]:
     model = tiny()
     layers = inject_grit_layers(model, TARGETS, r=4, alpha=8, dropout=0.0)
     for layer in layers.values():
@@ -73,35 +73,43 @@ def _grit_step(compiled: bool, batch: dict, checkpointing: bool) -> tuple[float,
     cb.attach(model)
     losses = []
     for _ in range(2):  # a second micro-batch: the once-per-micro-batch flag is re-armed and read again
-        cb.begin_micro_batch(batch["attention_mask"])
+        # with a mask the callback knows the token count and sizes the compiled layers' leaves;
+        # without one (and no token_shape) compiled layers fall back to the fteval::grit_record op
+        cb.begin_micro_batch(batch["attention_mask"] if masked else None)
         loss = model(**batch).loss
         loss.backward()
         losses.append(float(loss.detach()))
     cb.flush()
+    leaves = [m.kfac_leaf for m in layers.values()]
+    if compiled and masked:
+        assert all(leaf is not None and leaf.shape == (2, 24, 4) and leaf.grad is None for leaf in leaves)
+    else:
+        assert all(leaf is None for leaf in leaves)
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     stats = {n: (m.stats.sum_a.clone(), m.stats.sum_g.clone(), int(m.stats.cnt_a), int(m.stats.cnt_g))
              for n, m in layers.items()}
     return losses, grads, stats
 
 
-@pytest.mark.parametrize("checkpointing", [False, True])
-def test_compiled_grit_blocks_match_eager_loss_gradients_and_kfac_statistics(checkpointing, one_thread):
+@pytest.mark.parametrize("checkpointing,masked", [(False, True), (True, True), (True, False)])
+def test_compiled_grit_blocks_match_eager_loss_gradients_and_kfac_statistics(checkpointing, masked, one_thread):
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(3, 128, (2, 12), generator=g)
     mask = torch.ones_like(ids)
     mask[1, 9:] = 0  # three padding tokens: statistics count 21 real tokens per micro-batch
     labels = ids.masked_fill(mask == 0, -100)
     batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
-    loss_e, grads_e, stats_e = _grit_step(False, batch, checkpointing)
+    loss_e, grads_e, stats_e = _grit_step(False, batch, checkpointing, masked)
     torch._dynamo.reset()
-    loss_c, grads_c, stats_c = _grit_step(True, batch, checkpointing)
+    loss_c, grads_c, stats_c = _grit_step(True, batch, checkpointing, masked)
     torch._dynamo.reset()
     assert loss_c == pytest.approx(loss_e, rel=1e-5)
     assert grads_e.keys() == grads_c.keys() and len(grads_e) == 12
     for name in grads_e:
         torch.testing.assert_close(grads_c[name], grads_e[name], rtol=1e-4, atol=1e-6)
     for name, (sa, sg, ca, cg) in stats_e.items():
-        assert (ca, cg) == (42, 42) and stats_c[name][2:] == (42, 42)
+        n = 42 if masked else 48  # two micro-batches of 21 real tokens, or all 24 tokens each
+        assert (ca, cg) == (n, n) and stats_c[name][2:] == (n, n)
         assert float(sg.abs().sum()) > 0  # v reached the statistics under compile too
         torch.testing.assert_close(stats_c[name][0], sa, rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(stats_c[name][1], sg, rtol=1e-4, atol=1e-8)
