@@ -448,7 +448,10 @@ def _top_ops(prof, active_steps: int, device: torch.device, top: int = 20) -> di
 
     events = [ev for ev in prof.key_averages() if self_us(ev) > 0]
     if on_device:  # kernels only: their self device time is the GPU's busy time
-        kernels = [ev for ev in events if getattr(ev, "device_type", None) is not None and "CUDA" in str(ev.device_type)]
+        # (not user annotations such as Lightning's "Optimizer.step#AdamW.step" range, which the profiler
+        # also places on the GPU timeline, spanning the whole step)
+        kernels = [ev for ev in events if getattr(ev, "device_type", None) is not None and "CUDA" in str(ev.device_type)
+                   and not getattr(ev, "is_user_annotation", False)]
         events = kernels or events
     total = sum(self_us(ev) for ev in events) or 1.0
     events.sort(key=self_us, reverse=True)
