@@ -367,6 +367,8 @@ class KFACPreconditioner(L.Callback):
         self._leaf_layers: list[tuple[GritLoraLinear, _Group, int]] = []  # GRIT layers inside compiled blocks
         self._leaf_lead: tuple | None = None  # token dims the leaves are sized for
         self._leaf_dims: tuple | None = None  # (lead, grad_scale) of the micro-batch that fills them
+        self._leaf_deferred: dict[tuple, tuple] = {}  # their (u, du) pairs waiting for flush()
+        self._scale_cache: dict[tuple, torch.Tensor] = {}  # per-layer S_g scales -> [layers, 2, 1, 1] on the device
         self._row_of: dict[int, tuple[_Group, int]] = {}  # id(layer) -> (group, row)
         self._chol_version = 0  # bumped when a refresh or a restore changes the cached factors
         self._plan_cache: tuple | None = None
@@ -402,6 +404,7 @@ class KFACPreconditioner(L.Callback):
             (layer, group, i) for group in self._groups for i, layer in enumerate(group.layers) if layer.in_compiled_block
         ]
         self._leaf_lead = self._leaf_dims = None
+        self._leaf_deferred, self._scale_cache = {}, {}
         if self._pending_state is not None:
             state, self._pending_state = self._pending_state, None
             self._apply_state(state)
@@ -439,6 +442,7 @@ class KFACPreconditioner(L.Callback):
         GRIT's overhead. Mathematically identical to ``RankSpaceStats.add_a``/``add_g`` per layer.
         """
         self._collect_grads()
+        self._flush_leaves()
         deferred, self._deferred = self._deferred, {}
         for group, side, mask, count, rows, tensors, scales in deferred.values():
             r = group.rank
@@ -504,12 +508,43 @@ class KFACPreconditioner(L.Callback):
             leaf = layer.kfac_leaf
             if leaf is None or leaf.grad is None:
                 continue
-            pair = leaf.grad
+            pair = leaf.grad  # [2, N, r]: u and du
             leaf.grad = None
             mask, count = self._mask_for(lead, group.device)  # still that micro-batch's mask (cached per device)
-            self._defer(group, row, 0, pair[0], mask, count, 1.0)
-            self._defer(group, row, 1, pair[1], mask, count, 1.0 / (layer.scaling * grad_scale) ** 2)
+            # both sides as one tensor (indexing pair[0], pair[1] would be 448 more ops per step at 224 layers)
+            key = (id(group), id(mask) if mask is not None else None, tuple(pair.shape))
+            entry = self._leaf_deferred.get(key)
+            if entry is None:
+                entry = self._leaf_deferred[key] = (group, mask, count, [], [], [])
+            entry[3].append(row)
+            entry[4].append(pair)
+            entry[5].append(1.0 / (layer.scaling * grad_scale) ** 2)
         self._hook_seconds += time.perf_counter() - t0
+
+    def _flush_leaves(self) -> None:
+        """:meth:`flush` for the compiled layers' (u, du) pairs: one Gram bmm for both sides of all layers."""
+        deferred, self._leaf_deferred = self._leaf_deferred, {}
+        for group, mask, count, rows, pairs, scales in deferred.values():
+            X = torch.stack(pairs)  # [layers, 2, tokens, r], fp32
+            W = X if mask is None else X * mask.reshape(1, 1, -1, 1).to(X.dtype)
+            G = W.transpose(-1, -2) @ X  # [layers, 2, r, r]
+            key = tuple(scales)
+            side_scale = self._scale_cache.get(key)
+            if side_scale is None:  # [layers, 2, 1, 1]: 1 for S_a, 1/(scaling * loss scale)^2 for S_g
+                if len(self._scale_cache) > 64:
+                    self._scale_cache.clear()
+                side_scale = torch.tensor([[1.0, sc] for sc in scales], dtype=G.dtype).view(-1, 2, 1, 1)
+                side_scale = self._scale_cache[key] = side_scale.to(G.device)
+            key = (id(group), tuple(rows))
+            index = self._index_cache.get(key)
+            if index is None:
+                index = self._index_cache[key] = torch.tensor(rows, device=group.device)
+            group.pending.index_add_(0, index, (G * side_scale).to(group.device))
+            if count is None:
+                tokens = torch.full((len(rows), 2), X.shape[2], dtype=torch.int64, device=group.device)
+            else:
+                tokens = count.to(device=group.device, dtype=torch.int64).expand(len(rows), 2).contiguous()
+            group.counts.index_add_(0, index, tokens)
 
     def _mask_for(self, lead: tuple, device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(0/1 float weights of shape ``lead`` = the activations' token dims, their count) on ``device``,
