@@ -58,7 +58,7 @@ def test_module_option_compiles_every_block_and_keeps_parameter_names():
     assert names_before <= names_after and not any("_orig_mod" in n for n in names_after)
 
 
-def _grit_step(compiled: bool, batch: dict, checkpointing: bool, masked: bool = True) -> tuple[float, dict, dict]:
+def _grit_step(compiled: bool, batch: dict, checkpointing: bool, told: str = "mask") -> tuple[float, dict, dict]:
     model = tiny()
     layers = inject_grit_layers(model, TARGETS, r=4, alpha=8, dropout=0.0)
     for layer in layers.values():
@@ -73,15 +73,16 @@ def _grit_step(compiled: bool, batch: dict, checkpointing: bool, masked: bool = 
     cb.attach(model)
     losses = []
     for _ in range(2):  # a second micro-batch: the once-per-micro-batch flag is re-armed and read again
-        # with a mask the callback knows the token count and sizes the compiled layers' leaves;
-        # without one (and no token_shape) compiled layers fall back to the fteval::grit_record op
-        cb.begin_micro_batch(batch["attention_mask"] if masked else None)
+        # told the mask or the token shape, the callback sizes the compiled layers' leaves; told
+        # neither, compiled layers fall back to the fteval::grit_record op
+        mask = batch["attention_mask"] if told == "mask" else None
+        cb.begin_micro_batch(mask, token_shape=batch["input_ids"].shape if told == "shape" else None)
         loss = model(**batch).loss
         loss.backward()
         losses.append(float(loss.detach()))
     cb.flush()
     leaves = [m.kfac_leaf for m in layers.values()]
-    if compiled and masked:
+    if compiled and told != "nothing":
         assert all(leaf is not None and leaf.shape == (2, 24, 4) and leaf.grad is None for leaf in leaves)
     else:
         assert all(leaf is None for leaf in leaves)
@@ -91,25 +92,53 @@ def _grit_step(compiled: bool, batch: dict, checkpointing: bool, masked: bool = 
     return losses, grads, stats
 
 
-@pytest.mark.parametrize("checkpointing,masked", [(False, True), (True, True), (True, False)])
-def test_compiled_grit_blocks_match_eager_loss_gradients_and_kfac_statistics(checkpointing, masked, one_thread):
+@pytest.mark.parametrize("checkpointing,told", [(False, "mask"), (True, "mask"), (True, "shape"), (True, "nothing")])
+def test_compiled_grit_blocks_match_eager_loss_gradients_and_kfac_statistics(checkpointing, told, one_thread):
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(3, 128, (2, 12), generator=g)
     mask = torch.ones_like(ids)
     mask[1, 9:] = 0  # three padding tokens: statistics count 21 real tokens per micro-batch
     labels = ids.masked_fill(mask == 0, -100)
     batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
-    loss_e, grads_e, stats_e = _grit_step(False, batch, checkpointing, masked)
+    loss_e, grads_e, stats_e = _grit_step(False, batch, checkpointing, told)
     torch._dynamo.reset()
-    loss_c, grads_c, stats_c = _grit_step(True, batch, checkpointing, masked)
+    loss_c, grads_c, stats_c = _grit_step(True, batch, checkpointing, told)
     torch._dynamo.reset()
     assert loss_c == pytest.approx(loss_e, rel=1e-5)
     assert grads_e.keys() == grads_c.keys() and len(grads_e) == 12
     for name in grads_e:
         torch.testing.assert_close(grads_c[name], grads_e[name], rtol=1e-4, atol=1e-6)
     for name, (sa, sg, ca, cg) in stats_e.items():
-        n = 42 if masked else 48  # two micro-batches of 21 real tokens, or all 24 tokens each
+        n = 42 if told == "mask" else 48  # two micro-batches of 21 real tokens, or all 24 tokens each
         assert (ca, cg) == (n, n) and stats_c[name][2:] == (n, n)
         assert float(sg.abs().sum()) > 0  # v reached the statistics under compile too
         torch.testing.assert_close(stats_c[name][0], sa, rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(stats_c[name][1], sg, rtol=1e-4, atol=1e-8)
+
+
+def test_kfac_callback_sizes_compiled_layers_slots_from_the_batch_and_only_theirs():
+    from types import SimpleNamespace
+
+    model = tiny()
+    layers = inject_grit_layers(model, TARGETS, r=4, alpha=8)
+    compiled = [name for name in layers if ".layers.0." in name]
+    for name in compiled:  # what compile_blocks marks; the second block stays eager
+        layers[name].in_compiled_block = True
+    cb = KFACPreconditioner()
+    cb.attach(model)
+    trainer = SimpleNamespace(precision_plugin=SimpleNamespace())  # no grad scaler
+    batch = {"input_ids": torch.zeros(3, 5, dtype=torch.long)}  # no labels or mask: the shape comes from input_ids
+    cb.on_train_batch_start(trainer, None, batch, 0)
+    slots = {name: m.kfac_leaf for name, m in layers.items()}
+    assert len(compiled) == 3
+    for name, leaf in slots.items():
+        if name in compiled:  # [2, tokens, r] with no storage behind it
+            assert leaf.shape == (2, 15, 4) and leaf.stride() == (0, 0, 0) and leaf.requires_grad
+        else:
+            assert leaf is None
+    cb.on_train_batch_start(trainer, None, batch, 1)  # same shape: the same slots are kept
+    assert all(layers[n].kfac_leaf is slots[n] for n in compiled)
+    cb.on_train_batch_start(trainer, None, {"input_ids": torch.zeros(2, 7, dtype=torch.long)}, 2)
+    assert all(layers[n].kfac_leaf.shape == (2, 14, 4) for n in compiled)
+    cb.detach()
+    assert all(m.kfac_leaf is None for m in layers.values())
