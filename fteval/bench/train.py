@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import statistics
 import tempfile
 import time
 import traceback
@@ -522,10 +523,18 @@ def _median_of_repeats(rows: list[dict]) -> dict:
     ranked = sorted(ok, key=lambda r: r["step_mean_ms"])
     chosen = dict(ranked[(len(ranked) - 1) // 2])
     chosen["repeats"] = len(rows)
-    chosen["repeat_step_mean_ms"] = [r["step_mean_ms"] for r in ok]
-    chosen["repeat_step_p50_ms"] = [r["step_p50_ms"] for r in ok]
+    # per repeat, in repeat order (None for a failed repeat), so repeats of different methods pair up
+    chosen["repeat_step_mean_ms"] = [r.get("step_mean_ms") if r["error"] is None else None for r in rows]
+    chosen["repeat_step_p50_ms"] = [r.get("step_p50_ms") if r["error"] is None else None for r in rows]
+    if any("amortised_step_ms" in r for r in ok):
+        chosen["repeat_amortised_step_ms"] = [r.get("amortised_step_ms") if r["error"] is None else None for r in rows]
     chosen["repeat_errors"] = [r["error"] for r in rows if r["error"] is not None]
     return chosen
+
+
+def _paired_ratios(num: list, den: list) -> list[float]:
+    """Per-repeat ratios of two methods' values (repeats whose runs both succeeded)."""
+    return [a / b for a, b in zip(num, den) if a is not None and b]
 
 
 def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
@@ -566,9 +575,23 @@ def _comparisons(runs: list[dict]) -> list[dict]:
                 row[f"{num}_vs_{den}_peak_mem"] = _ratio(n["peak_mem_gib"], d["peak_mem_gib"])
         if "grit" in by and "qlora" in by and by["grit"].get("amortised_step_ms") is not None:
             row["grit_vs_qlora_amortised"] = _ratio(by["grit"]["amortised_step_ms"], by["qlora"]["step_p50_ms"])
-        if row.get("qlora_vs_plain_step_mean") is not None:
-            row["qlora_target_met"] = row["qlora_vs_plain_step_mean"] <= TARGETS["qlora_vs_plain_max"]
-        grit_ratio = row.get("grit_vs_qlora_amortised", row.get("grit_vs_qlora_step_mean"))
+        # With repeats: the ratio within each repeat (its methods ran back to back, in rotated order), then
+        # the median over repeats. A shared host drifts by tens of percent over minutes; pairing cancels the
+        # drift that comparing each method's median run (above) keeps.
+        pairs = (("qlora_vs_plain", "qlora", "repeat_step_mean_ms", "plain", "repeat_step_mean_ms"),
+                 ("grit_vs_qlora", "grit", "repeat_step_mean_ms", "qlora", "repeat_step_mean_ms"),
+                 ("grit_vs_qlora_amortised", "grit", "repeat_amortised_step_ms", "qlora", "repeat_step_p50_ms"))
+        for name, num, nkey, den, dkey in pairs:
+            if num in by and den in by and by[num].get(nkey) and by[den].get(dkey):
+                ratios = _paired_ratios(by[num][nkey], by[den][dkey])
+                if ratios:
+                    row[f"{name}_paired"] = ratios
+                    row[f"{name}_paired_median"] = statistics.median(ratios)
+        qlora_ratio = row.get("qlora_vs_plain_paired_median", row.get("qlora_vs_plain_step_mean"))
+        if qlora_ratio is not None:
+            row["qlora_target_met"] = qlora_ratio <= TARGETS["qlora_vs_plain_max"]
+        grit_ratio = row.get("grit_vs_qlora_amortised_paired_median",
+                             row.get("grit_vs_qlora_amortised", row.get("grit_vs_qlora_step_mean")))
         if grit_ratio is not None:
             row["grit_target_met"] = grit_ratio <= TARGETS["grit_vs_qlora_max"]
         out.append(row)
@@ -585,7 +608,10 @@ RATIO_COLUMNS = (
     ("batch_size", "batch", "d"), ("gradient_checkpointing", "ckpt", ""),
     ("qlora_vs_plain_step_mean", "qlora/plain step", ".3f"), ("qlora_target_met", "<=1.03", ""),
     ("grit_vs_qlora_step_mean", "grit/qlora step", ".3f"), ("grit_vs_qlora_amortised", "grit/qlora amortised", ".3f"),
-    ("grit_target_met", "<=1.10", ""), ("qlora_vs_plain_peak_mem", "qlora/plain mem", ".3f"),
+    ("grit_target_met", "<=1.10", ""),
+    ("qlora_vs_plain_paired_median", "qlora/plain paired", ".3f"),
+    ("grit_vs_qlora_amortised_paired_median", "grit/qlora amortised paired", ".3f"),
+    ("qlora_vs_plain_peak_mem", "qlora/plain mem", ".3f"),
     ("grit_vs_qlora_peak_mem", "grit/qlora mem", ".3f"), ("padding_free", "padding-free", ""),
     ("plain_padding_free_speedup", "plain pf/padded", ".3f"), ("qlora_padding_free_speedup", "qlora pf/padded", ".3f"),
     ("grit_padding_free_speedup", "grit pf/padded", ".3f"), ("compile_blocks", "compiled", ""),
@@ -651,11 +677,13 @@ def bench_train(
             With equal lengths there is no padding to remove. With ragged lengths each
             (batch, checkpointing, padding-free) group starts with one untimed pass of the first
             method over the same batches (shape warm-up).
-        repeats: run every method this many times, interleaved (plain, qlora, grit, plain, ...),
-            and report per method the run with the median mean step time, with every repeat's
-            mean and p50 listed (``repeat_step_mean_ms``/``repeat_step_p50_ms``). Host-bound
-            rows (batch 1 with checkpointing) vary by tens of percent between runs on a shared
-            host; one run is not enough to compare them.
+        repeats: run every method this many times, interleaved with the order rotated each
+            repeat (plain, qlora, grit; qlora, grit, plain; ...), and report per method the run
+            with the median mean step time, with every repeat's mean and p50 listed
+            (``repeat_step_mean_ms``/``repeat_step_p50_ms``), plus the ratios within each repeat
+            and their median (``*_paired``, ``*_paired_median``; the targets are judged on these).
+            Host-bound rows (batch 1 with checkpointing) vary by tens of percent between runs on
+            a shared host; one run is not enough to compare them.
         compile_blocks: one run per value: transformer blocks eager (False) or ``torch.compile``d
             (True, ``model.compile_blocks`` of ``fteval fit``; the plain loop's blocks are compiled
             the same way). Every compiled run starts cold (``torch._dynamo.reset``), so its compile
@@ -726,8 +754,11 @@ def bench_train(
                                     Path(tmp), min_seq_len=min_seq_len, padding_free=bool(pf), compile_blocks=bool(comp),
                                     gc_freeze=gc_freeze)
                     group: dict[str, list[dict]] = {m: [] for m in methods}
-                    for rep in range(repeats):  # interleaved: plain, qlora, grit, plain, qlora, grit, ...
-                        for method in methods:
+                    for rep in range(repeats):
+                        # interleaved, the order rotated every repeat (plain, qlora, grit; qlora, grit, plain; ...)
+                        # so that no method always runs last, when the shared host has drifted furthest
+                        shift = rep % len(methods)
+                        for method in methods[shift:] + methods[:shift]:
                             lengths = f"{seq_len}" if min_seq_len is None else f"{min_seq_len}-{seq_len}"
                             again = f", repeat {rep + 1}/{repeats}" if repeats > 1 else ""
                             print(f"[fteval bench] {method}: batch {b} x {lengths} tokens, checkpointing {ckpt}, "

@@ -180,13 +180,13 @@ def test_bench_train_ragged_lengths_padded_vs_padding_free(tmp_path, capsys):
     assert "qlora pf/padded" in capsys.readouterr().out
 
 
-def test_bench_train_repeats_report_the_median_run(tmp_path):
+def test_bench_train_repeats_report_the_median_run_and_paired_ratios(tmp_path, capsys):
     out = tmp_path / "train.json"
-    rc = bench_train(model_config="tiny", methods=["plain", "qlora"], batch_sizes=[1], seq_len=8,
+    rc = bench_train(model_config="tiny", methods=["plain", "qlora", "grit"], batch_sizes=[1], seq_len=8,
                      gradient_checkpointing=[False], steps=2, warmup=1, quantization="none", repeats=3, output=out)
     assert rc == 0
     data = json.loads(out.read_text())
-    assert data["settings"]["repeats"] == 3 and len(data["runs"]) == 2
+    assert data["settings"]["repeats"] == 3 and len(data["runs"]) == 3
     for r in data["runs"]:
         means = r["repeat_step_mean_ms"]
         assert r["repeats"] == 3 and len(means) == 3 and len(r["repeat_step_p50_ms"]) == 3
@@ -194,6 +194,18 @@ def test_bench_train_repeats_report_the_median_run(tmp_path):
     (cmp,) = data["comparisons"]
     runs = {r["method"]: r for r in data["runs"]}
     assert cmp["qlora_vs_plain_step_mean"] == pytest.approx(runs["qlora"]["step_mean_ms"] / runs["plain"]["step_mean_ms"])
+    # within each repeat, then the median: the target is judged on that
+    paired = [q / p for q, p in zip(runs["qlora"]["repeat_step_mean_ms"], runs["plain"]["repeat_step_mean_ms"])]
+    assert cmp["qlora_vs_plain_paired"] == pytest.approx(paired)
+    assert cmp["qlora_vs_plain_paired_median"] == pytest.approx(sorted(paired)[1])
+    assert cmp["qlora_target_met"] == (sorted(paired)[1] <= 1.03)
+    grit = [g / q for g, q in zip(runs["grit"]["repeat_amortised_step_ms"], runs["qlora"]["repeat_step_p50_ms"])]
+    assert len(grit) == 3 and cmp["grit_vs_qlora_amortised_paired_median"] == pytest.approx(sorted(grit)[1])
+    assert cmp["grit_target_met"] == (sorted(grit)[1] <= 1.10)
+    # the order rotates every repeat, so no method always runs last
+    order = [line.split()[2].rstrip(":") for line in capsys.readouterr().out.splitlines()
+             if line.startswith("[fteval bench] ") and ", repeat " in line]
+    assert order == ["plain", "qlora", "grit", "qlora", "grit", "plain", "grit", "plain", "qlora"]
 
 
 def test_bench_train_compiled_blocks_same_losses_no_graph_breaks(tmp_path, capsys, one_thread):
