@@ -4,13 +4,20 @@ Models are chosen by ``class_path`` in the config (QLoRAModule, GRITModule, AQIE
 module is always :class:`fteval.data.AlignmentDataModule`, and its tokenizer follows the model's
 ``model_name_or_path`` through an argument link. Optimisers are injected into the module as an
 ``OptimizerCallable`` (``auto_configure_optimizers=False``) so the module decides which parameters
-are optimised: only the adapters, which exist only after ``configure_model``.
+are optimised: only the adapters, which exist only after ``configure_model``. Where the config
+lists no progress bar, :func:`callbacks.progress.default_progress_bar` is added (Lightning's bar,
+counting a ``max_steps`` run with gradient accumulation correctly).
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import lightning as L
+from lightning.pytorch.callbacks import Callback, ProgressBar
 from lightning.pytorch.cli import LightningCLI
+
+from callbacks.progress import default_progress_bar
 
 from fteval.data import AlignmentDataModule
 
@@ -32,3 +39,12 @@ class FTEvalCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("model.init_args.model_name_or_path", "data.model_name_or_path")
         parser.link_arguments("model.init_args.cache_dir", "data.cache_dir")
+
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> L.Trainer:
+        listed = config.get("callbacks") or []
+        listed = listed if isinstance(listed, list) else [listed]
+        if config.get("enable_progress_bar") is not False and not any(
+            isinstance(c, ProgressBar) for c in [*listed, *callbacks]
+        ):
+            callbacks = [*callbacks, default_progress_bar()]
+        return super()._instantiate_trainer(config, callbacks)
