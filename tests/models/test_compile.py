@@ -58,7 +58,7 @@ def test_module_option_compiles_every_block_and_keeps_parameter_names():
     assert names_before <= names_after and not any("_orig_mod" in n for n in names_after)
 
 
-def _grit_step(compiled: bool, batch: dict, checkpointing: bool, told: str = "mask") -> tuple[float, dict, dict]:
+def _grit_step(compiled: bool, batches: list[dict], checkpointing: bool, told: str = "mask") -> tuple[float, dict, dict]:
     model = tiny()
     layers = inject_grit_layers(model, TARGETS, r=4, alpha=8, dropout=0.0)
     for layer in layers.values():
@@ -72,7 +72,7 @@ def _grit_step(compiled: bool, batch: dict, checkpointing: bool, told: str = "ma
     cb = KFACPreconditioner(min_samples=1)
     cb.attach(model)
     losses = []
-    for _ in range(2):  # a second micro-batch: the once-per-micro-batch flag is re-armed and read again
+    for batch in batches:  # several micro-batches: the once-per-micro-batch flag is re-armed and read again
         # told the mask or the token shape, the callback sizes the compiled layers' leaves; told
         # neither, compiled layers fall back to the fteval::grit_record op
         mask = batch["attention_mask"] if told == "mask" else None
@@ -83,7 +83,8 @@ def _grit_step(compiled: bool, batch: dict, checkpointing: bool, told: str = "ma
     cb.flush()
     leaves = [m.kfac_leaf for m in layers.values()]
     if compiled and told != "nothing":
-        assert all(leaf is not None and leaf.shape == (2, 24, 4) and leaf.grad is None for leaf in leaves)
+        tokens = batches[-1]["input_ids"].numel()
+        assert all(leaf is not None and leaf.shape == (2, tokens, 4) and leaf.grad is None for leaf in leaves)
     else:
         assert all(leaf is None for leaf in leaves)
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -100,9 +101,9 @@ def test_compiled_grit_blocks_match_eager_loss_gradients_and_kfac_statistics(che
     mask[1, 9:] = 0  # three padding tokens: statistics count 21 real tokens per micro-batch
     labels = ids.masked_fill(mask == 0, -100)
     batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
-    loss_e, grads_e, stats_e = _grit_step(False, batch, checkpointing, told)
+    loss_e, grads_e, stats_e = _grit_step(False, [batch, batch], checkpointing, told)
     torch._dynamo.reset()
-    loss_c, grads_c, stats_c = _grit_step(True, batch, checkpointing, told)
+    loss_c, grads_c, stats_c = _grit_step(True, [batch, batch], checkpointing, told)
     torch._dynamo.reset()
     assert loss_c == pytest.approx(loss_e, rel=1e-5)
     assert grads_e.keys() == grads_c.keys() and len(grads_e) == 12
@@ -142,3 +143,26 @@ def test_kfac_callback_sizes_compiled_layers_slots_from_the_batch_and_only_their
     assert all(layers[n].kfac_leaf.shape == (2, 14, 4) for n in compiled)
     cb.detach()
     assert all(m.kfac_leaf is None for m in layers.values())
+
+
+def test_compiled_grit_statistics_follow_changing_batch_shapes(one_thread):
+    """Padded batches change length between micro-batches: the slots are resized, the blocks recompile."""
+    g = torch.Generator().manual_seed(2)
+    batches = []
+    for seq, pad in ((12, 3), (9, 2), (12, 0)):
+        ids = torch.randint(3, 128, (2, seq), generator=g)
+        mask = torch.ones_like(ids)
+        if pad:
+            mask[0, seq - pad:] = 0
+        batches.append({"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)})
+    loss_e, grads_e, stats_e = _grit_step(False, batches, True)
+    torch._dynamo.reset()
+    loss_c, grads_c, stats_c = _grit_step(True, batches, True)
+    torch._dynamo.reset()
+    assert loss_c == pytest.approx(loss_e, rel=1e-5)
+    for name in grads_e:
+        torch.testing.assert_close(grads_c[name], grads_e[name], rtol=1e-4, atol=1e-6)
+    for name, (sa, sg, ca, cg) in stats_e.items():
+        assert (ca, cg) == (61, 61) and stats_c[name][2:] == (61, 61)  # attention-mask tokens: 21 + 16 + 24
+        torch.testing.assert_close(stats_c[name][0], sa, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(stats_c[name][1], sg, rtol=1e-4, atol=1e-8)
