@@ -237,6 +237,16 @@ class _Group:
         self.refreshed_at[i][side] = int(state["refreshed_at"])
 
 
+def _precision_dtype(trainer: Any) -> torch.dtype:
+    """The dtype activations have under the trainer's precision ("bf16-mixed" -> bf16, "16-mixed" -> fp16, else fp32)."""
+    precision = str(getattr(trainer, "precision", "32-true"))
+    if precision.startswith("bf16"):
+        return torch.bfloat16
+    if precision.startswith("16"):
+        return torch.float16
+    return torch.float32
+
+
 def _copy_into(targets: list[torch.Tensor], sources: list[torch.Tensor]) -> None:
     if hasattr(torch, "_foreach_copy_"):
         torch._foreach_copy_(targets, sources)  # one launch for many tensors
@@ -365,7 +375,7 @@ class KFACPreconditioner(L.Callback):
         self._deferred: dict[tuple, tuple] = {}  # statistics waiting for flush(), see _defer
         self._awaiting_grad: list[tuple[_Recording, torch.Tensor]] = []  # u whose u.grad flush() reads
         self._leaf_layers: list[tuple[GritLoraLinear, _Group, int]] = []  # GRIT layers inside compiled blocks
-        self._leaf_lead: tuple | None = None  # token dims the leaves are sized for
+        self._leaf_lead: tuple | None = None  # (token dims, dtype) the leaves are made for
         self._leaf_dims: tuple | None = None  # (lead, grad_scale) of the micro-batch that fills them
         self._leaf_deferred: dict[tuple, tuple] = {}  # their (u, du) pairs waiting for flush()
         self._scale_cache: dict[tuple, torch.Tensor] = {}  # per-layer S_g scales -> [layers, 2, 1, 1] on the device
@@ -480,22 +490,24 @@ class KFACPreconditioner(L.Callback):
                 recording.gradients(u.grad)
         self._collect_leaves()
 
-    def _prepare_leaves(self, lead: tuple | None) -> None:
+    def _prepare_leaves(self, lead: tuple | None, dtype: torch.dtype) -> None:
         """Give every GRIT layer inside a compiled block a ``[2, tokens, r]`` leaf for this micro-batch.
 
-        The leaves have zero strides (no memory) and are kept while the token count stays the
-        same. ``lead`` None (token count unknown): no leaves, and the layers fall back to the
+        The leaves have zero strides (no memory) and are kept while the token count and dtype
+        stay the same; the backward writes (u, du) into their ``.grad`` in ``dtype``. ``lead``
+        None (token count unknown): no leaves, and the layers fall back to the
         ``fteval::grit_record`` op (fteval/models/grit_layer.py).
         """
-        if not self._leaf_layers or lead == self._leaf_lead:
+        if not self._leaf_layers or (lead, dtype) == self._leaf_lead:
             return
-        self._leaf_lead = lead
+        self._leaf_lead = (lead, dtype)
         n = math.prod(lead) if lead is not None else 0
         for layer, group, _ in self._leaf_layers:
             layer.kfac_leaf = (
                 None
                 if lead is None
-                else torch.empty_strided((2, n, group.rank), (0, 0, 0), device=group.device).requires_grad_()
+                else torch.empty_strided((2, n, group.rank), (0, 0, 0), dtype=dtype, device=group.device)
+                .requires_grad_()
             )
 
     def _collect_leaves(self) -> None:
@@ -525,7 +537,7 @@ class KFACPreconditioner(L.Callback):
         """:meth:`flush` for the compiled layers' (u, du) pairs: one Gram bmm for both sides of all layers."""
         deferred, self._leaf_deferred = self._leaf_deferred, {}
         for group, mask, count, rows, pairs, scales in deferred.values():
-            X = torch.stack(pairs)  # [layers, 2, tokens, r], fp32
+            X = torch.stack(pairs).float()  # [layers, 2, tokens, r]
             W = X if mask is None else X * mask.reshape(1, 1, -1, 1).to(X.dtype)
             G = W.transpose(-1, -2) @ X  # [layers, 2, r, r]
             key = tuple(scales)
@@ -567,13 +579,19 @@ class KFACPreconditioner(L.Callback):
         return cached
 
     def begin_micro_batch(
-        self, token_mask: torch.Tensor | None, grad_scale: float = 1.0, token_shape: Sequence[int] | None = None
+        self,
+        token_mask: torch.Tensor | None,
+        grad_scale: float = 1.0,
+        token_shape: Sequence[int] | None = None,
+        slot_dtype: torch.dtype = torch.float32,
     ) -> None:
         """Start a micro-batch: its real-token mask ``[batch, seq]`` and AMP loss scale; re-arm the layers.
 
         ``token_shape``: the micro-batch's token dims (``input_ids.shape``; default: the mask's
         shape). GRIT layers inside compiled blocks need it to hand their statistics over
-        without Python per layer; without it they use the slower fallback op.
+        without Python per layer; without it they use the slower fallback op. ``slot_dtype``:
+        the dtype they hand u and du over in (the training precision's; Lightning's hook
+        passes bf16 under ``bf16-mixed``); the statistics are summed in fp32 either way.
         """
         self._collect_grads()  # the previous micro-batch's backward has run
         self._mask = None if token_mask is None else token_mask.bool()
@@ -586,7 +604,7 @@ class KFACPreconditioner(L.Callback):
             if token_shape is None and token_mask is not None:
                 token_shape = token_mask.shape
             lead = None if token_shape is None else tuple(int(d) for d in token_shape)
-            self._prepare_leaves(lead)
+            self._prepare_leaves(lead, slot_dtype)
             self._leaf_dims = None if lead is None else (lead, self._grad_scale)
 
     # ------------------------------------------------------------------ the optimizer-step work
@@ -705,7 +723,8 @@ class KFACPreconditioner(L.Callback):
         scale = scaler.get_scale() if scaler is not None and scaler.is_enabled() else 1.0
         ids = batch.get("input_ids") if isinstance(batch, Mapping) else None
         shape = tuple(ids.shape) if isinstance(ids, torch.Tensor) else None
-        self.begin_micro_batch(token_mask_from_batch(batch), scale, token_shape=shape)
+        self.begin_micro_batch(token_mask_from_batch(batch), scale, token_shape=shape,
+                               slot_dtype=_precision_dtype(trainer))
 
     def on_before_optimizer_step(
         self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer

@@ -184,7 +184,7 @@ def _record(layer: GritLoraLinear, u: torch.Tensor, lead: tuple) -> None:
 # The same hand-over inside torch.compile'd blocks (AdapterModule's compile_blocks).
 #
 # Preferred path: u passes through ``_GritLeafTap`` (identity in forward, a view, no copy) together
-# with ``layer.kfac_leaf``, a [2, tokens, r] fp32 leaf tensor with zero strides (no storage) that the
+# with ``layer.kfac_leaf``, a [2, tokens, r] leaf tensor with zero strides (no storage) that the
 # K-FAC callback sizes at each micro-batch start. The tap's backward returns ``stack([u, du])`` as
 # the leaf's "gradient": one fused kernel inside the compiled backward, and autograd's C++
 # AccumulateGrad stores it in ``leaf.grad`` without a copy. The callback reads every layer's
@@ -241,21 +241,24 @@ if not hasattr(torch.ops.fteval, "grit_record"):  # once per process (re-imports
 
 
 class _GritLeafTap(torch.autograd.Function):
-    """Identity on u ``[N, r]`` whose backward writes ``stack([u, du])`` (fp32) into ``leaf.grad``.
+    """Identity on u ``[N, r]`` whose backward writes ``stack([u, du])`` into ``leaf.grad``.
 
-    ``leaf`` is ``[2, N, r]`` with zero strides and ``requires_grad``: a slot, never read.
+    ``leaf`` is ``[2, N, r]`` with zero strides and ``requires_grad``: a slot, never read. The
+    pair takes the slot's dtype (the callback picks the training precision's: bf16 under
+    bf16-mixed, where u and du are bf16 already, so nothing is lost and half the memory is held).
     Gradient checkpointing re-runs the forward (nothing happens there); the backward runs once.
     """
 
     @staticmethod
     def forward(ctx: Any, u: torch.Tensor, leaf: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(u)
+        ctx.slot_dtype = leaf.dtype
         return u.view_as(u)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple:
         (u,) = ctx.saved_tensors
-        return grad, torch.stack([u.float(), grad.float()])
+        return grad, torch.stack([u.to(ctx.slot_dtype), grad.to(ctx.slot_dtype)])
 
 
 class _GritTap(torch.autograd.Function):

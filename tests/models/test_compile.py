@@ -166,3 +166,44 @@ def test_compiled_grit_statistics_follow_changing_batch_shapes(one_thread):
         assert (ca, cg) == (61, 61) and stats_c[name][2:] == (61, 61)  # attention-mask tokens: 21 + 16 + 24
         torch.testing.assert_close(stats_c[name][0], sa, rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(stats_c[name][1], sg, rtol=1e-4, atol=1e-8)
+
+
+def test_compiled_grit_hands_bf16_pairs_over_under_bf16_autocast(one_thread):
+    """Under bf16 autocast u and du are bf16: the slots take them as they are (half the memory of fp32)."""
+    from types import SimpleNamespace
+
+    from callbacks.kfac import _precision_dtype
+
+    assert _precision_dtype(SimpleNamespace(precision="bf16-mixed")) is torch.bfloat16
+    assert _precision_dtype(SimpleNamespace(precision="16-mixed")) is torch.float16
+    assert _precision_dtype(SimpleNamespace(precision="32-true")) is torch.float32
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(3, 128, (2, 12), generator=g)
+    batch = {"input_ids": ids, "labels": ids}
+    stats, pair_dtypes = {}, set()
+    for compiled in (False, True):
+        model = tiny()
+        layers = inject_grit_layers(model, TARGETS, r=4, alpha=8, dropout=0.0)
+        for layer in layers.values():
+            nn.init.normal_(layer.lora_B.weight, std=0.05)
+        model.train()
+        if compiled:
+            compile_blocks(model)
+        cb = KFACPreconditioner(min_samples=1)
+        cb.attach(model)
+        cb.begin_micro_batch(None, token_shape=ids.shape, slot_dtype=torch.bfloat16)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(**batch).loss
+        loss.backward()
+        if compiled:
+            pair_dtypes = {m.kfac_leaf.grad.dtype for m in layers.values()}
+        cb.flush()
+        stats[compiled] = {n: (m.stats.sum_a.clone(), m.stats.sum_g.clone(), int(m.stats.cnt_a)) for n, m in layers.items()}
+        torch._dynamo.reset()
+    assert pair_dtypes == {torch.bfloat16}
+    for name, (sa, sg, ca) in stats[False].items():
+        assert ca == 24 and stats[True][name][2] == 24
+        assert sa.dtype == torch.float32 and float(sg.abs().sum()) > 0
+        # eager and compiled bf16 kernels round differently: bf16-level agreement
+        torch.testing.assert_close(stats[True][name][0], sa, rtol=2e-2, atol=1e-2)
+        torch.testing.assert_close(stats[True][name][1], sg, rtol=5e-2, atol=1e-6)
