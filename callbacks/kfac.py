@@ -466,16 +466,21 @@ class KFACPreconditioner(L.Callback):
                 G = G * torch.tensor(scales, dtype=G.dtype).to(G.device, non_blocking=True).view(-1, 1, 1)
             # No host-to-device copies here: a blocking copy (torch.tensor(..., device=cuda)) synchronises
             # the stream, which at launch-bound shapes exposes all of the step's remaining host work.
-            key = (id(group), tuple(rows))
-            index = self._index_cache.get(key)
-            if index is None:
-                index = self._index_cache[key] = torch.tensor(rows, device=group.device)
+            index = self._rows_index(group, rows)
             group.pending[:, side].index_add_(0, index, G.to(group.device))
             if count is None:
                 tokens = torch.full((len(rows),), X.shape[1], dtype=torch.int64, device=group.device)
             else:
                 tokens = count.to(device=group.device, dtype=torch.int64).expand(len(rows)).contiguous()
             group.counts[:, side].index_add_(0, index, tokens)
+
+    def _rows_index(self, group: _Group, rows: list[int]) -> torch.Tensor:
+        """The row indices as a device tensor, made once per (group, rows): creating it is a host-to-device copy."""
+        key = (id(group), tuple(rows))
+        index = self._index_cache.get(key)
+        if index is None:
+            index = self._index_cache[key] = torch.tensor(rows, device=group.device)
+        return index
 
     def _collect_grads(self) -> None:
         """v-side statistics from the gradients autograd kept on the recorded u (after backward).
@@ -547,10 +552,7 @@ class KFACPreconditioner(L.Callback):
                     self._scale_cache.clear()
                 side_scale = torch.tensor([[1.0, sc] for sc in scales], dtype=G.dtype).view(-1, 2, 1, 1)
                 side_scale = self._scale_cache[key] = side_scale.to(G.device)
-            key = (id(group), tuple(rows))
-            index = self._index_cache.get(key)
-            if index is None:
-                index = self._index_cache[key] = torch.tensor(rows, device=group.device)
+            index = self._rows_index(group, rows)
             group.pending.index_add_(0, index, (G * side_scale).to(group.device))
             if count is None:
                 tokens = torch.full((len(rows), 2), X.shape[2], dtype=torch.int64, device=group.device)
