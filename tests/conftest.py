@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -15,6 +17,41 @@ AXIOMS = [
 TOPICS = ["sourdough starters", "binary search", "tide tables", "tax deadlines", "marathon training",
           "sleep hygiene", "haiku", "git rebase", "household budgets", "photosynthesis", "chess endgames",
           "email etiquette", "bird migration", "compound interest", "watercolour washes"]
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--test-order", choices=("default", "reverse", "random"), default="default",
+        help="run the collected tests in reverse or shuffled order (shows hidden order dependence)",
+    )
+    parser.addoption("--test-order-seed", type=int, default=0, help="seed of --test-order random")
+
+
+def pytest_collection_modifyitems(config, items):
+    order = config.getoption("--test-order")
+    if order == "reverse":
+        items.reverse()
+    elif order == "random":
+        random.Random(config.getoption("--test-order-seed")).shuffle(items)
+
+
+def pytest_report_header(config):
+    return f"fteval: test order {config.getoption('--test-order')}, torch threads {torch.get_num_threads()}"
+
+
+@pytest.fixture(autouse=True)
+def _fixed_global_seeds():
+    """Every test starts from the same global RNG state (torch, numpy, random), whatever ran before it.
+
+    Tests seed their own generators; this keeps any draw from the global streams (a module's
+    initialisation, dropout) independent of test order. The torch thread count is restored too.
+    """
+    threads = torch.get_num_threads()
+    torch.manual_seed(0)
+    np.random.seed(0)
+    random.seed(0)
+    yield
+    torch.set_num_threads(threads)
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
