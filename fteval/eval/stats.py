@@ -42,6 +42,7 @@ __all__ = [
     "cohens_d",
     "cohens_d_paired",
     "correct_pvalues",
+    "mcnemar_exact",
     "paired_bootstrap_delta",
     "paired_bootstrap_deltas",
     "paired_ttest",
@@ -112,6 +113,23 @@ class PairedBootstrapResult:
         if not include_distribution:
             del out["distribution"]
         return out
+
+
+@dataclass(frozen=True)
+class McNemarResult:
+    """Exact McNemar test of two paired binary outcomes (e.g. refused / not, per prompt, by two models).
+
+    ``n_a_only``: pairs where only a is 1; ``n_b_only``: only b; ``rate_a`` / ``rate_b`` the two
+    rates; ``delta`` = rate_a - rate_b; ``p_value`` two-sided (1.0 without discordant pairs).
+    """
+
+    n: int
+    n_a_only: int
+    n_b_only: int
+    rate_a: float
+    rate_b: float
+    delta: float
+    p_value: float
 
 
 @dataclass(frozen=True)
@@ -541,3 +559,21 @@ def per_prompt_separation(
         return sep.cpu().numpy()
     raise ValueError(f"kind must be 'silhouette' or 'centroid', got {kind!r}.")
 
+
+
+def mcnemar_exact(a, b) -> McNemarResult:
+    """Exact McNemar test: ``scipy.stats.binomtest`` of the discordant counts against 1/2, two-sided.
+
+    ``a``, ``b``: ``[N]`` 0/1 (or bool) per-prompt outcomes of two models on the same prompts.
+    Only discordant pairs carry information on a difference of the rates; under H0 (equal
+    rates) each is a's with probability 1/2, so the conditional test is exact at any N.
+    """
+    a, b = _paired_arrays(a, b)
+    if not (np.isin(a, (0.0, 1.0)).all() and np.isin(b, (0.0, 1.0)).all()):
+        raise ValueError("mcnemar_exact needs 0/1 outcomes per prompt (e.g. refused or not).")
+    a_only = int(np.sum((a == 1) & (b == 0)))
+    b_only = int(np.sum((a == 0) & (b == 1)))
+    discordant = a_only + b_only
+    p = float(sps.binomtest(a_only, discordant, 0.5).pvalue) if discordant else 1.0
+    return McNemarResult(n=int(a.size), n_a_only=a_only, n_b_only=b_only, rate_a=float(a.mean()),
+                         rate_b=float(b.mean()), delta=float(a.mean() - b.mean()), p_value=p)
