@@ -1,33 +1,40 @@
 """K-FAC natural-gradient preconditioning of GRIT's LoRA factors, as a Lightning callback.
 
 Statistics: every :class:`~fteval.models.grit_layer.GritLoraLinear` hands its rank-space
-activations u to this callback from its forward (``layer.recorder``) and v through one tensor
-hook on u; the callback records the rank-space factors S_a = E[u u^T] (u = A x) and
+activations u to this callback from its forward (``layer.recorder``) and v through its
+gradient; the callback records the rank-space factors S_a = E[u u^T] (u = A x) and
 S_g = E[v v^T] (v = B^T dL/dy) in fp32 on ``layer.stats`` (a
-:class:`~fteval.models.grit_layer.RankSpaceStats`), over real tokens only.
+:class:`~fteval.models.grit_layer.RankSpaceStats`). The equations, every default and where
+it comes from (the spec, the GRIT reference code of arXiv 2601.00231, or fteval) are in
+docs/grit.md; the defaults below are GRIT's, fteval's variants are named options.
 
-Which factor preconditions which gradient (``pairing``), with M_a = S_a + l_a I, M_g = S_g + l_g I:
+Which factor preconditions which gradient (``pairing``), with M_a = S_a + l I, M_g = S_g + l I:
 
-* ``"kfac"`` (default): textbook K-FAC restricted to the r x r factors. B's input is u, so
-  dB <- dB M_a^-1; A's output-side gradient is (scaling x) v, so dA <- M_g^-1 dA. This is
-  the Kronecker block of the Fisher for each factor with the large (d_out or d_in) side
-  left as identity; chosen as default because it is the one K-FAC derives.
-* ``"grit"``: the pairing of the GRIT reference code (arXiv 2601.00231):
-  dB <- dB M_g^-1, dA <- M_a^-1 dA.
+* ``"grit"`` (default, the reference's pairing): dB <- dB M_g^-1, dA <- M_a^-1 dA.
+* ``"kfac"``: textbook K-FAC restricted to the r x r factors. B's input is u, so
+  dB <- dB M_a^-1; A's output-side gradient is (scaling x) v, so dA <- M_g^-1 dA: the
+  Kronecker block of the Fisher for each factor with the large side left as identity.
 
 Both are descent directions (a symmetric positive definite matrix on one side).
 
-Damping: ``"trace"`` (default) uses l = damping * tr(S) / r, so the damping is relative to
-the factor's mean eigenvalue; S_g starts at exactly 0 (B = 0) and stays tiny with
-mean-reduced losses, where an absolute 1e-2 would swamp it (ARCHITECTURE.md, pitfalls).
-``"absolute"`` uses l = damping. A side is used once it has ``min_samples`` tokens and a
-positive finite trace (S_g is exactly 0 while B = 0: that side is then left as is).
+Damping (``damping_mode``): ``"absolute"`` (default; the spec's 1e-2 read as the reference
+reads it) uses l = damping; ``"trace"`` uses l = damping * tr(S) / r, relative to the
+factor's mean eigenvalue, which stays meaningful when S_g is tiny (mean-reduced losses,
+B near 0) where an absolute 1e-2 swamps it. A side is used once it has ``min_samples``
+tokens and a positive finite trace (S_g is exactly 0 while B = 0: that side is then left
+as is).
 
-Scale: K-FAC inverses have units 1/S, and S_g's magnitude depends on the loss reduction
-(mean over tokens, gradient accumulation), so the raw preconditioned gradient's size is
-arbitrary. ``preserve_grad_norm=True`` (default) rescales each preconditioned gradient
-tensor to its original norm: the preconditioner changes the direction, the learning rate
-keeps its meaning (and gradient clipping, which runs after this hook, sees the usual norms).
+Scale: the reference keeps the preconditioned gradient's magnitude (units 1/S, so its
+size depends on S_g's scale). ``preserve_grad_norm=True`` (an fteval variant) rescales
+each preconditioned gradient tensor to its original norm so the learning rate keeps its
+meaning.
+
+Clipping (``clip_grad_norm``): the reference wraps the optimizer, so transformers' Trainer
+clips the raw gradients *before* they are preconditioned. Lightning calls this hook before
+its own clipping (below), so ``trainer.gradient_clip_val`` clips the *preconditioned*
+gradients. ``clip_grad_norm`` (default 1.0) clips the global norm of the optimizer's
+gradients here, before preconditioning, as the reference does; set it to None and
+``trainer.gradient_clip_val`` for fteval's earlier order.
 
 Hook placement (Lightning 2.6, verified in lightning/pytorch/plugins/precision/precision.py
 and amp.py): ``optimizer.step(closure)`` runs the closure (training_step + backward), then
@@ -35,15 +42,14 @@ and amp.py): ``optimizer.step(closure)`` runs the closure (training_step + backw
 ``_clip_gradients``; only after that does the optimizer update the parameters. Under fp16
 AMP, ``MixedPrecision.optimizer_step`` calls ``scaler.unscale_(optimizer)`` *before*
 ``_after_closure``. So :meth:`on_before_optimizer_step` sees whole (accumulated), unscaled
-gradients, before clipping and before the step: the place where editing ``.grad`` counts.
+gradients, before Lightning's clipping and before the step: the place where editing
+``.grad`` counts.
 
 Cost: the statistics of all layers of one rank and device live in shared buffers
 (``[layers, 2, r, r]``), so folding is a few batched operations, refreshing is one batched
 fp32 Cholesky/eigvalsh of all due factors on the CPU (r x r matrices: cheaper there than
 hundreds of tiny GPU launches), and preconditioning is one batched ``cholesky_solve`` per
-group of same-shaped gradients. Measured on one H200 with Llama-3-8B's 224 adapted layers
-(7 targets x 32 blocks, r = 16): fold 2 ms + precondition 7-10 ms per optimizer step, a
-refresh 60 ms every ``update_freq`` steps (per layer and operation it was 95 ms per step).
+group of same-shaped gradients (timings in BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -62,22 +68,28 @@ from fteval.models.grit_layer import GritLoraLinear, RankSpaceStats, grit_layers
 
 __all__ = ["KFACPreconditioner", "damped_cholesky", "token_mask_from_batch"]
 
-_PAIRINGS = ("kfac", "grit")
-_DAMPING_MODES = ("trace", "absolute")
+_PAIRINGS = ("grit", "kfac")
+_DAMPING_MODES = ("absolute", "trace")
+_FACTOR_AVERAGES = ("ema", "mean")
+_STATISTICS_TOKENS = ("loss", "all")
 
 
-def token_mask_from_batch(batch: Any) -> torch.Tensor | None:
-    """Real-token mask ``[batch, seq]`` (bool) aligned with the model's positions, or None.
+def token_mask_from_batch(batch: Any, tokens: str = "loss") -> torch.Tensor | None:
+    """Mask ``[batch, seq]`` (bool) of the positions whose statistics count, or None (all count).
 
-    HF causal-LM convention: ``labels`` equal ``input_ids`` with -100 where no loss is
-    taken, and position t's output predicts ``labels[t + 1]``; so position t is real when
-    ``labels[:, t + 1] != -100`` (the last position predicts nothing). Without labels,
-    ``attention_mask`` marks the real tokens; without either, None (all tokens count).
+    ``tokens="loss"``: HF causal-LM convention, ``labels`` equal ``input_ids`` with -100 where
+    no loss is taken, and position t's output predicts ``labels[t + 1]``; so position t
+    counts when ``labels[:, t + 1] != -100`` (the last position predicts nothing). Without
+    labels, ``attention_mask`` marks the real tokens. ``tokens="all"``: every non-padding
+    position (``attention_mask``), prompt included, as the GRIT reference's hooks see them.
+    Without either tensor, None.
     """
+    if tokens not in _STATISTICS_TOKENS:
+        raise ValueError(f"statistics_tokens must be one of {_STATISTICS_TOKENS}, got {tokens!r}.")
     if not isinstance(batch, Mapping):
         return None
     labels = batch.get("labels")
-    if isinstance(labels, torch.Tensor) and labels.dim() == 2:
+    if tokens == "loss" and isinstance(labels, torch.Tensor) and labels.dim() == 2:
         mask = torch.zeros_like(labels, dtype=torch.bool)
         mask[:, :-1] = labels[:, 1:] != -100
         return mask
@@ -183,10 +195,14 @@ class _Group:
         self.dropped.zero_()
         return flag
 
-    def refresh(self, step: int, update_freq: int, min_samples: int, damping: float, damping_mode: str) -> bool:
+    def refresh(
+        self, step: int, update_freq: int, min_samples: int, damping: float, damping_mode: str, ema: bool = True
+    ) -> bool:
         """Re-factorise every side that is ready and due (never factorised, or ``update_freq`` steps old).
 
-        Returns True when a side got its first factor (which gradients are preconditioned changed).
+        ``ema``: a side switches from the running mean to the EMA at its first factorisation
+        (False: it stays a cumulative mean, the reference's averaging). Returns True when a
+        side got its first factor (which gradients are preconditioned changed).
         """
         stale = [
             (i, side)
@@ -216,7 +232,8 @@ class _Group:
             self.inv_scale[i][side] = inv_list[j]
             self.cond[i][side] = cond_list[j]
             self.refreshed_at[i][side] = step
-            setattr(self.layers[i].stats, "ema_" + "ag"[side], True)  # running mean until first use, EMA after
+            if ema:  # running mean until first use, EMA after
+                setattr(self.layers[i].stats, "ema_" + "ag"[side], True)
         self.sync_ema()
         return first
 
@@ -303,18 +320,30 @@ class _Recording:
 class KFACPreconditioner(L.Callback):
     """Rank-space K-FAC preconditioning of every GRIT layer's lora_A/lora_B gradient.
 
-    Args:
-        ema_decay: beta of the factors' EMA (after a side's first refresh; running mean before).
+    Args (defaults are GRIT's: the spec's values, the reference's where the spec is silent;
+    docs/grit.md says which is which):
+        ema_decay: beta of the factors' EMA (spec: momentum 0.95), used once a side has been
+            factorised (running mean before).
         update_freq: optimizer steps between refreshes of the cached Cholesky factors
-            (statistics accumulate every step).
-        damping: lambda; relative to tr(S)/r or absolute, see ``damping_mode``.
-        damping_mode: ``"trace"`` or ``"absolute"`` (module docstring).
+            (spec: 20; statistics accumulate every step).
+        damping: lambda (spec: 1e-2); absolute or relative to tr(S)/r, see ``damping_mode``.
+        damping_mode: ``"absolute"`` (reference) or ``"trace"`` (fteval variant), module docstring.
         min_samples: real tokens a factor needs before it is used; until then that side's
             gradient is left unpreconditioned.
-        pairing: ``"kfac"`` (textbook, default) or ``"grit"`` (reference code), module docstring.
-        preserve_grad_norm: rescale each preconditioned gradient tensor to its original norm.
+        pairing: ``"grit"`` (reference) or ``"kfac"`` (textbook, fteval variant), module docstring.
+        preserve_grad_norm: rescale each preconditioned gradient tensor to its original norm
+            (fteval variant; the reference keeps the preconditioned magnitude).
+        clip_grad_norm: clip the global norm of the optimizer's gradients to this value
+            *before* preconditioning (the reference's order under transformers' Trainer,
+            its max_grad_norm 1.0); None: no clipping here (``trainer.gradient_clip_val``
+            then clips after preconditioning). Runs even with ``enabled=False``.
+        factor_average: ``"ema"`` (spec: momentum-based updates) or ``"mean"`` (cumulative
+            token-weighted mean throughout, the reference's averaging).
+        statistics_tokens: ``"loss"`` (positions that predict a loss token; fteval's choice:
+            the Fisher of the trained objective) or ``"all"`` (every non-padding position,
+            as the reference's hooks record).
         enabled: False keeps collecting statistics (the reprojection callback and the
-            artifacts use them) but never touches a gradient: plain LoRA, for ablations.
+            artifacts use them) but never preconditions a gradient: plain LoRA, for ablations.
 
     Logged per optimizer step: ``grit/preconditioned_layers`` (layers with at least one
     preconditioned gradient this step), ``grit/preconditioned_grads`` (tensors),
@@ -333,10 +362,13 @@ class KFACPreconditioner(L.Callback):
         ema_decay: float = 0.95,
         update_freq: int = 20,
         damping: float = 1e-2,
-        damping_mode: str = "trace",
+        damping_mode: str = "absolute",
         min_samples: int = 128,
-        pairing: str = "kfac",
-        preserve_grad_norm: bool = True,
+        pairing: str = "grit",
+        preserve_grad_norm: bool = False,
+        clip_grad_norm: float | None = 1.0,
+        factor_average: str = "ema",
+        statistics_tokens: str = "loss",
         enabled: bool = True,
     ) -> None:
         super().__init__()
@@ -344,6 +376,10 @@ class KFACPreconditioner(L.Callback):
             raise ValueError(f"pairing must be one of {_PAIRINGS}, got {pairing!r}.")
         if damping_mode not in _DAMPING_MODES:
             raise ValueError(f"damping_mode must be one of {_DAMPING_MODES}, got {damping_mode!r}.")
+        if factor_average not in _FACTOR_AVERAGES:
+            raise ValueError(f"factor_average must be one of {_FACTOR_AVERAGES}, got {factor_average!r}.")
+        if statistics_tokens not in _STATISTICS_TOKENS:
+            raise ValueError(f"statistics_tokens must be one of {_STATISTICS_TOKENS}, got {statistics_tokens!r}.")
         if not 0.0 <= ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay!r}.")
         if isinstance(update_freq, bool) or not isinstance(update_freq, int) or update_freq < 1:
@@ -352,6 +388,10 @@ class KFACPreconditioner(L.Callback):
             raise ValueError(f"damping must be > 0, got {damping!r}.")
         if isinstance(min_samples, bool) or not isinstance(min_samples, int) or min_samples < 1:
             raise ValueError(f"min_samples must be a positive integer (tokens), got {min_samples!r}.")
+        if clip_grad_norm is not None and (
+            isinstance(clip_grad_norm, bool) or not isinstance(clip_grad_norm, (int, float)) or not clip_grad_norm > 0
+        ):
+            raise ValueError(f"clip_grad_norm must be a number > 0 or null (no clipping here), got {clip_grad_norm!r}.")
         self.ema_decay = float(ema_decay)
         self.update_freq = update_freq
         self.damping = float(damping)
@@ -359,6 +399,9 @@ class KFACPreconditioner(L.Callback):
         self.min_samples = min_samples
         self.pairing = pairing
         self.preserve_grad_norm = bool(preserve_grad_norm)
+        self.clip_grad_norm = None if clip_grad_norm is None else float(clip_grad_norm)
+        self.factor_average = factor_average
+        self.statistics_tokens = statistics_tokens
         self.enabled = bool(enabled)
 
         self.step = 0  # optimizer steps processed by this callback
@@ -682,6 +725,9 @@ class KFACPreconditioner(L.Callback):
         non-finite statistics; the Lightning hook does so on logging steps only. ``metrics=False``
         skips assembling the returned metrics (an empty dict is returned).
         """
+        if self.clip_grad_norm is not None and optimizer is not None:
+            params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+            torch.nn.utils.clip_grad_norm_(params, self.clip_grad_norm)  # before preconditioning, as the reference
         self.flush()
         for group in self._groups:
             group.fold(self.ema_decay)
@@ -690,7 +736,8 @@ class KFACPreconditioner(L.Callback):
         n_layers = n_grads = 0
         if self.enabled:
             for group in self._groups:
-                if group.refresh(self.step, self.update_freq, self.min_samples, self.damping, self.damping_mode):
+                if group.refresh(self.step, self.update_freq, self.min_samples, self.damping, self.damping_mode,
+                                 ema=self.factor_average == "ema"):
                     self._chol_version += 1
             n_layers, n_grads = self._precondition(optimizer)
         if not metrics:
@@ -713,6 +760,12 @@ class KFACPreconditioner(L.Callback):
     # ------------------------------------------------------------------ Lightning hooks
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # after configure_model (layers exist), strategy.setup (on device) and a checkpoint restore
+        if self.clip_grad_norm is not None and getattr(trainer, "gradient_clip_val", None):
+            rank_zero_warn(
+                f"KFACPreconditioner clips gradients to {self.clip_grad_norm} before preconditioning and "
+                f"trainer.gradient_clip_val={trainer.gradient_clip_val} clips them again after it; set one of "
+                "them to null (GRIT's default: clip_grad_norm here, gradient_clip_val null)."
+            )
         self.attach(pl_module)
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -725,7 +778,7 @@ class KFACPreconditioner(L.Callback):
         scale = scaler.get_scale() if scaler is not None and scaler.is_enabled() else 1.0
         ids = batch.get("input_ids") if isinstance(batch, Mapping) else None
         shape = tuple(ids.shape) if isinstance(ids, torch.Tensor) else None
-        self.begin_micro_batch(token_mask_from_batch(batch), scale, token_shape=shape,
+        self.begin_micro_batch(token_mask_from_batch(batch, self.statistics_tokens), scale, token_shape=shape,
                                slot_dtype=_precision_dtype(trainer))
 
     def on_before_optimizer_step(

@@ -1,6 +1,6 @@
-"""GRIT's optional geometry regularisers (off by default), applied as gradients before preconditioning.
+"""GRIT's geometry regularisers ("parameter space regularization for geometry preservation"), as gradients.
 
-Two penalties on every GRIT layer y = W x + s B A x (ARCHITECTURE.md, "GRIT in equations";
+Two penalties on every GRIT layer y = W x + s B A x (docs/grit.md, "Equations";
 u = A x, S_a = E[u u^T] over real tokens, kept by :class:`callbacks.kfac.KFACPreconditioner`):
 
 * **curvature** (weight ``curvature_weight``):
@@ -17,8 +17,11 @@ u = A x, S_a = E[u u^T] over real tokens, kept by :class:`callbacks.kfac.KFACPre
   between hard reprojections. ``dR_p/dA = (I - P_a) A``, ``dR_p/dB = B (I - P_g)``. Zero
   until the first reprojection.
 
-Both weights ramp linearly from 0 to their value over ``warmup_steps`` optimizer steps
-(statistics are unreliable early). The gradients are added in ``on_before_optimizer_step``,
+Defaults are the weights of the GRIT reference's configuration (lambda_kfac 1e-5 for the
+curvature penalty, lambda_reproj 1e-4 for the reprojection penalty, no warm-up); the
+penalties' exact form above is fteval's reading of the spec's "parameter space
+regularization for geometry preservation" (docs/grit.md). Both weights can ramp linearly
+from 0 to their value over ``warmup_steps`` optimizer steps. Weights 0 switch a penalty off. The gradients are added in ``on_before_optimizer_step``,
 so this callback must come *before* ``KFACPreconditioner`` in the callback list: the
 preconditioner then sees the gradient of loss + penalties, as a natural-gradient step on the
 regularised objective would. The penalties are not part of the logged ``train/loss``; they
@@ -45,13 +48,13 @@ class GeometryRegulariser(L.Callback):
     """Add the gradients of GRIT's curvature and reprojection penalties (module docstring).
 
     Args:
-        curvature_weight: lambda_c >= 0 of ``R_c`` (0 = off).
-        reprojection_weight: lambda_p >= 0 of ``R_p`` (0 = off; > 0 needs NeuralReprojection
-            in the trainer's callbacks).
+        curvature_weight: lambda_c >= 0 of ``R_c`` (0 = off; reference 1e-5).
+        reprojection_weight: lambda_p >= 0 of ``R_p`` (0 = off; reference 1e-4; > 0 needs
+            NeuralReprojection in the trainer's callbacks).
         warmup_steps: optimizer steps over which both weights ramp from 0 (0 = full from the start).
     """
 
-    def __init__(self, curvature_weight: float = 0.0, reprojection_weight: float = 0.0, warmup_steps: int = 0) -> None:
+    def __init__(self, curvature_weight: float = 1e-5, reprojection_weight: float = 1e-4, warmup_steps: int = 0) -> None:
         super().__init__()
         for label, value in (("curvature_weight", curvature_weight), ("reprojection_weight", reprojection_weight)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0.0:

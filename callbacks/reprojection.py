@@ -1,6 +1,6 @@
 """Fisher-guided neural reprojection of GRIT's LoRA factors onto their dominant rank-space directions.
 
-Every ``every_n_steps`` optimizer steps, per GRIT layer (ARCHITECTURE.md, "GRIT in equations"):
+Every ``every_n_steps`` optimizer steps, per GRIT layer (docs/grit.md, "Equations"):
 eigendecompose the rank-space factors in fp32 (``torch.linalg.eigh``), keep the top-k
 eigenvectors V_a of S_a (and V_g of S_g; V_a stands in while S_g has fewer than
 ``min_samples`` tokens or a zero trace, e.g. B = 0), and project
@@ -8,16 +8,19 @@ eigenvectors V_a of S_a (and V_g of S_g; V_a stands in while S_g has fewer than
     A <- V_a V_a^T A        (rows of A ``[r, in]`` into span(V_a))
     B <- B V_g V_g^T        (two_sided; columns of B ``[out, r]``)
 
-The same linear maps are applied to the optimizer's first moment (Adam ``exp_avg``, SGD
-``momentum_buffer``) of those parameters, otherwise momentum pushes the removed
-directions straight back. Adam's second moment ``exp_avg_sq`` is left alone: it is a
-per-coordinate mean of squared gradients, and a rotation-and-truncation in rank space does
-not map it to the second moment of the projected gradient (that would need the full
-covariance, which Adam does not keep). Keeping it leaves the per-coordinate step sizes at
-their current, slightly conservative, values while it decays.
+Defaults are GRIT's (docs/grit.md): the spec's top-k 4 every 40 steps, two-sided as the
+reference. ``project_moments=True`` (an fteval variant; the reference leaves the optimizer
+state alone) applies the same linear maps to the optimizer's first moment (Adam
+``exp_avg``, SGD ``momentum_buffer``) of those parameters, so momentum does not push the
+removed directions straight back. Adam's second moment ``exp_avg_sq`` is left alone either
+way: it is a per-coordinate mean of squared gradients, and a rotation-and-truncation in
+rank space does not map it to the second moment of the projected gradient (that would need
+the full covariance, which Adam does not keep).
 
-Dynamic rank: k = smallest count of S_a's eigenvalues holding ``energy_threshold`` of its
-trace, clamped to [min_rank, r]; otherwise k = min(top_k, r). The same k is used for
+Dynamic rank (``dynamic_rank=True``, the reference's rank adaptation; its defaults are the
+reference's 99% energy and floor 4): k = smallest count of S_a's eigenvalues holding
+``energy_threshold`` of its trace, clamped to [min(min_rank, r), r]; otherwise
+k = min(top_k, r). The same k is used for
 both sides, so B A has rank <= k. The statistics come from ``layer.stats``, which
 :class:`callbacks.kfac.KFACPreconditioner` maintains (this callback never reads that
 callback, only the model); it needs that callback in the Trainer.
@@ -46,10 +49,11 @@ class NeuralReprojection(L.Callback):
             once ``trainer.global_step // every_n_steps`` has grown (gradient-accumulation safe).
         top_k: rank kept when ``dynamic_rank`` is False (clamped to r).
         two_sided: also project B with S_g's eigenvectors.
-        dynamic_rank: choose k per layer by cumulative eigenvalue energy of S_a.
-        energy_threshold: fraction of tr(S_a) the kept eigenvalues must hold (dynamic rank).
-        min_rank: lower clamp of the dynamic rank.
+        dynamic_rank: choose k per layer by cumulative eigenvalue energy of S_a (reference option).
+        energy_threshold: fraction of tr(S_a) the kept eigenvalues must hold (dynamic rank; reference 0.99).
+        min_rank: lower clamp of the dynamic rank (reference 4; clamped to r).
         min_samples: real tokens a factor needs before its eigenvectors are trusted.
+        project_moments: also project the optimizer's first moment of A and B (fteval variant).
 
     Logged when a reprojection step is reached: ``grit/reprojected_layers`` (layers
     actually projected) and ``grit/effective_rank_mean`` (mean current k over all layers).
@@ -63,9 +67,10 @@ class NeuralReprojection(L.Callback):
         top_k: int = 4,
         two_sided: bool = True,
         dynamic_rank: bool = False,
-        energy_threshold: float = 0.9,
-        min_rank: int = 1,
+        energy_threshold: float = 0.99,
+        min_rank: int = 4,
         min_samples: int = 128,
+        project_moments: bool = False,
     ) -> None:
         super().__init__()
         counts = {"every_n_steps": every_n_steps, "top_k": top_k, "min_rank": min_rank, "min_samples": min_samples}
@@ -81,6 +86,7 @@ class NeuralReprojection(L.Callback):
         self.energy_threshold = float(energy_threshold)
         self.min_rank = min_rank
         self.min_samples = min_samples
+        self.project_moments = bool(project_moments)
 
         self.period = 0  # global_step // every_n_steps at the last reprojection
         self._ranks: dict[str, int] = {}  # current k per layer (r until first projected)
@@ -90,7 +96,7 @@ class NeuralReprojection(L.Callback):
     def _ranks_for(self, eigvals_desc: torch.Tensor, r: int) -> list[int]:
         """k per layer from eigenvalues ``[layers, r]`` (descending)."""
         if self.dynamic_rank:
-            return [energy_rank(ev, self.energy_threshold, self.min_rank, r) for ev in eigvals_desc]
+            return [energy_rank(ev, self.energy_threshold, min(self.min_rank, r), r) for ev in eigvals_desc]
         return [min(self.top_k, r)] * eigvals_desc.shape[0]
 
     def _plan(self, layers: list[GritLoraLinear]) -> tuple[torch.Tensor, torch.Tensor, list[int], list[dict]]:
@@ -139,7 +145,7 @@ class NeuralReprojection(L.Callback):
             st = layer.stats
             if st is not None and st.n_a >= self.min_samples and float(torch.trace(st.S_a)) > 0.0:
                 ready.setdefault((layer.lora_A.weight.device, layer.r), []).append(name)
-        states = [opt.state for opt in optimizers]
+        states = [opt.state for opt in optimizers] if self.project_moments else []
         distributed = (
             torch.distributed.is_available()
             and torch.distributed.is_initialized()

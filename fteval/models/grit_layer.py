@@ -7,7 +7,7 @@ not expose in a form hooks can count once per micro-batch; hence a small layer o
 alpha/sqrt(r)). Everything it saves is a standard peft LoRA adapter folder, so peft,
 vLLM and merge tools load a GRIT adapter exactly like a QLoRA one.
 
-Equations (ARCHITECTURE.md, "GRIT in equations"), per token, layer y = W x + s B A x:
+Equations (docs/grit.md, "Equations"), per token, layer y = W x + s B A x:
 u = A x (r), g = dL/dy (d_out), v = B^T g (r); S_a = E[u u^T], S_g = E[v v^T] (r x r).
 """
 
@@ -29,6 +29,7 @@ from torch import nn
 
 __all__ = [
     "GritLoraLinear",
+    "adapter_rank",
     "RankSpaceStats",
     "energy_rank",
     "export_grit_adapter",
@@ -511,7 +512,7 @@ def _truncate(A: torch.Tensor, B: torch.Tensor, k: int) -> tuple[torch.Tensor, t
     return A_k.to(A.dtype), B_k.to(B.dtype)
 
 
-def _adapter_rank(A: torch.Tensor, B: torch.Tensor, rtol: float = 1e-5) -> int:
+def adapter_rank(A: torch.Tensor, B: torch.Tensor, rtol: float = 1e-5) -> int:
     """Numerical rank of B @ A ``[out, in]`` from its r x r core (see :func:`_truncate`)."""
     _, Rb = torch.linalg.qr(B.double())
     _, Ra = torch.linalg.qr(A.double().T)
@@ -662,7 +663,7 @@ def save_kfac_artifacts(
                 entry["energy_rank"] = energy_rank(ev, energy_threshold, 1, layer.r)
         given = effective_ranks is not None and name in effective_ranks
         entry["effective_rank"] = int(effective_ranks[name]) if given else entry["energy_rank"]
-        entry["adapter_rank"] = _adapter_rank(layer.lora_A.weight.detach().cpu(), layer.lora_B.weight.detach().cpu())
+        entry["adapter_rank"] = adapter_rank(layer.lora_A.weight.detach().cpu(), layer.lora_B.weight.detach().cpu())
         report[name] = entry
     summary = {
         "energy_threshold": energy_threshold,

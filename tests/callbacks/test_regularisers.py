@@ -1,4 +1,11 @@
-"""GRIT's geometry regularisers: exact gradients against autograd, warm-up, off-by-default, order and errors."""
+"""GRIT's geometry regularisers: exact gradients against float64 references, warm-up, the reference's
+default weights, order and errors.
+
+Tolerances: the callback computes in fp32 (unit round-off eps = 2^-24). An entry of a product
+X Y with inner dimension r carries at most ~r eps (|X| |Y|) of round-off (the standard bound),
+and a difference X - P X one more eps |X|; the checks allow 4 times that bound, computed from
+the operands, so they hold on any CPU, thread count or BLAS path.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +20,8 @@ from fteval.models.grit_layer import GritLoraLinear
 from tests.callbacks.test_reprojection import TinyGrit, fit
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+EPS32 = 2.0**-24
 
 
 def layer_with_stats(seed: int = 0) -> tuple[GritLoraLinear, KFACPreconditioner]:
@@ -29,19 +38,25 @@ def layer_with_stats(seed: int = 0) -> tuple[GritLoraLinear, KFACPreconditioner]
 
 def test_curvature_gradient_equals_autograd_of_the_penalty():
     layer, _ = layer_with_stats()
-    reg = GeometryRegulariser(curvature_weight=0.3)
+    reg = GeometryRegulariser(curvature_weight=0.3, reprojection_weight=0.0)
     reg._layers = {"": layer}
     before = layer.lora_B.weight.grad.clone()
     a_before = layer.lora_A.weight.grad.clone()
     values = reg.apply(step=0)
-    B = layer.lora_B.weight.detach().clone().requires_grad_()
-    S_a = layer.stats.S_a.detach()
+    B = layer.lora_B.weight.detach().double().requires_grad_()
+    S_a = layer.stats.S_a.detach().double()
     assert float(torch.trace(S_a)) > 0
-    penalty = 0.5 * layer.scaling**2 * torch.trace(B @ S_a @ B.T)  # 1/2 s^2 tr(B S_a B^T)
+    s2 = layer.scaling**2
+    penalty = 0.5 * s2 * torch.trace(B @ S_a @ B.T)  # 1/2 s^2 tr(B S_a B^T), float64
     (g,) = torch.autograd.grad(0.3 * penalty, B)
-    torch.testing.assert_close(layer.lora_B.weight.grad - before, g, rtol=1e-5, atol=1e-6)
+    bound = 0.3 * s2 * (B.detach().abs() @ S_a.abs())  # |B| |S_a|: the scale of each entry's round-off
+    r = S_a.shape[0]
+    # the callback's grad is before + g in fp32: one more rounding of the sum
+    atol = 4 * r * EPS32 * float(bound.max()) + 4 * EPS32 * float((before.abs() + g.abs()).max())
+    torch.testing.assert_close((layer.lora_B.weight.grad - before).double(), g, rtol=0.0, atol=atol)
     assert torch.equal(layer.lora_A.weight.grad, a_before)  # curvature acts on B only
-    assert float(values["grit/reg_curvature"]) == pytest.approx(0.3 * float(penalty), rel=1e-5)
+    # the penalty's fp32 sum over out x r terms: ~(out r) eps relative
+    assert float(values["grit/reg_curvature"]) == pytest.approx(0.3 * float(penalty.detach()), rel=4 * B.numel() * EPS32)
     assert "grit/reg_reprojection" not in values  # no reprojection callback: no subspaces
 
 
@@ -56,17 +71,25 @@ def test_reprojection_gradient_pulls_towards_the_kept_subspace():
         layer.lora_B.weight.add_(0.1 * torch.randn_like(layer.lora_B.weight))
     layer.lora_A.weight.grad = torch.zeros_like(layer.lora_A.weight)
     layer.lora_B.weight.grad = torch.zeros_like(layer.lora_B.weight)
-    reg = GeometryRegulariser(reprojection_weight=2.0)
+    reg = GeometryRegulariser(curvature_weight=0.0, reprojection_weight=2.0)
     reg._layers, reg._reprojection = {"": layer}, reproj
     values = reg.apply(step=5, period=reproj.period)
-    A = layer.lora_A.weight.detach().clone().requires_grad_()
-    B = layer.lora_B.weight.detach().clone().requires_grad_()
+    A = layer.lora_A.weight.detach().double().requires_grad_()
+    B = layer.lora_B.weight.detach().double().requires_grad_()
+    V_a, V_g = V_a.double(), V_g.double()  # the subspaces the callback used (fp32 eigh), exactly
     P_a, P_g = V_a @ V_a.T, V_g @ V_g.T
-    penalty = 0.5 * (((torch.eye(3) - P_a) @ A).pow(2).sum() + (B @ (torch.eye(3) - P_g)).pow(2).sum())
+    eye = torch.eye(3, dtype=torch.float64)
+    penalty = 0.5 * (((eye - P_a) @ A).pow(2).sum() + (B @ (eye - P_g)).pow(2).sum())
     gA, gB = torch.autograd.grad(2.0 * penalty, (A, B))
-    torch.testing.assert_close(layer.lora_A.weight.grad, gA, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(layer.lora_B.weight.grad, gB, rtol=1e-5, atol=1e-6)
-    assert float(values["grit/reg_reprojection"]) == pytest.approx(2.0 * float(penalty), rel=1e-5)
+    # fp32 P = V V^T (inner dim k = 2), then P A (inner dim r = 3) and A - P A: bound 4 (k + r + 1) eps |P| |A|
+    r = 3
+    for got, ref, bound in ((layer.lora_A.weight.grad, gA, P_a.abs() @ A.detach().abs() + A.detach().abs()),
+                            (layer.lora_B.weight.grad, gB, B.detach().abs() @ P_g.abs() + B.detach().abs())):
+        atol = 2.0 * 4 * (2 + r + 1) * EPS32 * float(bound.max())
+        torch.testing.assert_close(got.double(), ref, rtol=0.0, atol=atol)
+    # the penalty is a sum of squares of those residuals (entries ~1e-1, moved by 0.1 N(0, 1) above; round-off
+    # <= ~1e-6 each): relative error <= ~2e-5, checked at 1e-4
+    assert float(values["grit/reg_reprojection"]) == pytest.approx(2.0 * float(penalty), rel=1e-4)
     assert float(penalty) > 1e-4
 
 
@@ -82,9 +105,15 @@ def test_warmup_ramps_linearly_and_zero_weights_change_nothing():
     half = layer.lora_B.weight.grad - grads[1]
     layer.lora_B.weight.grad = grads[1].clone()
     reg.apply(step=4)
-    torch.testing.assert_close(layer.lora_B.weight.grad - grads[1], 2 * half)
-    off = GeometryRegulariser()
-    assert not off.active
+    # (grad + 2h) - grad against 2 (grad + h - grad): the two fp32 sums round differently by ~eps |grad|
+    atol = 8 * EPS32 * float((grads[1].abs() + 2 * half.abs()).max())
+    torch.testing.assert_close(layer.lora_B.weight.grad - grads[1], 2 * half, rtol=0.0, atol=atol)
+    assert not GeometryRegulariser(curvature_weight=0.0, reprojection_weight=0.0).active
+
+
+def test_defaults_are_the_reference_weights():
+    reg = GeometryRegulariser()
+    assert reg.active and (reg.curvature_weight, reg.reprojection_weight, reg.warmup_steps) == (1e-5, 1e-4, 0)
 
 
 def test_fit_with_regularisers_differs_from_fit_without():
@@ -97,7 +126,7 @@ def test_fit_with_regularisers_differs_from_fit_without():
         return module, {n: p.detach().clone() for n, p in module.named_parameters() if "lora_" in n}
 
     _, plain = run(None)
-    _, zero = run(GeometryRegulariser())  # off by default: identical training
+    _, zero = run(GeometryRegulariser(curvature_weight=0.0, reprojection_weight=0.0))  # off: identical training
     module, on = run(GeometryRegulariser(curvature_weight=1.0, reprojection_weight=1.0, warmup_steps=1))
     assert all(torch.equal(plain[n], zero[n]) for n in plain)
     assert max(float((plain[n] - on[n]).abs().max()) for n in plain) > 1e-5
