@@ -48,7 +48,7 @@ VARIANTS: dict[str, tuple[str, dict[str, dict[str, Any]]]] = {
         "NeuralReprojection": {"project_moments": True},
         "GeometryRegulariser": {"curvature_weight": 0.0, "reprojection_weight": 0.0},
         "trainer": {"gradient_clip_val": 1.0}}),
-    "no-kfac": ("statistics only: LoRA + reprojection", {"KFACPreconditioner": {"enabled": False}}),
+    "no-kfac": ("no preconditioning (reprojection, reg. kept)", {"KFACPreconditioner": {"enabled": False}}),
     "qlora": ("plain QLoRA (configs/qlora.yaml)", {}),
 }
 
@@ -59,7 +59,7 @@ COLUMNS = (
     ("variant", "variant", ""), ("change", "change", ""), ("train_loss", "train loss", ".4f"),
     ("val_loss", "val loss", ".4f"), ("effective_rank", "eff. rank", ".2f"), ("aqi", "AQI", ".4f"),
     ("delta_aqi", "dAQI", "+.4f"), ("delta_ci", "dAQI 95% CI", ""), ("p_adjusted", "p (Holm)", ".3f"),
-    ("fit_s", "fit s", ".0f"),
+    ("preconditioned_layers", "precond. layers", ".0f"), ("fit_s", "fit s", ".0f"),
 )
 
 
