@@ -46,7 +46,10 @@ def test_grit_fit_preconditions_reprojects_and_exports_a_peft_adapter(tmp_path):
     with torch.no_grad():
         expected = model.model(input_ids=ids).logits
         peft_model = PeftModel.from_pretrained(load_causal_lm("embedded").model, str(out)).eval()
-        torch.testing.assert_close(peft_model(input_ids=ids).logits, expected, rtol=1e-4, atol=1e-4)
+        # two fp32 implementations (peft's LoRA layer, fteval's fused branch) through 30 blocks of width 576:
+        # round-off ~sqrt(576) eps per layer, compounding to ~1e-5 of the logit scale; allow 1e-4 of it
+        got = peft_model(input_ids=ids).logits
+        torch.testing.assert_close(got, expected, rtol=0.0, atol=1e-4 * float(expected.abs().max()))
 
 
 def test_grit_without_kfac_callback_is_refused(tmp_path):
