@@ -219,6 +219,7 @@ def setting_rows(setting: Setting, res: dict) -> list[dict]:
     for m in METRICS:
         add(f"null rejection Delta {m}", "rejection", res["null_reject"][m], res["defined_null"][m])
     add("power Delta aqi_bounded", "power", res["alt_reject"]["aqi_bounded"], res["defined_alt"]["aqi_bounded"])
+    add("heavy-tail warning shown", "flag", res["heavy_flagged"], res["reps"])
     return rows
 
 

@@ -30,7 +30,14 @@ shares pi_k held at the design's values. The variance is
 sum_k (n_k - 1)/n_k sum_{i in k} (theta_(i) - mean_k theta_(.))^2. Paired comparisons of two
 models on the same prompts leave the same prompt out of both. Intervals are Wald intervals
 theta_hat +- t_{N-2} SE; single-model intervals are made on rho and mapped through the monotone
-maps above (their coverage is rho's). Method choice and its measured coverage:
+maps above (their coverage is rho's).
+
+The jackknife counts U's second-order (degenerate) variance twice, which dominates when the
+hidden size is large and the separation small. For paired Deltas that excess is estimated from
+the two models' Gram matrices and removed (:func:`_standard_error`): measured coverage 0.95-0.97
+instead of 0.99-1.00. For a single model the excess is kept: rho's sampling distribution is then
+right-skewed, and the symmetric interval with the corrected variance covered only 0.92-0.94,
+the plain jackknife 0.95-0.99. Method choice and its measured coverage:
 :mod:`fteval.eval.calibration` and docs/statistics.md. Hand-written: no library has these
 estimators (scipy's ``jackknife_resampling`` recomputes N full statistics, O(N^2 D)).
 """
@@ -38,7 +45,8 @@ estimators (scipy's ``jackknife_resampling`` recomputes N full statistics, O(N^2
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Optional
 
 import numpy as np
 import torch
@@ -50,6 +58,7 @@ from fteval.eval.metrics import DEFAULT_LAMBDA, check_clusters
 __all__ = [
     "SCORES",
     "SeparationFit",
+    "derivative",
     "fit_separation",
     "intervals_from_fit",
     "paired_from_fits",
@@ -65,6 +74,10 @@ SCORES = ("aqi", "aqi_bounded", "xbi", "inv_xbi", "chi", "r2")
 #: embeddings are heavy-tailed and the intervals may cover less than stated (see docs/statistics.md:
 #: Gaussian settings stay below ~1, multivariate t with 3 degrees of freedom lies far above).
 HEAVY_TAIL_KURTOSIS = 10.0
+
+#: Above this many prompts the [N, N] Gram matrix of the second-order variance term is not formed
+#: (8192^2 float32 = 256 MiB) and the plain jackknife variance, which is conservative, is used.
+GRAM_MAX_PROMPTS = 8192
 
 
 @dataclass(frozen=True)
@@ -83,6 +96,9 @@ class SeparationFit:
     counts: tuple[int, int]
     raw_ratio: float
     noise_floor: float
+    s2: float
+    gram: Optional[Tensor] = None  # [N, N] float32 e_i . e_j of own-class-centred prompts (second-order variance)
+    cache: dict = field(default_factory=dict, repr=False, compare=False)  # the fit's own second-order moment
 
     @property
     def n_prompts(self) -> int:
@@ -139,6 +155,12 @@ def fit_separation(embeddings: Tensor, labels: Tensor) -> SeparationFit:
         u_i = d2_i - t_i / (n - 1) - t[o] / counts[o]
         s2_i = pi[k] * t_i + pi[o] * t[o]
         ratio_loo[members[k].cpu().numpy()] = u_i / s2_i
+    gram = None
+    if n_total <= GRAM_MAX_PROMPTS:
+        centred = torch.empty(n_total, emb.shape[1], dtype=torch.float32, device=emb.device)
+        for m, e in zip(members, dev):
+            centred[m] = e.to(torch.float32)
+        gram = (centred @ centred.T).cpu()  # [N, N]
     return SeparationFit(
         ratio=(d2 - floor) / s2,
         ratio_loo=ratio_loo,
@@ -146,6 +168,8 @@ def fit_separation(embeddings: Tensor, labels: Tensor) -> SeparationFit:
         counts=(counts[0], counts[1]),
         raw_ratio=n_total * d2 / sum(w),
         noise_floor=floor / s2,
+        s2=s2,
+        gram=gram,
     )
 
 
@@ -165,13 +189,89 @@ def scores_from_ratio(ratio, n_prompts: int, shares: tuple[float, float], lam: f
     return {k: (float(v) if v.ndim == 0 else v) for k, v in out.items()}
 
 
-def _jackknife_se(values_loo: np.ndarray, inverse: np.ndarray) -> float:
-    """Stratified jackknife SE: sqrt(sum_k (n_k - 1)/n_k sum_{i in k} (theta_(i) - mean_k)^2)."""
+def derivative(metric: str, ratio: float, n_prompts: int, shares: tuple[float, float], lam: float = DEFAULT_LAMBDA) -> float:
+    """d score / d ratio of :func:`scores_from_ratio`'s ``metric`` at ``ratio``."""
+    pp = shares[0] * shares[1]
+    if metric == "inv_xbi":
+        return 1.0
+    if metric == "chi":
+        return (n_prompts - 2) * pp
+    if metric == "aqi":
+        return lam + (1.0 - lam) * (n_prompts - 2) * pp
+    if metric == "xbi":
+        return -1.0 / ratio**2
+    if metric == "r2":
+        return pp / (1.0 + pp * ratio) ** 2
+    if metric == "aqi_bounded":
+        return lam / (1.0 + ratio) ** 2 + (1.0 - lam) * pp / (1.0 + pp * ratio) ** 2
+    raise ValueError(f"unknown score {metric!r}; one of {list(SCORES)}.")
+
+
+def _block_second_order(ga: Tensor, gb: Tensor, inverse: np.ndarray, counts: tuple[int, int]) -> float:
+    r"""sum over the class blocks of the off-diagonal products G_a[i, j] G_b[i, j], weighted as Var Q needs.
+
+    U's second-order part is Q = sum_{i != i' in 0} e_i.e_i' / (n_0 (n_0 - 1)) + (same for class 1)
+    - 2 sum_{i in 0, j in 1} e_i.f_j / (n_0 n_1), and Var Q = 2 tr(S_0^2) / (n_0 (n_0 - 1))
+    + 2 tr(S_1^2) / (n_1 (n_1 - 1)) + 4 tr(S_0 S_1) / (n_0 n_1) (Chen and Qin, Ann. Statist. 2010).
+    Each trace is estimated by the mean of the squared off-diagonal Gram entries of its block;
+    with two models the products G_a G_b estimate the cross terms of a weighted sum of their Q.
+    """
+    prod = ga.to(torch.float64) * gb.to(torch.float64)  # [N, N]
+    prod.fill_diagonal_(0.0)
+    onehot = torch.nn.functional.one_hot(torch.from_numpy(inverse), 2).to(torch.float64)  # [N, 2]
+    blocks = onehot.T @ prod @ onehot  # [2, 2] block sums
+    n0, n1 = counts
+    return float(2.0 * blocks[0, 0] / (n0 * (n0 - 1)) ** 2 + 2.0 * blocks[1, 1] / (n1 * (n1 - 1)) ** 2
+                 + 4.0 * blocks[0, 1] / (n0 * n1) ** 2)
+
+
+def _second_order_var(weights: tuple[float, ...], moments: np.ndarray) -> float:
+    """Var of the second-order part of sum_m w_m U_m: w' M w with M[m, m'] = :func:`_block_second_order` of models m, m'."""
+    w = np.asarray(weights, dtype=np.float64)
+    return float(w @ moments @ w)
+
+
+def _second_order_moments(fits: list[SeparationFit]) -> Optional[np.ndarray]:
+    """[M, M] matrix of :func:`_block_second_order` over the fits (``None`` when a fit has no Gram matrix)."""
+    if any(f.gram is None for f in fits):
+        return None
+    m = np.empty((len(fits), len(fits)))
+    for a, fa in enumerate(fits):
+        for b in range(a, len(fits)):
+            if a == b:
+                if "self" not in fa.cache:
+                    fa.cache["self"] = _block_second_order(fa.gram, fa.gram, fa.inverse, fa.counts)
+                m[a, a] = fa.cache["self"]
+            else:
+                m[a, b] = m[b, a] = _block_second_order(fa.gram, fits[b].gram, fa.inverse, fa.counts)
+    return m
+
+
+def _jackknife_var(values_loo: np.ndarray, inverse: np.ndarray) -> float:
+    """Stratified jackknife variance: sum_k (n_k - 1)/n_k sum_{i in k} (theta_(i) - mean_k)^2."""
     var = 0.0
     for k in np.unique(inverse):
         x = values_loo[inverse == k]
         var += (x.size - 1) / x.size * float(np.sum((x - x.mean()) ** 2))
-    return math.sqrt(var)
+    return var
+
+
+def _standard_error(values_loo: np.ndarray, inverse: np.ndarray, weights: tuple[float, ...],
+                    moments: Optional[np.ndarray]) -> float:
+    """Jackknife SE with its second-order excess removed.
+
+    For a degree-2 U-statistic the jackknife estimates the first-order variance correctly but
+    the second-order (degenerate) part twice (Efron and Stein, Ann. Statist. 1981): in high hidden
+    sizes that part dominates and the plain jackknife interval over-covers (measured 0.99-1.00 for
+    nominal 0.95). The part is estimated in closed form (:func:`_second_order_var`; ``weights`` =
+    d score / d U of each model, ``moments`` from :func:`_second_order_moments`, ``None``: plain
+    jackknife) and subtracted once, never below half the jackknife variance (its limit when the
+    second-order part is everything).
+    """
+    vj = _jackknife_var(values_loo, inverse)
+    if moments is None:
+        return math.sqrt(vj)
+    return math.sqrt(max(vj - _second_order_var(weights, moments), vj / 2.0))
 
 
 def _excess_kurtosis(values_loo: np.ndarray, inverse: np.ndarray) -> float:
@@ -208,7 +308,8 @@ def separation_intervals(
 def intervals_from_fit(fit: SeparationFit, confidence: float = 0.95, lam: float = DEFAULT_LAMBDA) -> dict:
     """:func:`separation_intervals` of an already fitted model (the calibration reuses fits)."""
     n = fit.n_prompts
-    se = _jackknife_se(fit.ratio_loo, fit.inverse)
+    # Plain jackknife here (moments None): see the module docstring for why single models keep its excess.
+    se = _standard_error(fit.ratio_loo, fit.inverse, (), None)
     half = _t_quantile(confidence, n) * se
     low, high = max(fit.ratio - half, 0.0), max(fit.ratio + half, 0.0)
     est = scores_from_ratio(max(fit.ratio, 0.0), n, fit.shares, lam)
@@ -256,6 +357,7 @@ def paired_from_fits(
         raise ValueError("paired fits must be of the same prompts with the same labels, in the same order.")
     n = fa.n_prompts
     tq = _t_quantile(confidence, n)
+    moments = _second_order_moments([fa, fb])
     out: dict = {}
     for m in metrics:
         if m == "xbi" and (min(fa.ratio, fb.ratio) <= 0 or min(fa.ratio_loo.min(), fb.ratio_loo.min()) <= 0):
@@ -264,7 +366,8 @@ def paired_from_fits(
         ga = scores_from_ratio(fa.ratio, n, fa.shares, lam)[m]
         gb = scores_from_ratio(fb.ratio, n, fb.shares, lam)[m]
         loo = scores_from_ratio(fa.ratio_loo, n, fa.shares, lam)[m] - scores_from_ratio(fb.ratio_loo, n, fb.shares, lam)[m]
-        se = _jackknife_se(loo, fa.inverse)
+        weights = (derivative(m, fa.ratio, n, fa.shares, lam) / fa.s2, -derivative(m, fb.ratio, n, fb.shares, lam) / fb.s2)
+        se = _standard_error(loo, fa.inverse, weights, moments)
         ci, p = _wald(ga - gb, se, tq, n - 2)
         out[m] = {"delta_bc": ga - gb, "se": se, "ci": ci, "p_value": p}
         if m == "aqi_bounded":
