@@ -11,6 +11,7 @@ counting a ``max_steps`` run with gradient accumulation correctly).
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -20,6 +21,7 @@ from lightning.pytorch.cli import LightningCLI
 from callbacks.progress import default_progress_bar
 
 from fteval.data import AlignmentDataModule
+from fteval.io import check_checkpoint_file
 
 
 class FTEvalCLI(LightningCLI):
@@ -31,7 +33,7 @@ class FTEvalCLI(LightningCLI):
             subclass_mode_data=False,
             auto_configure_optimizers=False,
             save_config_kwargs={"overwrite": True},
-            parser_kwargs={"default_env": False},
+            parser_kwargs={"default_env": False, "exit_on_error": False},  # parse errors: one line from __main__
             args=args,
             run=run,
         )
@@ -39,6 +41,14 @@ class FTEvalCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("model.init_args.model_name_or_path", "data.model_name_or_path")
         parser.link_arguments("model.init_args.cache_dir", "data.cache_dir")
+
+    def _parse_ckpt_path(self) -> None:
+        """Validate a ``--ckpt_path`` file before LightningCLI reads its hyperparameters (and before anything is built)."""
+        sub = self.config.get("subcommand")
+        ckpt = self.config[sub].get("ckpt_path") if sub else None
+        if isinstance(ckpt, (str, Path)) and str(ckpt) not in ("last", "best", "hpc", "registry"):
+            check_checkpoint_file(Path(ckpt))
+        super()._parse_ckpt_path()
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> L.Trainer:
         listed = config.get("callbacks") or []

@@ -11,17 +11,70 @@ from pathlib import Path
 from typing import Iterator
 
 
-@contextlib.contextmanager
-def atomic_directory(target: Path) -> Iterator[Path]:
-    """Yield a temporary folder beside ``target``; on success it replaces ``target``, on error it is removed."""
+# Lists the entries fteval wrote into a folder, so that a later overwrite removes exactly those.
+WRITTEN_MANIFEST = ".fteval-written.json"
+
+
+def _written(target: Path) -> list[str]:
+    manifest = target / WRITTEN_MANIFEST
+    try:
+        names = json.loads(manifest.read_text())["entries"] if manifest.is_file() else []
+    except (ValueError, KeyError, TypeError):
+        names = []
+    return [n for n in names if isinstance(n, str) and "/" not in n and n not in ("", ".", "..")]
+
+
+def check_writable_directory(target: Path, overwrite: bool, option: str = "--overwrite") -> None:
+    """Raise ``FileExistsError`` unless ``target`` is absent, empty, or ``overwrite`` is set.
+
+    Call it before expensive work so a refused target costs nothing.
+    """
     target = Path(target)
+    if target.exists() and not target.is_dir():
+        raise FileExistsError(f"{target} exists and is not a folder; choose another output folder")
+    if not overwrite and target.is_dir() and any(target.iterdir()):
+        raise FileExistsError(
+            f"output folder {target} already exists and is not empty; choose a new folder, or pass {option} "
+            "to replace what fteval wrote there (other files are kept)"
+        )
+
+
+@contextlib.contextmanager
+def atomic_directory(target: Path, overwrite: bool = True) -> Iterator[Path]:
+    """Yield a temporary folder beside ``target``; on success its entries move into ``target``.
+
+    Nothing is deleted that fteval did not write: when ``target`` exists, only the entries listed
+    in its manifest (``.fteval-written.json``, the previous write) are removed before the new
+    entries are moved in, one ``os.replace`` each; a user's other files stay. A new or empty
+    ``target`` is replaced in one rename. With ``overwrite=False`` a non-empty ``target`` is refused
+    (``FileExistsError``). On error the temporary folder is removed and ``target`` is untouched.
+    """
+    target = Path(target)
+    check_writable_directory(target, overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
         yield tmp
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
+        entries = sorted(p.name for p in tmp.iterdir())
+        (tmp / WRITTEN_MANIFEST).write_text(json.dumps({"entries": entries}))
+        check_writable_directory(target, overwrite)
+        if target.is_dir() and not any(target.iterdir()):
+            target.rmdir()
+        if not target.exists():
+            os.replace(tmp, target)
+            return
+        for name in _written(target):
+            old = target / name
+            if old.is_dir() and not old.is_symlink():
+                shutil.rmtree(old)
+            else:
+                old.unlink(missing_ok=True)
+        for name in [*entries, WRITTEN_MANIFEST]:
+            dest = target / name
+            if dest.is_dir() and not dest.is_symlink():
+                shutil.rmtree(dest)  # a same-named folder: replaced, as overwrite asked
+            os.replace(tmp / name, dest)
+        tmp.rmdir()
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -39,3 +92,56 @@ def write_json_atomic(path: Path, payload: dict) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def check_adapter_folder(path: Path) -> dict:
+    """Validate a PEFT adapter folder on open; return its ``adapter_config.json``.
+
+    A missing file, a config that is not a JSON object, or a truncated or corrupt
+    ``adapter_model.safetensors`` raises one ``ValueError`` naming the folder and the fix, instead
+    of a library traceback later.
+    """
+    path = Path(path)
+    cfg, weights = path / "adapter_config.json", path / "adapter_model.safetensors"
+    if not cfg.is_file() or not weights.is_file():
+        raise FileNotFoundError(
+            f"{path} is not a PEFT adapter folder (needs adapter_config.json and adapter_model.safetensors); "
+            "pass the 'adapter' folder written by `fteval fit`"
+        )
+    try:
+        config = json.loads(cfg.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{cfg} is not valid JSON ({exc}); re-export the adapter with `fteval fit`") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{cfg} must hold a JSON object; re-export the adapter with `fteval fit`")
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(weights), framework="pt") as fh:
+            for key in fh.keys():
+                fh.get_slice(key)
+    except Exception as exc:  # safetensors raises its own SafetensorError for truncated/corrupt files
+        raise ValueError(
+            f"{weights} is truncated or corrupt ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
+            "re-export the adapter with `fteval fit` or copy the file again"
+        ) from None
+    return config
+
+
+def check_checkpoint_file(path: Path) -> None:
+    """Raise one ``ValueError`` when a Lightning ``.ckpt`` (a torch zip archive) is truncated or corrupt."""
+    import zipfile
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist; check --ckpt_path")
+    try:
+        with zipfile.ZipFile(path) as zf:
+            bad = zf.testzip()  # reads every member and checks its CRC
+    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+        raise ValueError(
+            f"checkpoint {path} is truncated or not a checkpoint ({exc}); pass another --ckpt_path "
+            "(e.g. an earlier one in the run's checkpoints/ folder)"
+        ) from None
+    if bad is not None:
+        raise ValueError(f"checkpoint {path} is corrupt (member {bad!r} fails its checksum); pass another --ckpt_path")

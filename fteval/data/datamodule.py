@@ -233,11 +233,19 @@ class AlignmentDataModule(L.LightningDataModule):
         rows, dup = deduplicate([{k: r[k] for k in (self.prompt_field, self.response_field)} for r in rows], self.prompt_field)
         overlap = 0
         if hp.eval_source:
+            # Evaluation prompts are removed from training; an unreadable evaluation set must stop the run
+            # rather than silently train on a set that may contain them.
+            eval_name = describe_source(hp.eval_source, "accd")
             try:
-                eval_norm = {normalise_text(r[hp.eval_text_field]) for r in load_records(hp.eval_source, "accd", hp.eval_split)
-                             if hp.eval_text_field in r}
-            except DataSourceError:
-                eval_norm = set()
+                eval_rows = load_records(hp.eval_source, "accd", hp.eval_split)
+                require_columns(eval_rows, [hp.eval_text_field], eval_name)
+            except DataSourceError as exc:
+                raise DataSourceError(
+                    f"{exc} (the evaluation set is read during fit to remove its prompts from training; fix "
+                    "--data.eval_source / --data.eval_text_field, or set --data.eval_source null to train without "
+                    "that check)"
+                ) from exc
+            eval_norm = {normalise_text(r[hp.eval_text_field]) for r in eval_rows if isinstance(r[hp.eval_text_field], str)}
             before = len(rows)
             rows = [r for r in rows if normalise_text(r[self.prompt_field]) not in eval_norm]
             overlap = before - len(rows)

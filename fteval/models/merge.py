@@ -8,18 +8,12 @@ from typing import Optional
 
 import torch
 
-from fteval.io import atomic_directory
+from fteval.io import atomic_directory, check_adapter_folder, check_writable_directory
 from fteval.models.loading import load_causal_lm
 
 
 def _adapter_base(adapter: Path) -> str:
-    cfg = adapter / "adapter_config.json"
-    if not cfg.is_file() or not (adapter / "adapter_model.safetensors").is_file():
-        raise FileNotFoundError(
-            f"{adapter} is not a PEFT adapter folder (needs adapter_config.json and adapter_model.safetensors); "
-            "pass the 'adapter' folder written by `fteval fit`"
-        )
-    return json.loads(cfg.read_text()).get("base_model_name_or_path") or "embedded"
+    return check_adapter_folder(adapter).get("base_model_name_or_path") or "embedded"
 
 
 def merge(
@@ -29,6 +23,7 @@ def merge(
     quantization: str = "auto",
     tolerance: float = 1e-3,
     cache_dir: Optional[Path] = None,
+    overwrite: bool = False,
 ) -> int:
     """Merge a LoRA/GRIT adapter into its base and save a full Hugging Face model folder.
 
@@ -44,10 +39,14 @@ def merge(
         quantization: base quantisation during training: 'auto' (read fteval_run.json), 'nf4', 'fp4', 'none'.
         tolerance: maximum allowed |merged - adapter| logit difference.
         cache_dir: embedded-model cache.
+        overwrite: write into an existing non-empty ``output`` folder, replacing what an earlier
+            fteval write left there; files fteval did not write are kept. Without it such a folder
+            is refused before any work.
     """
     from peft import PeftModel
 
     adapter, output = Path(adapter), Path(output)
+    check_writable_directory(output, overwrite)
     base_name = base_model or _adapter_base(adapter)
     if quantization == "auto":
         run = adapter / "fteval_run.json"
@@ -68,7 +67,7 @@ def merge(
     print(f"max |logit(merged) - logit(base + adapter)| = {diff:.3e} (tolerance {tolerance:g})")
     if diff > tolerance:
         raise ValueError(f"merged logits differ by {diff:.3e} > tolerance {tolerance:g}; not writing {output}")
-    with atomic_directory(output) as tmp:
+    with atomic_directory(output, overwrite=overwrite) as tmp:
         if getattr(merged, "hf_quantizer", None) is not None:
             merged.hf_quantizer.remove_quantization_config(merged)
         merged.save_pretrained(tmp, safe_serialization=True)
