@@ -1,14 +1,15 @@
 """GRITModule: LoRA with K-FAC natural-gradient preconditioning and Fisher-guided reprojection (GRIT, arXiv 2601.00231).
 
 The module owns the model: a (4-bit or full-precision) base with fteval's own LoRA layers
-(:class:`fteval.models.grit_layer.GritLoraLinear`). The GRIT work itself runs in two callbacks,
-which must be in the trainer's callback list, in this order:
+(:class:`fteval.models.grit_layer.GritLoraLinear`). The GRIT work itself runs in callbacks, listed
+in the trainer's callbacks in this order (configs/grit.yaml; equations and defaults in docs/grit.md):
 
-* :class:`callbacks.kfac.KFACPreconditioner` collects rank-space K-FAC statistics with hooks and
-  preconditions the adapter gradients in ``on_before_optimizer_step`` (after AMP unscaling,
-  before clipping and the optimizer step);
-* :class:`callbacks.reprojection.NeuralReprojection` projects the adapters (and Adam's first
-  moment) onto the top eigenvectors of those statistics every N optimizer steps.
+* :class:`callbacks.regularisers.GeometryRegulariser` adds the gradients of the geometry penalties;
+* :class:`callbacks.kfac.KFACPreconditioner` (required) collects rank-space K-FAC statistics,
+  clips and preconditions the adapter gradients in ``on_before_optimizer_step`` (after AMP
+  unscaling, before the optimizer step);
+* :class:`callbacks.reprojection.NeuralReprojection` projects the adapters onto the top
+  eigenvectors of those statistics every N optimizer steps.
 
 At the end of fit the adapter is exported as a standard PEFT LoRA folder, with the K-FAC factors,
 their eigenbases and the effective rank per layer beside it.
