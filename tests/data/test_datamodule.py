@@ -88,7 +88,7 @@ def test_csv_with_other_column_names(tmp_path):
         ("unknown_label", "has value 'maybe'"),
         ("one_class", "0 unsafe prompts"),
         ("empty_file", "is empty"),
-        ("unreadable", "could not read file"),
+        ("unreadable", "line 1 is not valid JSON"),
         ("missing_file", "does not exist"),
     ],
 )
