@@ -42,7 +42,7 @@ VARIANTS: dict[str, tuple[str, dict[str, dict[str, Any]]]] = {
     "mean-factors": ("cumulative-mean factors", {"KFACPreconditioner": {"factor_average": "mean"}}),
     "all-tokens": ("statistics over all tokens", {"KFACPreconditioner": {"statistics_tokens": "all"}}),
     "dynamic-rank": ("rank by 99% energy in [4, r]", {"NeuralReprojection": {"dynamic_rank": True}}),
-    "fteval-earlier": ("kfac + trace + norm + moments, no reg.", {
+    "fteval-variants": ("all fteval variants: kfac, trace, norm, moments, no reg., clip after", {
         "KFACPreconditioner": {"pairing": "kfac", "damping_mode": "trace", "preserve_grad_norm": True,
                                "clip_grad_norm": None},
         "NeuralReprojection": {"project_moments": True},
@@ -119,7 +119,7 @@ def _adapter_effective_rank(adapter: Path) -> float:
     return sum(ranks) / len(ranks)
 
 
-def _fit(name: str, cfg: dict, out: Path) -> dict:
+def _fit(name: str, change: str, cfg: dict, out: Path) -> dict:
     from fteval.cli import FTEvalCLI
 
     out.mkdir(parents=True, exist_ok=True)
@@ -133,7 +133,7 @@ def _fit(name: str, cfg: dict, out: Path) -> dict:
     seconds = time.perf_counter() - t0
     metrics = cli.trainer.callback_metrics
     tail = trace.losses[-max(1, min(10, len(trace.losses) // 4)):]  # last quarter, at most 10 micro-batches
-    row = {"variant": name, "change": VARIANTS[name][0], "config": str(path), "adapter": str(out / "adapter"),
+    row = {"variant": name, "change": change, "config": str(path), "adapter": str(out / "adapter"),
            "train_loss": sum(tail) / len(tail) if tail else None, "train_loss_micro_batches": len(tail),
            "val_loss": float(metrics["val/loss"]) if "val/loss" in metrics else None,
            "effective_rank": _adapter_effective_rank(out / "adapter"), "fit_s": seconds}
@@ -173,6 +173,7 @@ def bench_grit_ablation(
     max_length: int = 128,
     n_bootstrap: int = 1000,
     seed: int = 42,
+    noise_seeds: list[int] = [43],  # noqa: B006
     model_name_or_path: str = "embedded",
     grit_config: Path = Path("configs/grit.yaml"),
     qlora_config: Path = Path("configs/qlora.yaml"),
@@ -190,7 +191,7 @@ def bench_grit_ablation(
     Args:
         variants: names from VARIANTS (default all): grit, pairing-kfac, damping-trace,
             preserve-norm, clip-after, no-regulariser, project-moments, mean-factors, all-tokens,
-            dynamic-rank, fteval-earlier, no-kfac, qlora.
+            dynamic-rank, fteval-variants, no-kfac, qlora.
         steps: optimizer steps per fit.
         r: LoRA rank (alpha = 2 r, as the configs' 32/16).
         target_modules: adapted projections.
@@ -198,6 +199,9 @@ def bench_grit_ablation(
         max_length: training sequence length in tokens.
         n_bootstrap: bootstrap resamples of the AQI confidence intervals.
         seed: ``seed_everything`` of every fit and of the evaluation.
+        noise_seeds: the default GRIT is fitted again with each of these seeds (rows
+            ``grit-seed<N>``: other adapter initialisation and data order): how far a seed alone
+            moves each column, the yardstick for the variants' differences. Empty: none.
         model_name_or_path: base model of every fit and of the evaluation.
         grit_config: the GRIT training config the variants change.
         qlora_config: the training config of the qlora row.
@@ -215,6 +219,8 @@ def bench_grit_ablation(
     for label, value in (("steps", steps), ("r", r), ("n_per_class", n_per_class), ("max_length", max_length)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{label}={value!r} must be a positive integer")
+    if len(set(noise_seeds)) != len(noise_seeds) or seed in noise_seeds:
+        raise ValueError(f"noise_seeds {list(noise_seeds)} must be distinct and differ from seed={seed}")
     if not target_modules:
         raise ValueError("target_modules is empty; name at least one projection (e.g. q_proj)")
     configs = {}
@@ -224,13 +230,18 @@ def bench_grit_ablation(
         configs[label] = yaml.safe_load(Path(path).read_text())
     settings = {"variants": names, "steps": steps, "r": r, "target_modules": list(target_modules),
                 "n_per_class": n_per_class, "max_length": max_length, "n_bootstrap": n_bootstrap, "seed": seed,
+                "noise_seeds": list(noise_seeds),
                 "model_name_or_path": model_name_or_path, "grit_config": str(grit_config),
                 "qlora_config": str(qlora_config), "aqi_config": str(aqi_config)}
     output = Path(output)
     rows = []
     for name in names:
         base = configs["qlora"] if name == "qlora" else configs["grit"]
-        rows.append(_fit(name, variant_config(base, name, settings, output / name), output / name))
+        rows.append(_fit(name, VARIANTS[name][0], variant_config(base, name, settings, output / name), output / name))
+    for other in noise_seeds:
+        name = f"grit-seed{other}"
+        cfg = variant_config(configs["grit"], "grit", dict(settings, seed=other), output / name)
+        rows.append(_fit(name, f"GRIT defaults, seed {other}", cfg, output / name))
     results = _evaluate(configs["aqi"], rows, settings, output / "aqi")
     for row in rows:
         scores = results["models"][row["variant"]]["scores"]

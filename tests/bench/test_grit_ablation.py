@@ -22,7 +22,7 @@ SETTINGS = {"steps": 1, "r": 4, "target_modules": ["q_proj"], "n_per_class": 4, 
 
 def test_two_variants_tabulated_with_loss_rank_and_delta_aqi(tmp_path, capsys):
     out = tmp_path / "ablation"
-    assert bench_grit_ablation(variants=["grit", "qlora"], output=out, **SETTINGS) == 0
+    assert bench_grit_ablation(variants=["grit", "qlora"], noise_seeds=[], output=out, **SETTINGS) == 0
     result = json.loads((out / "grit_ablation.json").read_text())
     assert result["settings"]["steps"] == 1 and result["settings"]["variants"] == ["grit", "qlora"]
     rows = {row["variant"]: row for row in result["rows"]}
@@ -50,7 +50,7 @@ def test_variant_config_applies_only_its_overrides(tmp_path):
     base = yaml.safe_load((REPO / "configs" / "grit.yaml").read_text())
     settings = dict(SETTINGS, steps=20, r=8, target_modules=["q_proj", "v_proj"])
     default = variant_config(base, "grit", settings, tmp_path / "grit")
-    earlier = variant_config(base, "fteval-earlier", settings, tmp_path / "earlier")
+    earlier = variant_config(base, "fteval-variants", settings, tmp_path / "earlier")
     by_name = lambda cfg: {c["class_path"].rsplit(".", 1)[1]: c.get("init_args", {})  # noqa: E731
                            for c in cfg["trainer"]["callbacks"]}
     d, e = by_name(default), by_name(earlier)
@@ -70,7 +70,7 @@ def test_variant_config_applies_only_its_overrides(tmp_path):
     "kwargs, match",
     [({"variants": ["grit", "shampoo"]}, "shampoo"), ({"variants": ["grit", "grit"]}, "twice"),
      ({"variants": []}, "not among"), ({"steps": 0}, "steps"), ({"r": 2.5}, "r="),
-     ({"target_modules": []}, "target_modules"), ({"grit_config": "missing.yaml"}, "grit config missing.yaml")],
+     ({"target_modules": []}, "target_modules"), ({"noise_seeds": [42]}, "noise_seeds"), ({"grit_config": "missing.yaml"}, "grit config missing.yaml")],
 )
 def test_bad_input_is_refused_before_any_fit(tmp_path, kwargs, match):
     with pytest.raises((ValueError, FileNotFoundError), match=match):
