@@ -42,6 +42,7 @@ from typing import Any, Optional, Union
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from fteval.db import ExperimentDB
 from fteval.envinfo import collect_manifest, git_commit
@@ -296,15 +297,16 @@ class ExperimentDBLogger(L.Callback):
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         if not trainer.is_global_zero:
             return
-        status = "interrupted" if isinstance(exception, KeyboardInterrupt) else "failed"
+        if self.experiment_id is None:
+            # It failed before the run started (bad input in setup, a model that does not load): nothing
+            # ran, so nothing is recorded; the error itself reaches the user.
+            self._close()
+            return
+        stopped = isinstance(exception, (KeyboardInterrupt, SIGTERMException))  # Ctrl-C, or SIGTERM from a scheduler
+        status = "interrupted" if stopped else "failed"
         error = f"{type(exception).__name__}: {exception}"
         try:  # recording the failure must never hide the exception that caused it
             db = self._open()
-            if self.experiment_id is None:  # it failed before the run started (setup, sanity check)
-                stage = str(trainer.state.fn.value if trainer.state.fn is not None else "fit")
-                self.experiment_id = db.create_experiment(
-                    self.experiment_name, self._method(pl_module), {"hparams": dict(pl_module.hparams)},
-                    git_commit=git_commit(), stage=stage)
             self._complete()
             self._flush()
             db.finish_experiment(self.experiment_id, status, error=error)

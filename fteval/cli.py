@@ -11,6 +11,7 @@ counting a ``max_steps`` run with gradient accumulation correctly).
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,10 @@ from callbacks.progress import default_progress_bar
 
 from fteval.data import AlignmentDataModule
 from fteval.io import check_checkpoint_file
+
+
+# A TensorBoard event file with no records holds only its version header (about 90 bytes).
+_EVENT_HEADER_BYTES = 128
 
 
 class FTEvalCLI(LightningCLI):
@@ -49,6 +54,39 @@ class FTEvalCLI(LightningCLI):
         if isinstance(ckpt, (str, Path)) and str(ckpt) not in ("last", "best", "hpc", "registry"):
             check_checkpoint_file(Path(ckpt))
         super()._parse_ckpt_path()
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        try:
+            super()._run_subcommand(subcommand)
+        except BaseException:
+            self._remove_empty_log_dir()
+            raise
+
+    def _remove_empty_log_dir(self) -> None:
+        """After a run that failed before measuring anything, remove the log folder it created.
+
+        Only a folder that holds nothing but the saved config/hparams and TensorBoard event files
+        with no records (a header only) is removed, and only if no optimizer step was taken.
+        """
+        trainer = getattr(self, "trainer", None)
+        if trainer is None or trainer.global_step > 0 or not trainer.is_global_zero:
+            return
+        try:
+            log_dir = Path(trainer.log_dir) if trainer.log_dir else None
+        except Exception:  # no logger / the folder could not be resolved
+            return
+        if log_dir is None or not log_dir.is_dir() or log_dir.resolve() == Path.cwd().resolve():
+            return
+        for entry in log_dir.iterdir():
+            header_only = entry.name.startswith("events.out.tfevents") and entry.stat().st_size <= _EVENT_HEADER_BYTES
+            if not (entry.is_file() and (entry.name in ("config.yaml", "hparams.yaml") or header_only)):
+                return
+        shutil.rmtree(log_dir, ignore_errors=True)
+        for parent in (log_dir.parent, log_dir.parent.parent):  # <save_dir>/<name>, <save_dir>: only when empty
+            try:
+                parent.rmdir()
+            except OSError:
+                break
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> L.Trainer:
         listed = config.get("callbacks") or []

@@ -166,3 +166,13 @@ def test_unreadable_eval_source_stops_fit(data_files, tmp_path):
     no_text.write_text('{"prompt": "a", "safety_label": "safe"}\n')
     with pytest.raises(DataSourceError, match="missing column"):
         make_dm({"train": data_files["train"], "eval": no_text}, tmp_path).setup("fit")
+
+
+def test_failed_fit_leaves_no_log_folder_and_no_row(tmp_path, capsys, monkeypatch):
+    bad = tmp_path / "eval.jsonl"
+    bad.write_text('{"input": "a"\n')
+    monkeypatch.chdir(tmp_path)
+    err = _run(["fit", "--config", str(Path(__file__).parents[1] / "configs/grit.yaml"), "--data.eval_source", str(bad)],
+               capsys)
+    assert "eval.jsonl line 1" in err and "--data.eval_source" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["eval.jsonl"]  # no lightning_logs/, no output/centralized.db

@@ -173,14 +173,29 @@ class FailsInSanityCheck(TinyModule):
         raise ValueError("broken validation")
 
 
-def test_failure_before_training_starts_is_still_recorded(tmp_path):
+def test_failure_before_training_starts_records_nothing(tmp_path):
     cb = ExperimentDBLogger(db_path=tmp_path / "c.db")
     with pytest.raises(ValueError, match="broken validation"):
         trainer(cb, tmp_path, num_sanity_val_steps=1).fit(FailsInSanityCheck(), loader(), loader(8))
+    assert cb.experiment_id is None
+    assert not (tmp_path / "c.db").exists()  # nothing ran: no row (and no database created for it)
+
+
+def test_sigterm_is_recorded_as_interrupted(tmp_path):
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    class StopsAtStep2(TinyModule):
+        def training_step(self, batch, batch_idx):
+            if self.global_step == 2:
+                raise SIGTERMException(143)
+            return super().training_step(batch, batch_idx)
+
+    cb = ExperimentDBLogger(db_path=tmp_path / "c.db")
+    with pytest.raises(SIGTERMException):
+        trainer(cb, tmp_path, limit_val_batches=0).fit(StopsAtStep2(), loader())
     with ExperimentDB(tmp_path / "c.db") as db:
-        (exp,) = db.experiments()
-    assert (exp["method"], exp["stage"], exp["status"]) == ("qlora", "fit", "failed")
-    assert exp["error"] == "ValueError: broken validation"
+        exp = db.experiment(cb.experiment_id)
+    assert exp["status"] == "interrupted" and exp["error"].startswith("SIGTERMException")
 
 
 def test_test_stage_creates_its_own_experiment(tmp_path):
