@@ -34,7 +34,7 @@ clips the raw gradients *before* they are preconditioned. Lightning calls this h
 its own clipping (below), so ``trainer.gradient_clip_val`` clips the *preconditioned*
 gradients. ``clip_grad_norm`` (default 1.0) clips the global norm of the optimizer's
 gradients here, before preconditioning, as the reference does; set it to None and
-``trainer.gradient_clip_val`` for fteval's earlier order.
+``trainer.gradient_clip_val`` to clip after preconditioning instead.
 
 Hook placement (Lightning 2.6, verified in lightning/pytorch/plugins/precision/precision.py
 and amp.py): ``optimizer.step(closure)`` runs the closure (training_step + backward), then

@@ -14,6 +14,7 @@ above 1e-5 of the largest, from the saved adapter), comparable between GRIT and 
 from __future__ import annotations
 
 import copy
+import json
 import math
 import time
 from pathlib import Path
@@ -139,9 +140,21 @@ def _fit(name: str, change: str, cfg: dict, out: Path) -> dict:
            "effective_rank": _adapter_effective_rank(out / "adapter"), "fit_s": seconds}
     pre = metrics.get("grit/preconditioned_layers")
     row["preconditioned_layers"] = float(pre) if pre is not None else None
+    write_json_atomic(out / "fit.json", {"row": row, "bench_config": cfg})
     print(f"[grit-ablation] {name}: train loss {row['train_loss']}, val loss {row['val_loss']}, "
           f"eff. rank {row['effective_rank']:.2f}, {seconds:.0f} s", flush=True)
     return row
+
+
+def _fit_or_reuse(name: str, change: str, cfg: dict, out: Path, resume: bool) -> dict:
+    """With ``resume``, a finished fit of the same bench config (its fit.json and adapter) is reused; else fit."""
+    done = out / "fit.json"
+    if resume and done.is_file() and (out / "adapter" / "adapter_model.safetensors").is_file():
+        saved = json.loads(done.read_text())
+        if saved.get("bench_config") == json.loads(json.dumps(cfg)):  # the same config, as JSON sees it
+            print(f"[grit-ablation] {name}: reusing {done}", flush=True)
+            return saved["row"]
+    return _fit(name, change, cfg, out)
 
 
 def _evaluate(aqi_base: dict, rows: list[dict], settings: dict, out: Path) -> dict:
@@ -179,6 +192,7 @@ def bench_grit_ablation(
     qlora_config: Path = Path("configs/qlora.yaml"),
     aqi_config: Path = Path("configs/aqi.yaml"),
     output: Path = Path("output/bench/grit_ablation"),
+    resume: bool = False,
 ) -> int:
     """GRIT's defaults against each named variant and plain QLoRA: loss, effective rank, Delta-AQI with CIs.
 
@@ -207,6 +221,8 @@ def bench_grit_ablation(
         qlora_config: the training config of the qlora row.
         aqi_config: the evaluation config (its pooling and statistics settings are kept).
         output: folder for the configs, adapters, AQI results and grit_ablation.json.
+        resume: reuse the fits already in ``output`` (a ``fit.json`` beside an adapter trained with
+            the same model settings) and fit only the missing ones; the evaluation always runs.
 
     Returns 0.
     """
@@ -237,11 +253,12 @@ def bench_grit_ablation(
     rows = []
     for name in names:
         base = configs["qlora"] if name == "qlora" else configs["grit"]
-        rows.append(_fit(name, VARIANTS[name][0], variant_config(base, name, settings, output / name), output / name))
+        cfg = variant_config(base, name, settings, output / name)
+        rows.append(_fit_or_reuse(name, VARIANTS[name][0], cfg, output / name, resume))
     for other in noise_seeds:
         name = f"grit-seed{other}"
         cfg = variant_config(configs["grit"], "grit", dict(settings, seed=other), output / name)
-        rows.append(_fit(name, f"GRIT defaults, seed {other}", cfg, output / name))
+        rows.append(_fit_or_reuse(name, f"GRIT defaults, seed {other}", cfg, output / name, resume))
     results = _evaluate(configs["aqi"], rows, settings, output / "aqi")
     for row in rows:
         scores = results["models"][row["variant"]]["scores"]

@@ -44,6 +44,11 @@ def test_two_variants_tabulated_with_loss_rank_and_delta_aqi(tmp_path, capsys):
     printed = capsys.readouterr().out
     for header in ("variant", "train loss", "val loss", "eff. rank", "dAQI", "dAQI 95% CI", "p (Holm)"):
         assert header in printed
+    # resume: both fits are reused (same configs), only the evaluation runs again, with the same numbers
+    assert bench_grit_ablation(variants=["grit", "qlora"], noise_seeds=[], output=out, resume=True, **SETTINGS) == 0
+    assert capsys.readouterr().out.count("reusing") == 2
+    again = {row["variant"]: row for row in json.loads((out / "grit_ablation.json").read_text())["rows"]}
+    assert again["grit"]["train_loss"] == rows["grit"]["train_loss"] and again["qlora"]["aqi"] == rows["qlora"]["aqi"]
 
 
 def test_variant_config_applies_only_its_overrides(tmp_path):
