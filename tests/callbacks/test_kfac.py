@@ -174,6 +174,17 @@ def test_preconditioned_gradient_equals_dense_solve(pairing, damping_mode, prese
     assert trainer_metric(cb, probe) == {"layers": 1.0, "grads": 2.0}
 
 
+def test_statistics_tokens_all_counts_every_position():
+    """'loss' (default) counts the 7 positions that predict a label; 'all' every position (no padding here)."""
+    counts = {}
+    for tokens in ("loss", "all"):
+        probe = DenseProbe()
+        cb = KFACPreconditioner(update_freq=1, min_samples=1, statistics_tokens=tokens)
+        trainer(1, [cb]).fit(probe, DataLoader([dense_batch()], batch_size=None))
+        counts[tokens] = (probe.layer.stats.n_a, probe.layer.stats.n_g)
+    assert counts == {"loss": (7, 7), "all": (12, 12)}  # [2, 6] positions
+
+
 def trainer_metric(cb, module) -> dict[str, float]:
     m = module.trainer.callback_metrics
     return {"layers": float(m["grit/preconditioned_layers"]), "grads": float(m["grit/preconditioned_grads"])}
