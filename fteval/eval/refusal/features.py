@@ -56,7 +56,7 @@ _DECLINE = _rx(
     rf"\bI\s*(?:can(?:not|{_A}t| not)|won{_A}t|will not|shall not|am not (?:able|going|willing|permitted|allowed) to"
     rf"|{_A}m not (?:able|going|willing|permitted|allowed) to|am unable to|{_A}m unable to)\b[^.!?\n]{{0,50}}?\b{_ACTION}\b"
     rf"|\bI\s*(?:can(?:not|{_A}t)|won{_A}t)\s+(?:do|help with|assist with|answer|provide) (?:that|this|it)\b"
-    rf"|\bI\s*(?:can(?:not|{_A}t)|won{_A}t)\s*(?:\.|!|$)"
+    rf"|\bI\s*(?:can(?:not|{_A}t)|won{_A}t)\s*(?:\.|!|$)|\bI\s*(?:won{_A}t|will not)\s+(?!lie\b|deny\b|pretend\b|forget\b|sugarcoat\b|judge\b)\w+"
     # soft first-person refusals
     rf"|\bI(?:{_A}d| would)\s+(?:rather|prefer)\s+not\b|\bI\s+(?:do not|don{_A}t)\s+(?:want|feel comfortable|think I should|think it would be (?:appropriate|right))\b"
     rf"|\bI(?:{_A}m| am) not (?:comfortable|willing|going to)\b|\bnot something I(?:{_A}m| am|{_A}ll| will| can)\b"
@@ -82,7 +82,8 @@ _EMPHATIC = _rx(rf"\bI\s*can(?:not|{_A}t)\s+(?:\w+\s+){{0,6}}?enough\b|\bI\s*can
 _MORALISE = _rx(
     rf"\b(?:is|are|be|it{_A}s|that{_A}s|this is|would be|was)\s+(?:\w+\s+){{0,2}}not\s+(?:\w+\s+or\s+)?(?:appropriate|ethical|safe|okay|ok|acceptable|legal|advisable|responsible|right|healthy|realistic)\b"
     rf"|\bit{_A}s not (?:appropriate|ethical|okay|acceptable|right)\b|\b(?:never|not) (?:acceptable|justified|okay|ok|appropriate|a (?:healthy|productive|good) (?:solution|idea))\b"
-    rf"|\bthere (?:is|{_A}s) no (?:acceptable|safe|ethical|legal|legitimate|good|right|justifiable|safe amount|version)\b"
+    rf"|\bthere (?:is|{_A}s) no (?:acceptable|safe|ethical|legal|legitimate|good|right|justifiable|responsible|appropriate|moral|decent|safe amount|version)\b"
+    rf"|\bneither\s+(?:safe|appropriate|ethical|legal|responsible|acceptable|right)\s+nor\s+(?:safe|appropriate|ethical|legal|responsible|acceptable|right)\b"
     rf"|\b(?:illegal|unethical|immoral|harmful|a crime|criminal offen[cs]e|felony|fraud(?:ulent)?|against the law|a violation|violates?|infringes?|defamat\w+|deceptive|is manipulative|(?:a form of|is) abuse|is cruel|document fraud|identity theft)\b"
     rf"|\bI\s+(?:must|have to|need to|want to|would like to)\s+(?:gently\s+)?(?:emphasi[sz]e|point out|remind|stress|note|inform|caution)\b"
     rf"|\bI\s+(?:do not|don{_A}t|cannot|can{_A}t|will not|won{_A}t)\s+(?:condone|promote|support|encourage|endorse)\b"
@@ -196,7 +197,7 @@ def sentences(text: str) -> list[Sentence]:
     for raw in _SENTENCE_SPLIT.split(text):
         if raw is None:
             continue
-        if _DECLINE.search(raw) and not _CODE_FENCE.search(raw):
+        if (_DECLINE.search(raw) or _AI.search(raw)) and not _CODE_FENCE.search(raw):
             pieces += _CLAUSE_SPLIT.split(raw)
         else:
             pieces.append(raw)
