@@ -19,10 +19,12 @@ __all__ = ["StepRichProgressBar", "StepTQDMProgressBar", "default_progress_bar"]
 
 
 def _train_total(trainer) -> Union[int, float]:
-    """Micro-batches left in this epoch: all of them, or what ``max_steps`` still allows."""
+    """Micro-batches of this epoch the bar will count: all of them, or as many as ``max_steps`` allows."""
     if trainer.max_epochs == -1 and trainer.max_steps is not None and trainer.max_steps > 0:
         remaining = (trainer.max_steps - trainer.global_step) * max(1, int(trainer.accumulate_grad_batches))
-        return min(trainer.num_training_batches, remaining)
+        # The bar counts from the start of the epoch; a resumed run starts part-way through it.
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.completed
+        return min(trainer.num_training_batches, done + remaining)
     return trainer.num_training_batches
 
 

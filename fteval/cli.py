@@ -55,6 +55,22 @@ class FTEvalCLI(LightningCLI):
             check_checkpoint_file(Path(ckpt))
         super()._parse_ckpt_path()
 
+    def before_instantiate_classes(self) -> None:
+        """A resumed fit logs into the version folder its checkpoint came from, not a new one."""
+        if self.subcommand != "fit":
+            return
+        cfg = self.config["fit"]
+        ckpt, logger = cfg.get("ckpt_path"), cfg.trainer.get("logger")
+        if not ckpt or not Path(ckpt).is_file() or not hasattr(logger, "class_path"):
+            return
+        run_dir = Path(ckpt).resolve().parent.parent  # <save_dir>/<name>/version_N/checkpoints/x.ckpt
+        args = logger.init_args
+        if (Path(ckpt).resolve().parent.name != "checkpoints" or not run_dir.name.startswith("version_")
+                or args.get("version") is not None or "save_dir" not in args):
+            return
+        if run_dir.parent == (Path(args.save_dir) / (args.get("name") or "lightning_logs")).resolve():
+            args.version = run_dir.name
+
     def _run_subcommand(self, subcommand: str) -> None:
         try:
             super()._run_subcommand(subcommand)

@@ -101,6 +101,38 @@ def sequences_in_batch(batch: dict) -> int:
     return int(n) if n is not None else int(batch["input_ids"].shape[0])
 
 
+def rng_states() -> dict:
+    """The global random states (torch CPU and CUDA, numpy, random) in types a weights-only load accepts."""
+    import random
+
+    import numpy as np
+
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_states(state: dict) -> None:
+    """Restore what :func:`rng_states` returned."""
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
 class AdapterModule(L.LightningModule):
     """Base for adapter fine-tuning modules (not used directly).
 
@@ -295,6 +327,7 @@ class AdapterModule(L.LightningModule):
         trainable = {n for n, p in self.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
         checkpoint["fteval"] = self._identity()
+        checkpoint["fteval_rng"] = rng_states()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         saved = checkpoint.get("fteval")
@@ -307,11 +340,19 @@ class AdapterModule(L.LightningModule):
                     f"checkpoint {key} is {saved.get(key)!r} but this run has {mine[key]!r}; resume with the "
                     f"same config as the run that wrote it (a {saved.get('method')} checkpoint of {saved.get('base_model')})"
                 )
+        self._rng_to_restore = checkpoint.get("fteval_rng")
         if self.model is not None:
             trainable = {n for n, p in self.named_parameters() if p.requires_grad}
             missing = sorted(trainable - set(checkpoint["state_dict"]))
             if missing:
                 raise ValueError(f"checkpoint lacks {len(missing)} adapter tensors (e.g. {missing[0]}); it is incomplete")
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        # The random streams (dropout) continue where the checkpointed run was: restored here, just
+        # before the first resumed forward, so nothing between loading and training draws from them.
+        state, self._rng_to_restore = getattr(self, "_rng_to_restore", None), None
+        if state is not None:
+            set_rng_states(state)
 
     # ---------------------------------------------------------------- export
     def on_train_end(self) -> None:
