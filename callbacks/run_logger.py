@@ -17,7 +17,8 @@ What it writes (rank zero only; other ranks never open the database):
   global step, and ``time/fit_s`` at the end of training;
 * artifacts at the end of fit: the ModelCheckpoint files (best and last) and every path in
   ``pl_module.artifact_paths`` (``{kind: path}``), each with size and sha256;
-* the final status: ``finished``, ``failed`` or ``interrupted`` (with the error message).
+* the final status: ``finished``, ``failed`` or ``interrupted`` (with the error message); a run
+  whose process dies is marked ``crashed`` by the next run that opens the database.
 
 Coupling with the LightningModule (all optional, duck-typed):
 ``pl_module.method_name`` (str) names the method (else the class name) and picks the
@@ -153,6 +154,7 @@ class ExperimentDBLogger(L.Callback):
             db = self._open()
             restored = self._restored_id if stage == "fit" else None
             self._restored_id = None
+            db.mark_dead_runs()  # rows left 'running' by processes that died -> 'crashed'
             if restored is not None and db.rows("experiments", id=restored):
                 with db.transaction():  # resume: same row, drop rows the interrupted run logged past the checkpoint
                     db.finish_experiment(restored, "running")
@@ -196,6 +198,7 @@ class ExperimentDBLogger(L.Callback):
         if self._db is None or self.experiment_id is None or not self._ready:
             return
         self._db.log_training_metrics(self.experiment_id, self._table_method, self._ready)
+        self._db.heartbeat(self.experiment_id)
         self._ready = []
 
     @staticmethod

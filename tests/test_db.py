@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import csv
 import hashlib
 import json
@@ -34,7 +35,7 @@ def test_schema_created_with_settings(tmp_path):
     db = ExperimentDB(tmp_path / "sub" / "c.db")
     tables = {r[0] for r in db.conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     assert set(TABLES) <= tables
-    assert db.schema_version == LATEST_VERSION == 2
+    assert db.schema_version == LATEST_VERSION == 3
     assert db.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert db.conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
     assert db.conn.execute("PRAGMA busy_timeout").fetchone()[0] == 60_000
@@ -47,8 +48,8 @@ def test_schema_created_with_settings(tmp_path):
     db.close()
     # reopening applies nothing and writes no backup
     again = ExperimentDB(tmp_path / "sub" / "c.db")
-    assert again.schema_version == 2 and again.backup_path is None
-    assert len(again.rows("schema_version")) == 2
+    assert again.schema_version == 3 and again.backup_path is None
+    assert len(again.rows("schema_version")) == 3
     again.close()
 
 
@@ -68,7 +69,7 @@ def test_migration_from_v1_writes_backup_and_keeps_rows(tmp_path):
     v1_bytes = path.read_bytes()
 
     db = ExperimentDB(path)
-    assert db.schema_version == 2
+    assert db.schema_version == 3
     assert db.backup_path == tmp_path / "old.db.bak-v1"
     # the migrated database kept the rows and gained the v2 column (default 'fit') and table
     exp = db.experiment(1)
@@ -169,7 +170,7 @@ def test_four_processes_write_concurrently_without_losing_rows(tmp_path):
         w = e["seed"]
         assert [r["step"] for r in rows] == list(range(n_rows))
         assert [r["value"] for r in rows] == pytest.approx([w + s / n_rows for s in range(n_rows)])
-    assert db.schema_version == 2 and len(db.rows("schema_version")) == 2  # migrated once, not four times
+    assert db.schema_version == 3 and len(db.rows("schema_version")) == 3  # migrated once, not four times
     db.close()
 
 
@@ -311,3 +312,30 @@ def test_export_errors(tmp_path):
     ExperimentDB(tmp_path / "c.db").close()
     with pytest.raises(ValueError, match="Unknown export format"):
         export(tmp_path / "c.db", tmp_path / "out", ["xlsx"])
+
+
+def test_runs_whose_process_died_are_marked_crashed_by_the_next_start(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    db = ExperimentDB(tmp_path / "c.db")
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(gone.stdout)  # a process that has exited
+    dead = db.create_experiment("killed", "qlora")
+    alive = db.create_experiment("this process", "grit")
+    far = db.create_experiment("other host", "grit")
+    quiet = db.create_experiment("other host, silent", "grit")
+    with db.transaction():
+        db.conn.execute("UPDATE experiments SET pid = ? WHERE id = ?", (dead_pid, dead))
+        db.conn.execute("UPDATE experiments SET host = 'elsewhere' WHERE id IN (?, ?)", (far, quiet))
+        db.conn.execute("UPDATE experiments SET heartbeat_at = '2020-01-01T00:00:00.000+00:00' WHERE id = ?", (quiet,))
+    assert db.mark_dead_runs() == [dead, quiet]
+    status = {e["id"]: e["status"] for e in db.experiments()}
+    assert status == {dead: "crashed", alive: "running", far: "running", quiet: "crashed"}
+    assert "ended without recording a status" in db.experiment(dead)["error"]
+    db.finish_experiment(dead, "running")  # a resume claims the row for this process
+    row = db.experiment(dead)
+    assert (row["status"], row["pid"], row["host"]) == ("running", os.getpid(), socket.gethostname())
+    db.create_experiment("next", "qlora")  # every new run checks
+    assert db.experiment(quiet)["status"] == "crashed" and db.experiment(alive)["status"] == "running"

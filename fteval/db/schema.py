@@ -8,6 +8,9 @@ same table names. Version 2 adds what the first users of the database needed:
 * ``environment``: one row per ``fteval env`` run (the m01 manifest), so the machine a
   result came from can be looked up next to the experiments.
 
+Version 3 adds ``experiments.pid``, ``host`` and ``heartbeat_at``, so a run whose process died
+without recording a status is marked ``crashed`` when the next run starts.
+
 Where the measured quantities vary by method or by stage, rows are long and narrow,
 ``(experiment_id, step, name, value)`` or ``(experiment_id, model, metric, value)``, so a
 new metric needs no migration. Timestamps are ISO-8601 UTC strings; JSON columns end in
@@ -64,7 +67,7 @@ _V1 = (
     " id INTEGER PRIMARY KEY,"
     " name TEXT NOT NULL,"
     " method TEXT NOT NULL,"
-    " status TEXT NOT NULL DEFAULT 'running',"  # running | finished | failed | interrupted
+    " status TEXT NOT NULL DEFAULT 'running',"  # running | finished | failed | interrupted | crashed
     " config_json TEXT,"
     " seed INTEGER,"
     " git_commit TEXT,"
@@ -221,9 +224,18 @@ _V2 = (
     " created_at TEXT NOT NULL)",
 )
 
+# Who runs an experiment: a row left 'running' by a process that died (kill -9, power loss) is
+# found on the next start by its pid (same host) or its silent heartbeat (other hosts).
+_V3 = (
+    "ALTER TABLE experiments ADD COLUMN pid INTEGER",
+    "ALTER TABLE experiments ADD COLUMN host TEXT",
+    "ALTER TABLE experiments ADD COLUMN heartbeat_at TEXT",
+)
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "initial schema: the spec's tables", _V1),
     Migration(2, "experiments.stage and the environment table", _V2),
+    Migration(3, "experiments.pid, host and heartbeat_at", _V3),
 )
 LATEST_VERSION = MIGRATIONS[-1].version
 

@@ -15,7 +15,10 @@ Under multi-process training only rank zero writes (see ``callbacks/run_logger.p
 from __future__ import annotations
 
 import json
+import os
+import socket
 import sqlite3
+from datetime import datetime, timezone
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,7 +30,10 @@ from fteval.db.values import as_float, path_digest, redact_secrets, to_json
 
 __all__ = ["ExperimentDB", "STATUSES"]
 
-STATUSES = ("running", "finished", "failed", "interrupted")
+STATUSES = ("running", "finished", "failed", "interrupted", "crashed")
+
+# A 'running' row of another host whose heartbeat is older than this is taken for dead (seconds).
+STALE_HEARTBEAT_S = 6 * 3600
 
 # Columns accepted by the row-list insert helpers: (required, optional); ``details`` goes
 # to ``details_json``.
@@ -140,21 +146,60 @@ class ExperimentDB:
         """
         if not isinstance(method, str) or not method.strip():
             raise ValueError(f"Experiment method must be a non-empty string, got {method!r}.")
+        self.mark_dead_runs()
         started = utc_now()
         name = name or f"{method}-{stage}-{started[:19].replace(':', '')}"
         with self.transaction():
             cur = self.conn.execute(
                 "INSERT INTO experiments (name, method, stage, status, config_json, seed, git_commit,"
-                " packages_json, hardware_json, started_at) VALUES (?, ?, ?, 'running', ?, ?, ?, ?, ?, ?)",
+                " packages_json, hardware_json, started_at, pid, host, heartbeat_at)"
+                " VALUES (?, ?, ?, 'running', ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (name, method, stage, to_json(config), None if seed is None else int(seed), git_commit,
-                 to_json(packages), to_json(hardware), started),
+                 to_json(packages), to_json(hardware), started, os.getpid(), socket.gethostname(), started),
             )
         return int(cur.lastrowid)
 
-    def finish_experiment(self, experiment_id: int, status: str = "finished", error: Optional[str] = None) -> None:
-        """Set an experiment's status (``finished`` | ``failed`` | ``interrupted`` | ``running``).
+    def heartbeat(self, experiment_id: int) -> None:
+        """Record that the process running ``experiment_id`` is alive (and is this process)."""
+        with self.transaction():
+            self.conn.execute("UPDATE experiments SET heartbeat_at = ?, pid = ?, host = ? WHERE id = ?",
+                              (utc_now(), os.getpid(), socket.gethostname(), experiment_id))
 
-        ``running`` (a resumed run) clears ``finished_at`` and ``error``.
+    def mark_dead_runs(self, stale_after_s: float = STALE_HEARTBEAT_S) -> list[int]:
+        """Set ``crashed`` on 'running' rows whose process is gone; return their ids.
+
+        On this host a row's process is gone when its pid no longer exists or now belongs to a
+        process started after the row's last heartbeat (a reused pid). Rows of other hosts are
+        judged by their heartbeat, older than ``stale_after_s``. Rows without a pid (written before
+        schema version 3) are left alone.
+        """
+        import psutil
+
+        host, now = socket.gethostname(), datetime.now(timezone.utc)
+        dead = []
+        for row in self.conn.execute(
+            "SELECT id, pid, host, heartbeat_at FROM experiments WHERE status = 'running' AND pid IS NOT NULL"
+        ).fetchall():
+            exp_id, pid, row_host, beat = row[0], row[1], row[2], row[3]
+            beat_at = datetime.fromisoformat(beat) if beat else None
+            if row_host == host:
+                try:
+                    alive = pid == os.getpid() or beat_at is None or psutil.Process(pid).create_time() <= beat_at.timestamp()
+                except psutil.NoSuchProcess:
+                    alive = False
+            else:
+                alive = beat_at is None or (now - beat_at).total_seconds() < stale_after_s
+            if not alive:
+                dead.append(int(exp_id))
+        for exp_id in dead:
+            self.finish_experiment(exp_id, "crashed", error="the process running it ended without recording a "
+                                   "status (killed, out of memory or power loss); found by the next run")
+        return dead
+
+    def finish_experiment(self, experiment_id: int, status: str = "finished", error: Optional[str] = None) -> None:
+        """Set an experiment's status (``finished`` | ``failed`` | ``interrupted`` | ``crashed`` | ``running``).
+
+        ``running`` (a resumed run) clears ``finished_at`` and ``error`` and records this process as the runner.
         """
         if status not in STATUSES:
             raise ValueError(f"Experiment status {status!r} is not one of {STATUSES}.")
@@ -166,6 +211,9 @@ class ExperimentDB:
             )
             if cur.rowcount == 0:
                 raise ValueError(f"No experiment with id {experiment_id} in {self.path}.")
+            if status == "running":
+                self.conn.execute("UPDATE experiments SET heartbeat_at = ?, pid = ?, host = ? WHERE id = ?",
+                                  (utc_now(), os.getpid(), socket.gethostname(), experiment_id))
 
     def experiments(
         self, method: Optional[str] = None, stage: Optional[str] = None, status: Optional[str] = None
