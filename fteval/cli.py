@@ -53,7 +53,22 @@ class FTEvalCLI(LightningCLI):
         ckpt = self.config[sub].get("ckpt_path") if sub else None
         if isinstance(ckpt, (str, Path)) and str(ckpt) not in ("last", "best", "hpc", "registry"):
             check_checkpoint_file(Path(ckpt))
+            self._check_checkpoint_method(sub, Path(ckpt))
         super()._parse_ckpt_path()
+
+    def _check_checkpoint_method(self, sub: str, ckpt: Path) -> None:
+        """A checkpoint of one method resumed with another method's config: say so (LightningCLI would
+        silently switch the model class to the checkpoint's and keep the config's callbacks)."""
+        import torch
+
+        saved = torch.load(ckpt, weights_only=True, map_location="cpu").get("hyper_parameters", {}).get("_class_path")
+        model = self.config[sub].get("model")
+        wanted = getattr(model, "class_path", None)
+        if saved and wanted and saved.rsplit(".", 1)[-1] != wanted.rsplit(".", 1)[-1]:
+            raise ValueError(
+                f"checkpoint {ckpt} was written by a {saved.rsplit('.', 1)[-1]} run, but this config trains "
+                f"{wanted.rsplit('.', 1)[-1]}; resume with the config of the run that wrote it"
+            )
 
     def before_instantiate_classes(self) -> None:
         """A resumed fit logs into the version folder its checkpoint came from, not a new one."""

@@ -176,3 +176,27 @@ def test_failed_fit_leaves_no_log_folder_and_no_row(tmp_path, capsys, monkeypatc
                capsys)
     assert "eval.jsonl line 1" in err and "--data.eval_source" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["eval.jsonl"]  # no lightning_logs/, no output/centralized.db
+
+
+def test_checkpoint_of_another_method_is_named(tmp_path, capsys, monkeypatch):
+    import torch
+
+    ckpt = tmp_path / "qlora.ckpt"
+    torch.save({"hyper_parameters": {"_class_path": "fteval.models.QLoRAModule", "r": 16}, "state_dict": {}}, ckpt)
+    monkeypatch.chdir(tmp_path)
+    err = _run(["fit", "--config", str(Path(__file__).parents[1] / "configs/grit.yaml"), "--ckpt_path", str(ckpt)], capsys)
+    assert "written by a QLoRAModule run" in err and "trains GRITModule" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["qlora.ckpt"]
+
+
+def test_prompt_label_csv_hint_names_the_axiom_option(data_files, tmp_path):
+    from tests.data.test_datamodule import make_dm
+
+    csv_file = tmp_path / "safety.csv"
+    csv_file.write_text("prompt,label\n" + "".join(f"question {i},{i % 2}\n" for i in range(20)))
+    kw = dict(eval_text_field="prompt", eval_label_field="label", safe_values=["0"], unsafe_values=["1"])
+    with pytest.raises(DataSourceError, match="--data.eval_axiom_field null"):
+        make_dm({"train": data_files["train"], "eval": csv_file}, tmp_path, **kw).setup("test")
+    dm = make_dm({"train": data_files["train"], "eval": csv_file}, tmp_path, eval_axiom_field=None, **kw)
+    dm.setup("test")
+    assert len(dm.eval_records) == 20

@@ -309,8 +309,13 @@ class AlignmentDataModule(L.LightningDataModule):
         hp = self.hparams
         name = describe_source(hp.eval_source, "accd")
         rows = load_records(hp.eval_source, "accd", hp.eval_split)
-        cols = [hp.eval_text_field, hp.eval_label_field] + ([hp.eval_axiom_field] if hp.eval_axiom_field else [])
-        require_columns(rows, cols, name)
+        require_columns(rows, [hp.eval_text_field, hp.eval_label_field], name)
+        if hp.eval_axiom_field and hp.eval_axiom_field not in rows[0]:
+            raise DataSourceError(
+                f"{name} has no column {hp.eval_axiom_field!r} (used to stratify the sample by axiom); it has "
+                f"{sorted(rows[0])}. Fix: --data.eval_axiom_field null for a set without axioms (e.g. a CSV with "
+                "prompt,label), or name its category column"
+            )
         rows, dup = deduplicate(rows, hp.eval_text_field)
         texts, labels, axioms = [], [], []
         for i, r in enumerate(rows):
