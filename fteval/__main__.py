@@ -18,7 +18,7 @@ def _commands() -> dict:
     from fteval.analysis.compare import compare
     from fteval.analysis.report import report
     from fteval.backends.bench import bench_generation
-    from fteval.bench import bench_eval, bench_train
+    from fteval.bench import bench_eval, bench_stats, bench_train
     from fteval.bench.grit_ablation import bench_grit_ablation
     from fteval.eval.refusal import classify_refusals
     from fteval.data.stats_command import data_stats
@@ -34,7 +34,7 @@ def _commands() -> dict:
         "classify-refusals": classify_refusals,
         "db": {"export": db.export},
         "bench": {"train": bench_train, "eval": bench_eval, "generation": bench_generation,
-                  "grit-ablation": bench_grit_ablation},
+                  "grit-ablation": bench_grit_ablation, "stats": bench_stats},
     }
 
 

@@ -231,22 +231,24 @@ def binary_rows(n_values: Iterable[int] = (10, 50, 100, 500), confidence: float 
     pairs, the printed test): max over discordance shares {0.05, 0.1, 0.2, 0.4} of
     sum_d Binom(d; n, q) P(p-value < 0.05 | d discordant, H0). No Monte Carlo error.
     """
+    from fteval.eval.power import _critical_counts
+
     rows = []
     for n in n_values:
+        intervals = [wilson(k, n, confidence) for k in range(n + 1)]  # the printed interval for k of n
         worst_cov, worst_p = 1.0, None
         for p in (0.02, 0.05, 0.1, 0.2, 0.3, 0.5):
             pmf = sps.binom.pmf(np.arange(n + 1), n, p)
-            cov = sum(pmf[k] for k in range(n + 1) if wilson(k, n, confidence)[0] <= p <= wilson(k, n, confidence)[1])
+            cov = float(sum(pmf[k] for k, (lo, hi) in enumerate(intervals) if lo <= p <= hi))
             if cov < worst_cov:
                 worst_cov, worst_p = cov, p
         rows.append({"setting": f"binary n={n}", "quantity": f"Wilson CI of a rate (worst p={worst_p})",
-                     "kind": "coverage", "rate": float(worst_cov), "low": None, "high": None, "n": None})
-        reject_given_d = np.zeros(n + 1)
-        for d in range(1, n + 1):
-            pk = sps.binom.pmf(np.arange(d + 1), d, 0.5)
-            pvals = np.array([sps.binomtest(k, d, 0.5).pvalue for k in range(d + 1)])
-            reject_given_d[d] = float(pk[pvals < ALPHA].sum())
-        size = max(float(sps.binom.pmf(np.arange(n + 1), n, q) @ reject_given_d) for q in (0.05, 0.1, 0.2, 0.4))
+                     "kind": "coverage", "rate": worst_cov, "low": None, "high": None, "n": None})
+        # P(exact McNemar rejects | d discordant, H0): both tails beyond the critical count c_d
+        crit = _critical_counts(n, ALPHA)
+        d = np.arange(n + 1)
+        reject_given_d = np.where(crit >= 0, 2.0 * sps.binom.cdf(crit, d, 0.5), 0.0)
+        size = max(float(sps.binom.pmf(d, n, q) @ reject_given_d) for q in (0.05, 0.1, 0.2, 0.4))
         rows.append({"setting": f"binary n={n}", "quantity": "exact McNemar size (worst discordance)",
                      "kind": "rejection", "rate": size, "low": None, "high": None, "n": None})
     return rows

@@ -5,9 +5,11 @@ switched off (peft's ``disable_adapter``), then each named adapter is activated 
 states of all layers are token-pooled per layer (:func:`fteval.eval.pooling.pool_layers`) and kept
 in a torchmetrics state per variant, so DDP ranks are gathered before anything is computed and
 1 or N devices give the same numbers. At the end of the epoch: layer pooling, AQI/XBI/CHI/DB/Dunn
-(:mod:`fteval.eval.metrics`), bootstrap CIs and paired Delta-AQI bootstraps, paired t-tests and
-Cohen's d on per-prompt silhouettes, with Holm (or BH) correction over the reported family
-(:mod:`fteval.eval.stats`). The summary block is printed, logged as test metrics and written as JSON.
+(:mod:`fteval.eval.metrics`), bias-corrected scores with jackknife intervals
+(:mod:`fteval.eval.separation`), and every pair of models compared on the same prompts
+(:mod:`fteval.eval.headtohead`: paired Deltas, McNemar tests of refusals, G-Eval t-tests, power),
+each p-value family Holm- (or BH-) adjusted. The summary block is printed, logged as test metrics
+and written as JSON.
 """
 
 from __future__ import annotations
@@ -27,20 +29,23 @@ from fteval.eval.collectors import REFUSAL_CODES, BehaviourCollector, Representa
 from fteval.eval.metrics import DEFAULT_LAMBDA, cluster_scores, layer_profile
 from fteval.eval.pooling import LayerPooling, SinkMode, layer_attention_weights, pool_layers, pool_over_layers
 from fteval.eval.summary import format_summary
-from fteval.eval.stats import (
-    bootstrap_cis,
-    cohens_d_paired,
-    correct_pvalues,
-    paired_bootstrap_deltas,
-    paired_ttest,
-    per_prompt_separation,
+from fteval.eval.headtohead import (
+    behaviour_comparison,
+    correct_families,
+    embedding_comparison,
+    pair_key,
+    pairs,
+    store_tests,
 )
+from fteval.eval.separation import separation_intervals
+from fteval.eval.stats import per_prompt_separation
 from fteval.models.loading import Quantization, load_causal_lm
 
 log = logging.getLogger(__name__)
 
 BASELINE = "baseline"
 SUMMARY_METRICS = ("aqi", "aqi_bounded", "xbi", "chi")
+INTERVAL_METHOD = "bias-corrected separation, closed-form jackknife (docs/statistics.md)"
 
 
 def _read_adapter_base(path: Path) -> Optional[str]:
@@ -62,8 +67,9 @@ class AQIEvaluator(L.LightningModule):
         layer_pooling: how layers combine into one vector per prompt ('attention', 'mean', 'last').
         layers: restrict layer pooling to these hidden-state indices (0 = embeddings); default all.
         lam: AQI weight lambda (the spec: 0.5).
-        n_bootstrap: bootstrap resamples for CIs and paired Delta-AQI (0 turns the bootstrap off).
-        bootstrap_seed: bootstrap seed.
+        n_bootstrap: 0 turns the intervals and tests off; any other value keeps them on (they are
+            closed-form jackknife intervals, docs/statistics.md, and draw no resamples).
+        bootstrap_seed: kept for existing configs; the closed-form intervals draw nothing random.
         confidence: confidence level of the intervals.
         correction: multiple-comparison correction over the reported p-values ('holm' or 'bh').
         results_dir: where aqi_results.json and the embeddings are written.
@@ -77,6 +83,11 @@ class AQIEvaluator(L.LightningModule):
         behaviour_prompts_per_class: prompts per class that get responses (the first by index).
         max_new_tokens: generation length for the behavioural evaluation.
         geval: run the G-Eval judge on the responses (helpfulness, harmlessness, instruction following).
+        refusal_judge: who labels each answer as compliance / partial / full refusal: 'rules' (the fitted
+            detector, offline), 'openai' (a judge model on an OpenAI-compatible server) or 'hf' (a local
+            causal LM's label-token probabilities; default the evaluated base model, adapters off).
+        refusal_judge_options: the judge's options (``fteval.eval.refusal.judges``), e.g. ``{base_url: ...,
+            model: ...}`` for 'openai', ``{model_name_or_path: ...}`` for 'hf'.
     """
 
     method_name = "aqi_eval"
@@ -103,6 +114,8 @@ class AQIEvaluator(L.LightningModule):
         behaviour_prompts_per_class: int = 50,
         max_new_tokens: int = 64,
         geval: bool = True,
+        refusal_judge: Literal["rules", "openai", "hf"] = "rules",
+        refusal_judge_options: Optional[dict] = None,
     ):
         super().__init__()
         adapters = dict(adapters or {})
@@ -119,6 +132,7 @@ class AQIEvaluator(L.LightningModule):
         self._behaviour_indices: set[int] = set()
         self._backend = None
         self._judge = None
+        self._refusal_judge = None
         self.model = None
         self.tokenizer = None
         self.results: dict = {}
@@ -197,20 +211,24 @@ class AQIEvaluator(L.LightningModule):
             from fteval.eval.geval import GEvalJudge
 
             self._judge = GEvalJudge(self.model, self.tokenizer, adapters_off=True)
+        from fteval.eval.refusal import make_judge
+
+        options = dict(hp.refusal_judge_options or {})
+        if hp.refusal_judge == "hf" and "model" not in options and "model_name_or_path" not in options:
+            options.update(model=self.model, tokenizer=self.tokenizer, adapters_off=True)
+        self._refusal_judge = make_judge(hp.refusal_judge, **options)
 
     def _behaviour_step(self, batch: dict) -> None:
         records = self.trainer.datamodule.eval_records
         idx = [int(i) for i in batch["index"] if int(i) in self._behaviour_indices]
         if not idx:
             return
-        from fteval.eval.refusal import classify_refusal
-
         prompts = [records[i]["prompt"] for i in idx]
         criteria = list(self._judge.criteria) if self._judge is not None else []
         for v, name in enumerate(self.variants):
             results = self._backend.batch_generate(prompts, model=name)
             texts = [r.text for r in results]
-            refusals = [classify_refusal(t) for t in texts]
+            refusals = self._refusal_judge.classify(texts, prompts)
             geval = torch.full((len(idx), max(len(criteria), 1)), float("nan"), dtype=torch.float64)
             for c, crit in enumerate(criteria):
                 for j, sc in enumerate(self._judge.score(prompts, texts, crit)):
@@ -266,6 +284,7 @@ class AQIEvaluator(L.LightningModule):
         return pool_over_layers(reps, self.hparams.layer_pooling)
 
     def summarise(self, data: dict[str, tuple[Tensor, Tensor, Tensor]]) -> dict:
+        """Scores per model with intervals, and every pair of models compared (:mod:`fteval.eval.headtohead`)."""
         hp = self.hparams
         labels = data[BASELINE][1].cpu()
         for name, (_, lab, _) in data.items():
@@ -274,19 +293,17 @@ class AQIEvaluator(L.LightningModule):
         pooled = {name: self._pooled(reps.cpu()) for name, (reps, _, _) in data.items()}
         models: dict = {}
         silhouettes: dict = {}
+        with_stats = bool(hp.n_bootstrap)
         for name, emb in pooled.items():
             scores = {k: float(v) for k, v in cluster_scores(emb, labels, lam=hp.lam).items()}
             entry = {"scores": scores, "n_prompts": int(labels.numel()),
                      "n_safe": int((labels == 0).sum()), "n_unsafe": int((labels == 1).sum())}
-            if hp.n_bootstrap:
-                cis = bootstrap_cis(emb, labels, hp.n_bootstrap, hp.bootstrap_seed, metrics=SUMMARY_METRICS,
-                                    confidence=hp.confidence, lam=hp.lam)
-                entry["ci"] = {m: [r.ci_low, r.ci_high] for m, r in cis.items()}
-                # Resampling with replacement duplicates prompts; with few prompts in a high-dimensional
-                # space that shrinks within-class scatter and shifts CHI/AQI upward. Flag a CI that misses
-                # its own estimate instead of presenting it as an interval for the estimate.
-                entry["bootstrap_bias"] = {m: float(r.distribution.mean() - r.estimate) for m, r in cis.items()}
-                entry["ci_unreliable"] = sorted(m for m, r in cis.items() if not r.ci_low <= r.estimate <= r.ci_high)
+            if with_stats:
+                sep = separation_intervals(emb, labels, confidence=hp.confidence, lam=hp.lam)
+                entry["ci"] = {m: sep["ci"][m] for m in SUMMARY_METRICS}
+                entry["bias_corrected"] = sep["estimate"]
+                entry["separation"] = {k: sep[k] for k in ("ratio", "ratio_se", "noise_floor", "raw_ratio",
+                                                           "excess_kurtosis", "heavy_tailed")}
             profile = layer_profile(data[name][0].cpu(), labels, lam=hp.lam)
             entry["layer_profile"] = {k: [float(x) for x in v] for k, v in profile.items() if k in ("aqi_bounded", "chi", "xbi")}
             if hp.layer_pooling == "attention":
@@ -295,40 +312,26 @@ class AQIEvaluator(L.LightningModule):
             silhouettes[name] = per_prompt_separation(emb, labels)
             entry["mean_silhouette"] = float(silhouettes[name].mean())
             models[name] = entry
-        deltas: dict = {}
-        family: list[tuple[str, str, float]] = []
-        for name in self.adapters:
-            d: dict = {}
-            if hp.n_bootstrap:
-                boot = paired_bootstrap_deltas(pooled[BASELINE], pooled[name], labels, hp.n_bootstrap, hp.bootstrap_seed,
-                                               metrics=SUMMARY_METRICS, confidence=hp.confidence, lam=hp.lam)
-                for m, r in boot.items():
-                    d[m] = {"delta": r.delta, "ci": [r.ci_low, r.ci_high], "p_value": r.p_value}
-                family.append((name, "aqi", boot["aqi"].p_value))
+        comparisons: dict = {}
+        for a, b in pairs(self.variants):
+            if with_stats:
+                comp = embedding_comparison(pooled[a], pooled[b], labels, models[a]["scores"], models[b]["scores"],
+                                            silhouettes[a], silhouettes[b], hp.confidence, hp.lam)
             else:
-                for m in SUMMARY_METRICS:
-                    d[m] = {"delta": models[name]["scores"][m] - models[BASELINE]["scores"][m], "ci": None, "p_value": None}
-            t = paired_ttest(silhouettes[name], silhouettes[BASELINE], confidence=hp.confidence)
-            d["silhouette_ttest"] = {"mean_diff": t.mean_diff, "t": t.statistic, "p_value": t.p_value,
-                                     "ci": [t.ci_low, t.ci_high],
-                                     "cohens_d": cohens_d_paired(silhouettes[name], silhouettes[BASELINE])}
-            if t.p_value == t.p_value:  # not NaN (identical models give NaN)
-                family.append((name, "silhouette_ttest", t.p_value))
-            deltas[name] = d
-        if family:
-            adjusted = correct_pvalues([p for _, _, p in family], hp.correction)
-            for (name, key, _), adj in zip(family, adjusted):
-                target = deltas[name]["aqi"] if key == "aqi" else deltas[name][key]
-                target["p_adjusted"] = float(adj)
-                target["significant"] = bool(adj < 1 - hp.confidence)
+                comp = {m: {"delta": models[a]["scores"][m] - models[b]["scores"][m], "ci": None, "p_value": None}
+                        for m in SUMMARY_METRICS}
+            comparisons[pair_key(a, b)] = {"a": a, "b": b, **comp}
+        sizes = correct_families(comparisons, hp.correction, hp.confidence)
         return {
             "base_model": hp.model_name_or_path,
             "adapters": self.adapters,
             "settings": {"sink": hp.sink, "layer_pooling": hp.layer_pooling, "layers": hp.layers, "lam": hp.lam,
-                         "n_bootstrap": hp.n_bootstrap, "bootstrap_seed": hp.bootstrap_seed, "confidence": hp.confidence,
-                         "correction": hp.correction, "family_size": len(family)},
+                         "intervals": INTERVAL_METHOD if with_stats else None, "confidence": hp.confidence,
+                         "correction": hp.correction, "family_size": sizes},
             "models": models,
-            "deltas": deltas,
+            "comparisons": comparisons,
+            # adapter -> its comparison with the baseline (the same dicts as in "comparisons")
+            "deltas": {name: comparisons[pair_key(name, BASELINE)] for name in self.adapters},
         }
 
     def _gather_responses(self) -> None:
@@ -344,7 +347,12 @@ class AQIEvaluator(L.LightningModule):
             self.responses = merged
 
     def summarise_behaviour(self, beh: dict, base: tuple[Tensor, Tensor, Tensor]) -> None:
-        """Refusal/over-refusal rates (Wilson CIs) and G-Eval means per model; paired tests vs baseline."""
+        """Refusal/over-refusal rates (Wilson CIs) and G-Eval means per model; every pair compared per prompt.
+
+        Per pair (:func:`fteval.eval.headtohead.behaviour_comparison`): exact McNemar tests of the
+        refusal and over-refusal labels, paired G-Eval t-tests; then both p-value families of the
+        run are adjusted (:func:`fteval.eval.headtohead.correct_families`).
+        """
         from fteval.eval.refusal import refusal_rates
 
         if not beh:
@@ -367,28 +375,17 @@ class AQIEvaluator(L.LightningModule):
                 entry["over_refusal_rate"] = rates["over_refusal_rate"]["value"]
             g = beh["geval"].cpu()[sel]
             entry["behaviour"]["geval"] = {c: float(g[:, k].mean()) for k, c in enumerate(criteria)}
-            per_variant[name] = (idx, g)
-        family = []
-        base_idx, base_g = per_variant[BASELINE]
-        for name in self.adapters:
-            idx, g = per_variant[name]
-            if idx != base_idx:
-                raise RuntimeError(f"behaviour: variant {name!r} answered other prompts than the baseline")
-            tests = {}
-            for k, c in enumerate(criteria):
-                t = paired_ttest(g[:, k].numpy(), base_g[:, k].numpy(), confidence=self.hparams.confidence)
-                tests[f"geval_{c}"] = {"mean_diff": t.mean_diff, "t": t.statistic, "p_value": t.p_value,
-                                       "ci": [t.ci_low, t.ci_high],
-                                       "cohens_d": cohens_d_paired(g[:, k].numpy(), base_g[:, k].numpy())}
-                if t.p_value == t.p_value:
-                    family.append((name, f"geval_{c}", t.p_value))
-            self.results["deltas"][name]["behaviour_tests"] = tests
-        if family:  # corrected as their own family (AQI's family is corrected in summarise)
-            adjusted = correct_pvalues([p for _, _, p in family], self.hparams.correction)
-            for (name, key, _), adj in zip(family, adjusted):
-                test = self.results["deltas"][name]["behaviour_tests"][key]
-                test["p_adjusted"] = float(adj)
-                test["significant"] = bool(adj < 1 - self.hparams.confidence)
+            per_variant[name] = (idx, codes, g)
+        for a, b in pairs(self.variants):
+            (idx_a, codes_a, g_a), (idx_b, codes_b, g_b) = per_variant[a], per_variant[b]
+            if idx_a != idx_b:
+                raise RuntimeError(f"behaviour: variants {a!r} and {b!r} answered different prompts")
+            safety = ["unsafe" if labels_by_index[i] else "safe" for i in idx_a]
+            self.results["comparisons"][pair_key(a, b)]["behaviour"] = behaviour_comparison(
+                codes_a, codes_b, safety, g_a.numpy(), g_b.numpy(), criteria, REFUSAL_CODES.index("full_refusal"),
+                self.hparams.confidence)
+        self.results["settings"]["family_size"] = correct_families(
+            self.results["comparisons"], self.hparams.correction, self.hparams.confidence)
 
     def write_outputs(self, data: dict) -> None:
         from safetensors.torch import save_file
@@ -430,6 +427,12 @@ class AQIEvaluator(L.LightningModule):
             for metric, values in entry["layer_profile"].items():
                 rows += [{"model": name, "metric": metric, "value": v, "layer": layer, "pooling": "token_mean",
                           "n_samples": n} for layer, v in enumerate(values)]
+        for name, entry in res["models"].items():
+            ci = entry.get("ci", {})
+            for metric, value in entry.get("bias_corrected", {}).items():
+                low, high = ci.get(metric) or [None, None]
+                rows.append({"model": name, "metric": f"{metric}_bc", "value": value, "pooling": hp.layer_pooling,
+                             "ci_low": low, "ci_high": high, "n_samples": entry["n_prompts"]})
         db = ExperimentDB(hp.db_path)
         with db.transaction():
             for name, d in res["deltas"].items():
@@ -438,19 +441,7 @@ class AQIEvaluator(L.LightningModule):
                     rows.append({"model": name, "metric": f"delta_{metric}", "value": d[metric]["delta"],
                                  "pooling": hp.layer_pooling, "ci_low": ci[0], "ci_high": ci[1],
                                  "p_value": d[metric]["p_value"]})
-                if d["aqi"]["p_value"] is not None:
-                    db.add_statistical_test("paired_bootstrap", "aqi", statistic=d["aqi"]["delta"],
-                                            p_value=d["aqi"]["p_value"], p_adjusted=d["aqi"].get("p_adjusted"),
-                                            correction=hp.correction, experiment_id=self.experiment_id,
-                                            group_a=name, group_b=BASELINE, ci_low=d["aqi"]["ci"][0],
-                                            ci_high=d["aqi"]["ci"][1], n=res["models"][name]["n_prompts"])
-                t = d["silhouette_ttest"]
-                if t["p_value"] == t["p_value"]:
-                    db.add_statistical_test("paired_t", "silhouette", statistic=t["t"], p_value=t["p_value"],
-                                            p_adjusted=t.get("p_adjusted"), correction=hp.correction,
-                                            experiment_id=self.experiment_id, group_a=name, group_b=BASELINE,
-                                            effect_size=t["cohens_d"], effect_size_name="cohens_d_z",
-                                            ci_low=t["ci"][0], ci_high=t["ci"][1], n=res["models"][name]["n_prompts"])
+            store_tests(db, self.experiment_id, res["comparisons"], hp.correction, res["models"][BASELINE]["n_prompts"])
             db.add_aqi_scores(self.experiment_id, rows)
             beh_rows = []
             for name, entry in res["models"].items():

@@ -271,7 +271,8 @@ def _standard_error(values_loo: np.ndarray, inverse: np.ndarray, weights: tuple[
     vj = _jackknife_var(values_loo, inverse)
     if moments is None:
         return math.sqrt(vj)
-    return math.sqrt(max(vj - _second_order_var(weights, moments), vj / 2.0))
+    v2 = max(_second_order_var(weights, moments), 0.0)  # >= 0 (rounding can leave -1e-35 for identical models)
+    return math.sqrt(max(vj - v2, vj / 2.0))
 
 
 def _excess_kurtosis(values_loo: np.ndarray, inverse: np.ndarray) -> float:

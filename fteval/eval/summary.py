@@ -1,58 +1,123 @@
-"""The printed summary block of ``fteval test`` (the spec's BASELINE / QLORA / GRIT / DELTA-AQI layout)."""
+"""The printed summary block of ``fteval test``: the spec's per-model layout, then every pair of models.
+
+Per model: the headline (bias-corrected bounded AQI with its interval), the spec's AQI, XBI and
+CHI as computed (plug-in) with their bias-corrected value and the interval of the population
+value, the behaviour rates. Per pair ("GRIT vs QLORA", "QLORA vs BASELINE", ...): the paired
+Deltas with CIs and adjusted p-values, McNemar tests of the refusal rates, G-Eval t-tests and the
+smallest changes the run could detect. What the numbers mean: README, "How to read the numbers".
+"""
 
 from __future__ import annotations
 
+from typing import Optional
 
-def _fmt_ci(ci) -> str:
-    if ci is None:
-        return " [CI †]"
-    return f" [{ci[0]:.3g}, {ci[1]:.3g}]" if ci else ""
+
+def _num(x: Optional[float], spec: str = ".4g") -> str:
+    return "inf" if x is None else format(x, spec)
+
+
+def _ci(ci, spec: str = ".4g") -> str:
+    if not ci:
+        return ""
+    return f" [{_num(ci[0], spec)}, {_num(ci[1], spec)}]"
+
+
+def _p(test: dict) -> str:
+    if test.get("p_value") is None or test["p_value"] != test["p_value"]:
+        return ""
+    mark = " ✓" if test.get("significant") else ""
+    adj = f", adjusted {test['p_adjusted']:.3g}" if "p_adjusted" in test else ""
+    return f"  p={test['p_value']:.3g}{adj}{mark}"
+
+
+def _model_lines(name: str, entry: dict) -> list[str]:
+    s, ci, bc = entry["scores"], entry.get("ci", {}), entry.get("bias_corrected")
+    lines = [f"{name.upper()} MODEL ({entry['n_safe']} safe / {entry['n_unsafe']} unsafe prompts):"]
+    if bc:
+        lines.append(f"├── AQI (bounded, bias-corrected; headline): {bc['aqi_bounded']:.4f}{_ci(ci.get('aqi_bounded'), '.4f')}"
+                     f"  (as computed {s['aqi_bounded']:.4f})")
+    else:
+        lines.append(f"├── AQI (bounded, 0-1): {s['aqi_bounded']:.4f}")
+
+    def scored(label: str, m: str) -> str:
+        text = f"├── {label}: {s[m]:.4g}"
+        return text + (f" | bias-corrected {_num(bc[m])}{_ci(ci.get(m))}" if bc else "")
+
+    lines += [scored("AQI Score", "aqi"), scored("XBI (lower=better)", "xbi"), scored("CHI (higher=better)", "chi")]
+    sep = entry.get("separation")
+    if sep:
+        lines.append(f"├── noise floor: {100 * sep['noise_floor'] / max(sep['raw_ratio'], 1e-300):.0f}% of the "
+                     "plug-in separation is sampling noise (removed by the bias correction)")
+        if sep["heavy_tailed"]:
+            lines.append(f"├── WARNING heavy tails: excess kurtosis {sep['excess_kurtosis']:.1f} of the per-prompt "
+                         "contributions; intervals may cover less than stated (0.84-0.92 measured in heavy-tailed "
+                         "simulations)")
+    beh = entry.get("behaviour")
+    if beh:
+        rates = beh["rates"]
+        if "refusal_rate" in rates:
+            r = rates["refusal_rate"]
+            lines.append(f"├── Safety Refusal Rate: {100 * r['value']:.1f}% [{100 * r['ci_low']:.0f}, {100 * r['ci_high']:.0f}] "
+                         f"({r['n_samples']} unsafe; incl. partial {100 * rates['refusal_rate_incl_partial']['value']:.1f}%)")
+        if "over_refusal_rate" in rates:
+            r = rates["over_refusal_rate"]
+            lines.append(f"├── Over-refusal (safe prompts): {100 * r['value']:.1f}% [{100 * r['ci_low']:.0f}, "
+                         f"{100 * r['ci_high']:.0f}] ({r['n_samples']} safe)")
+        if beh.get("geval"):
+            lines.append("├── G-Eval (1-5): " + ", ".join(f"{k} {v:.2f}" for k, v in beh["geval"].items()))
+    lines[-1] = "└──" + lines[-1][3:]
+    return lines
+
+
+def _pair_lines(comp: dict) -> list[str]:
+    a, b = comp["a"], comp["b"]
+    lines = [f"{a.upper()} vs {b.upper()} (paired, same prompts; Delta = {a} - {b}):"]
+    q = comp["aqi"]
+    lines.append(f"├── DELTA-AQI ({a} - {b}): {q['delta']:+.4g}{_ci(q.get('ci'))}{_p(q)}")
+    for m, label, spec in (("aqi_bounded", "Delta AQI (bounded)", ".4f"), ("xbi", "Delta XBI", ".4g"),
+                           ("chi", "Delta CHI", ".4g")):
+        t = comp[m]
+        bc = f" (bias-corrected {t['delta_bc']:+{spec}})" if t.get("delta_bc") is not None else ""
+        lines.append(f"├── {label}: {t['delta']:+{spec}}{bc}{_ci(t.get('ci'), spec)}{_p(t)}")
+    sil = comp.get("silhouette_ttest")
+    if sil:
+        lines.append(f"├── per-prompt silhouette: {sil['mean_diff']:+.4f} (Cohen's d_z {sil['cohens_d']:.3f}){_p(sil)}")
+    beh = comp.get("behaviour", {})
+    for key, label in (("refusal", "Refusal rate (unsafe)"), ("over_refusal", "Over-refusal rate (safe)")):
+        t = beh.get(key)
+        if t:
+            lines.append(f"├── {label}: {100 * t['rate_a']:.1f}% vs {100 * t['rate_b']:.1f}% "
+                         f"({100 * t['delta']:+.1f} points; {t['n_a_only']} vs {t['n_b_only']} discordant of {t['n']}), "
+                         f"exact McNemar{_p(t)}")
+    for key, t in beh.items():
+        if key.startswith("geval_"):
+            lines.append(f"├── G-Eval {key[6:]}: {t['mean_diff']:+.3f}{_ci(t['ci'], '.3f')}{_p(t)}")
+    power = comp.get("power")
+    if power and power.get("mde_aqi_bounded") is not None:
+        text = (f"├── detectable at 80% power (alpha 0.05): |Delta AQI bounded| >= {power['mde_aqi_bounded']:.4f}"
+                f" ({comp['n_per_class']} prompts per class)")
+        for key, label in (("refusal", "refusal"), ("over_refusal", "over-refusal")):
+            t = beh.get(key)
+            if t:
+                mde = "none up to 100 points" if t["mde"] is None else f">= {100 * t['mde']:.1f} points"
+                text += f"; {label} change {mde} ({t['n']} prompts)"
+        lines.append(text)
+    lines[-1] = "└──" + lines[-1][3:]
+    return lines
 
 
 def format_summary(results: dict) -> str:
-    """The spec's summary block: per model AQI, XBI, CHI (with 95% CIs), then each Delta-AQI."""
-    lines = []
-    flagged = False
+    """The summary block: each model, then each pair of models, then how the p-values were adjusted."""
+    lines: list[str] = []
     for name, entry in results["models"].items():
-        s = entry["scores"]
-        ci = {m: v for m, v in entry.get("ci", {}).items()}
-        for m in entry.get("ci_unreliable", []):
-            ci[m] = None
-            flagged = True
-        lines.append(f"{name.upper()} MODEL ({entry['n_safe']} safe / {entry['n_unsafe']} unsafe prompts):")
-        lines.append(f"├── AQI Score: {s['aqi']:.4g}{_fmt_ci(ci.get('aqi', ()))}")
-        lines.append(f"├── AQI (bounded, 0-1): {s['aqi_bounded']:.4f}{_fmt_ci(ci.get('aqi_bounded', ()))}")
-        lines.append(f"├── XBI (lower=better): {s['xbi']:.4g}{_fmt_ci(ci.get('xbi', ()))}")
-        beh = entry.get("behaviour")
-        lines.append(f"{'├──' if beh else '└──'} CHI (higher=better): {s['chi']:.4g}{_fmt_ci(ci.get('chi', ()))}")
-        if beh:
-            rates = beh["rates"]
-            extra = []
-            if "refusal_rate" in rates:
-                r = rates["refusal_rate"]
-                extra.append(f"Safety Refusal Rate: {100 * r['value']:.1f}% [{100 * r['ci_low']:.0f}, {100 * r['ci_high']:.0f}] "
-                             f"({r['n_samples']} unsafe; incl. partial {100 * rates['refusal_rate_incl_partial']['value']:.1f}%)")
-            if "over_refusal_rate" in rates:
-                r = rates["over_refusal_rate"]
-                extra.append(f"Over-refusal (safe prompts): {100 * r['value']:.1f}% ({r['n_samples']} safe)")
-            if beh.get("geval"):
-                extra.append("G-Eval (1-5): " + ", ".join(f"{k} {v:.2f}" for k, v in beh["geval"].items()))
-            for i, text in enumerate(extra):
-                lines.append(f"{'└──' if i == len(extra) - 1 else '├──'} {text}")
-        lines.append("")
-    if flagged:
-        lines.append("† single-model bootstrap CI not shown: its resamples are shifted away from the estimate")
-        lines.append("  (duplicated prompts shrink within-class scatter when prompts are few for the hidden size);")
-        lines.append("  see bootstrap_bias in aqi_results.json and read the paired Delta below.")
-        lines.append("")
-    for name, d in results["deltas"].items():
-        a = d["aqi"]
-        sig = ""
-        if a.get("p_value") is not None:
-            mark = "✓" if a.get("significant") else "✗"
-            sig = f"  p={a['p_value']:.3g} (adjusted {a.get('p_adjusted', a['p_value']):.3g}) p<0.05 {mark}"
-        lines.append(f"DELTA-AQI ({name} - baseline): {a['delta']:+.4g}{_fmt_ci(a['ci'] or ())}{sig}")
-        b = d["aqi_bounded"]
-        lines.append(f"  bounded: {b['delta']:+.4f}{_fmt_ci(b['ci'] or ())}; per-prompt silhouette diff "
-                     f"{d['silhouette_ttest']['mean_diff']:+.4f} (Cohen's d {d['silhouette_ttest']['cohens_d']:.3f})")
+        lines += _model_lines(name, entry) + [""]
+    for comp in results.get("comparisons", {}).values():
+        lines += _pair_lines(comp) + [""]
+    st = results.get("settings", {})
+    sizes = st.get("family_size") or {}
+    if sizes:
+        lines.append(f"p-values {st.get('correction')}-adjusted within each family (AQI: {sizes.get('aqi', 0)} tests, "
+                     f"behaviour: {sizes.get('behaviour', 0)} tests); ✓ = significant at "
+                     f"{1 - st.get('confidence', 0.95):.2g} after adjustment. Intervals: {100 * st.get('confidence', 0.95):.0f}%, "
+                     "of the population values (README: How to read the numbers).")
     return "\n".join(lines)

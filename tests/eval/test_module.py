@@ -71,12 +71,31 @@ def test_test_loop_prints_block_and_pairs_baseline_with_adapters(tmp_path, adapt
     # The spec's formula, as implemented: lambda = 0.5.
     assert base["aqi"] == pytest.approx(0.5 / base["xbi"] + 0.5 * base["chi"], rel=1e-9)
     assert 0 <= base["aqi_bounded"] <= 1
-    # A single-model CI that misses its own estimate (duplicate-prompt bias) is flagged, never printed as a CI.
+    # Intervals are of the population values, around the bias-corrected estimates (docs/statistics.md);
+    # the noise floor makes every plug-in separation larger than its bias-corrected value.
     entry = res["models"]["baseline"]
-    for metric, (lo, hi) in entry["ci"].items():
-        assert (metric in entry["ci_unreliable"]) == (not lo <= base[metric] <= hi)
-    if entry["ci_unreliable"]:
-        assert "† single-model bootstrap CI not shown" in out
+    assert entry["bias_corrected"]["aqi_bounded"] < base["aqi_bounded"]
+    assert entry["bias_corrected"]["chi"] < base["chi"] and entry["bias_corrected"]["xbi"] > base["xbi"]
+    for metric in ("aqi", "aqi_bounded", "chi"):
+        lo, hi = entry["ci"][metric]
+        assert lo <= max(entry["bias_corrected"][metric], 0.0) <= hi
+    assert "ci_unreliable" not in entry and "├── AQI (bounded, bias-corrected; headline):" in out
+    # Every pair of models, adapter against adapter included, in the printed block and the JSON.
+    assert list(res["comparisons"]) == ["zero vs baseline", "noisy vs baseline", "noisy vs zero"]
+    assert "NOISY vs ZERO (paired, same prompts; Delta = noisy - zero):" in out
+    assert "DELTA-AQI (noisy - zero):" in out and "exact McNemar" in out
+    head = res["comparisons"]["noisy vs zero"]
+    assert head["aqi"]["delta"] == pytest.approx(noisy["aqi"] - zero["aqi"], rel=1e-9)
+    assert head["aqi_bounded"]["ci"] == res["deltas"]["noisy"]["aqi_bounded"]["ci"]  # zero is the baseline
+    assert head["power"]["mde_aqi_bounded"] == pytest.approx(2.8016 * head["aqi_bounded"]["se"], rel=1e-4)
+    sizes = res["settings"]["family_size"]
+    assert sizes["behaviour"] >= 1 and sizes["aqi"] >= 8  # 4 separation Deltas x 2 non-identical pairs at least
+    for comp in res["comparisons"].values():
+        for t in [comp[m] for m in ("aqi", "aqi_bounded", "chi")] + list(comp["behaviour"].values()):
+            if t["p_value"] is not None and t["p_value"] == t["p_value"]:
+                assert t["p_value"] <= t["p_adjusted"] <= 1.0 and t["family"] in ("aqi", "behaviour")
+        refusal = comp["behaviour"]["refusal"]
+        assert refusal["n"] == 3 and refusal["n_a_only"] + refusal["n_b_only"] <= 3
     # Behaviour: 3 safe + 3 unsafe prompts answered by every model; the judge's scores lie in [1, 5].
     for name in ("baseline", "zero", "noisy"):
         beh = res["models"][name]["behaviour"]
@@ -96,7 +115,12 @@ def test_test_loop_prints_block_and_pairs_baseline_with_adapters(tmp_path, adapt
     db = ExperimentDB(tmp_path / "db.sqlite")
     rows = db.rows("aqi_scores", metric="aqi")
     assert {r["model"] for r in rows if r["layer"] is None} == {"baseline", "zero", "noisy"}
-    assert len(db.rows("statistical_tests")) >= 1
+    tests = db.rows("statistical_tests")
+    assert {(t["group_a"], t["group_b"]) for t in tests if t["test"] == "mcnemar_exact"} == {
+        ("zero", "baseline"), ("noisy", "baseline"), ("noisy", "zero")}
+    jack = [t for t in tests if t["test"] == "paired_jackknife" and t["group_a"] == "noisy" and t["group_b"] == "zero"]
+    assert {t["metric"] for t in jack} >= {"aqi", "aqi_bounded", "chi"}
+    assert all(t["details"]["pair"] == "noisy vs zero" and t["p_adjusted"] >= t["p_value"] for t in jack)
     assert len(db.rows("model_responses")) == 18
     assert {r["metric"] for r in db.rows("behavioral_metrics", model="noisy")} >= {"refusal_rate", "over_refusal_rate", "geval_helpfulness"}
 

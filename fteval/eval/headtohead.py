@@ -1,0 +1,173 @@
+"""Every pair of models of one ``fteval test`` run, compared on the same prompts, with corrected p-values.
+
+Pairs: for variants ``[baseline, m_1, ..., m_k]`` in that order, every (later, earlier) pair:
+``m_i vs baseline`` and ``m_j vs m_i`` (i < j), Delta = later - earlier. A pair holds:
+
+* separation (:func:`embedding_comparison`): paired bias-corrected Deltas of aqi, aqi_bounded,
+  xbi and chi with jackknife CIs and p-values (:func:`fteval.eval.separation.paired_separation_deltas`),
+  the raw (plug-in) Delta of each, a paired t-test of per-prompt silhouettes with Cohen's d_z, and
+  the smallest bounded-AQI Delta detectable at 80% power;
+* behaviour (:func:`behaviour_comparison`): refusal rate on unsafe prompts and over-refusal rate on
+  safe prompts (full refusals), each with the exact McNemar test on the per-prompt labels and the
+  smallest rate change detectable at 80% power; paired t-tests of every G-Eval criterion.
+
+Multiple comparisons (:func:`correct_families`): every p-value of the run belongs to one of two
+families, ``aqi`` (separation Deltas and silhouette tests of all pairs) and ``behaviour``
+(McNemar and G-Eval tests of all pairs); each family is Holm- (or BH-) adjusted as one.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+from torch import Tensor
+
+from fteval.eval.power import mcnemar_mde, mde_wald
+from fteval.eval.separation import paired_separation_deltas
+from fteval.eval.stats import cohens_d_paired, correct_pvalues, mcnemar_exact, paired_ttest
+
+__all__ = ["FAMILIES", "behaviour_comparison", "correct_families", "embedding_comparison", "pair_key", "pairs",
+           "store_tests"]
+
+SUMMARY_METRICS = ("aqi", "aqi_bounded", "xbi", "chi")
+FAMILIES = ("aqi", "behaviour")
+POWER, ALPHA = 0.8, 0.05  # the power statements' targets
+
+
+def pairs(variants: list[str]) -> list[tuple[str, str]]:
+    """(a, b) with Delta = a - b: each later variant against each earlier one (baseline first)."""
+    return [(variants[j], variants[i]) for j in range(len(variants)) for i in range(j)]
+
+
+def pair_key(a: str, b: str) -> str:
+    """'grit vs qlora'."""
+    return f"{a} vs {b}"
+
+
+def embedding_comparison(emb_a: Tensor, emb_b: Tensor, labels: Tensor, raw_a: dict, raw_b: dict,
+                         sil_a: np.ndarray, sil_b: np.ndarray, confidence: float, lam: float) -> dict:
+    """Separation Deltas, silhouette t-test and power of one pair (see the module docstring).
+
+    ``raw_a``/``raw_b``: the models' plug-in scores (``cluster_scores``); ``sil_*``: per-prompt silhouettes.
+    """
+    deltas = paired_separation_deltas(emb_a, emb_b, labels, confidence=confidence, lam=lam, metrics=SUMMARY_METRICS)
+    out: dict = {"n_per_class": int(min((labels == 0).sum(), (labels == 1).sum()))}
+    for m in SUMMARY_METRICS:
+        out[m] = {"delta": float(raw_a[m] - raw_b[m]), **deltas[m]}
+    out["aqi_bounded"]["excess_kurtosis"] = deltas.get("kurtosis")
+    t = paired_ttest(sil_a, sil_b, confidence=confidence)
+    out["silhouette_ttest"] = {"mean_diff": t.mean_diff, "t": t.statistic, "p_value": t.p_value,
+                               "ci": [t.ci_low, t.ci_high], "cohens_d": cohens_d_paired(sil_a, sil_b)}
+    se = out["aqi_bounded"]["se"]
+    out["power"] = {"alpha": ALPHA, "power": POWER,
+                    "mde_aqi_bounded": None if se is None else mde_wald(se, ALPHA, POWER)}
+    return out
+
+
+def _refusal_test(codes_a: list[int], codes_b: list[int], full_code: int) -> dict:
+    a = np.array([c == full_code for c in codes_a], dtype=np.float64)
+    b = np.array([c == full_code for c in codes_b], dtype=np.float64)
+    res = mcnemar_exact(a, b)
+    discordance = (res.n_a_only + res.n_b_only) / res.n
+    return {"rate_a": res.rate_a, "rate_b": res.rate_b, "delta": res.delta, "n": res.n,
+            "n_a_only": res.n_a_only, "n_b_only": res.n_b_only, "p_value": res.p_value,
+            "mde": mcnemar_mde(res.n, discordance, ALPHA, POWER)}
+
+
+def behaviour_comparison(codes_a: list[int], codes_b: list[int], safety: list[str], geval_a: np.ndarray,
+                         geval_b: np.ndarray, criteria: list[str], full_code: int, confidence: float) -> dict:
+    """McNemar on refusals (unsafe prompts) and over-refusals (safe prompts), paired G-Eval t-tests.
+
+    ``codes_*``: per-prompt refusal codes of the two models on the same prompts (``full_code`` =
+    a full refusal); ``safety``: 'safe'/'unsafe' per prompt; ``geval_*`` ``[n, len(criteria)]``.
+    A category with fewer than 2 prompts gets no test.
+    """
+    out: dict = {}
+    for key, category in (("refusal", "unsafe"), ("over_refusal", "safe")):
+        idx = [i for i, s in enumerate(safety) if s == category]
+        if len(idx) >= 2:
+            out[key] = _refusal_test([codes_a[i] for i in idx], [codes_b[i] for i in idx], full_code)
+    for k, crit in enumerate(criteria):
+        ga, gb = geval_a[:, k], geval_b[:, k]
+        keep = np.isfinite(ga) & np.isfinite(gb)
+        if keep.sum() < 2:
+            continue
+        t = paired_ttest(ga[keep], gb[keep], confidence=confidence)
+        out[f"geval_{crit}"] = {"mean_diff": t.mean_diff, "t": t.statistic, "p_value": t.p_value,
+                                "ci": [t.ci_low, t.ci_high], "cohens_d": cohens_d_paired(ga[keep], gb[keep])}
+    return out
+
+
+def _family_members(comparisons: dict, family: str) -> list[dict]:
+    """The test dicts of one family, in a fixed order (pairs, then metrics)."""
+    members = []
+    for comp in comparisons.values():
+        if family == "aqi":
+            members += [comp[m] for m in SUMMARY_METRICS if m in comp]
+            members += [comp["silhouette_ttest"]] if "silhouette_ttest" in comp else []
+        else:
+            members += list(comp.get("behaviour", {}).values())
+    return members
+
+
+def correct_families(comparisons: dict, method: Literal["holm", "bh"], confidence: float) -> dict[str, int]:
+    """Adjust each family's p-values as one (in place: ``p_adjusted``, ``significant``); returns the family sizes.
+
+    Tests without a p-value (NaN from identical inputs, or ``None``) are left out of the family.
+    """
+    sizes = {}
+    for family in FAMILIES:
+        members = [t for t in _family_members(comparisons, family)
+                   if t.get("p_value") is not None and t["p_value"] == t["p_value"]]
+        sizes[family] = len(members)
+        if not members:
+            continue
+        adjusted = correct_pvalues([t["p_value"] for t in members], method)
+        for t, adj in zip(members, adjusted):
+            t["p_adjusted"] = float(adj)
+            t["significant"] = bool(adj < 1.0 - confidence)
+            t["family"] = family
+    return sizes
+
+
+def store_tests(db, experiment_id: int, comparisons: dict, correction: str, n_prompts: int) -> None:
+    """Every test of every pair as a ``statistical_tests`` row (inside the caller's transaction).
+
+    ``test``: ``paired_jackknife`` (separation Deltas; statistic = bias-corrected Delta),
+    ``paired_t`` (silhouette, G-Eval; statistic = t), ``mcnemar_exact`` (refusal_rate,
+    over_refusal_rate; statistic = rate_a - rate_b). ``group_a``/``group_b`` = the pair (Delta =
+    a - b); ``details``: the family, the raw Delta or counts, and the pair's key.
+    """
+    for key, comp in comparisons.items():
+        a, b = comp["a"], comp["b"]
+        common = {"experiment_id": experiment_id, "group_a": a, "group_b": b, "correction": correction}
+        for m in SUMMARY_METRICS:
+            t = comp.get(m) or {}
+            if t.get("p_value") is None:
+                continue
+            db.add_statistical_test("paired_jackknife", m, statistic=t["delta_bc"], p_value=t["p_value"],
+                                    p_adjusted=t.get("p_adjusted"), ci_low=t["ci"][0], ci_high=t["ci"][1], n=n_prompts,
+                                    details={"pair": key, "family": t.get("family"), "se": t["se"],
+                                             "delta_raw": t["delta"]}, **common)
+        t = comp.get("silhouette_ttest")
+        if t and t["p_value"] == t["p_value"]:
+            db.add_statistical_test("paired_t", "silhouette", statistic=t["t"], p_value=t["p_value"],
+                                    p_adjusted=t.get("p_adjusted"), effect_size=t["cohens_d"],
+                                    effect_size_name="cohens_d_z", ci_low=t["ci"][0], ci_high=t["ci"][1], n=n_prompts,
+                                    details={"pair": key, "family": t.get("family"), "mean_diff": t["mean_diff"]}, **common)
+        for name, t in comp.get("behaviour", {}).items():
+            if t.get("p_value") is None or t["p_value"] != t["p_value"]:
+                continue
+            if name in ("refusal", "over_refusal"):
+                db.add_statistical_test("mcnemar_exact", f"{name}_rate", statistic=t["delta"], p_value=t["p_value"],
+                                        p_adjusted=t.get("p_adjusted"), n=t["n"],
+                                        details={"pair": key, "family": t.get("family"), "rate_a": t["rate_a"],
+                                                 "rate_b": t["rate_b"], "n_a_only": t["n_a_only"],
+                                                 "n_b_only": t["n_b_only"], "mde": t["mde"]}, **common)
+            else:
+                db.add_statistical_test("paired_t", name, statistic=t["t"], p_value=t["p_value"],
+                                        p_adjusted=t.get("p_adjusted"), effect_size=t["cohens_d"],
+                                        effect_size_name="cohens_d_z", ci_low=t["ci"][0], ci_high=t["ci"][1],
+                                        details={"pair": key, "family": t.get("family"), "mean_diff": t["mean_diff"]},
+                                        **common)
