@@ -147,3 +147,67 @@ def test_missing_adapter_and_single_class_are_refused(tmp_path, capsys):
         run_test(tmp_path, {}, eval_rows=accd_rows(8, 0))
     assert "0 unsafe prompts" in capsys.readouterr().err
     assert not (tmp_path / "out" / "aqi_results.json").exists()
+
+
+def _synthetic_run(heavy: bool = False):
+    """The evaluator's summary on synthetic representations [N, L+1, D] of three models (no model needed)."""
+    from fteval.eval.module import AQIEvaluator
+
+    gen = torch.Generator().manual_seed(0)
+    n, layers, dim = 60, 3, 16
+    labels, index = (torch.arange(n) >= n // 2).long(), torch.arange(n)
+    base = torch.randn(n, layers, dim, generator=gen)
+    base[:, :, 0] += labels[:, None]
+    qlora = base + 0.3 * torch.randn(n, layers, dim, generator=gen)
+    qlora[:, :, 0] += 0.5 * labels[:, None]
+    grit = base + 0.3 * torch.randn(n, layers, dim, generator=gen)
+    grit[:, :, 1] += 1.5 * labels[:, None]
+    if heavy:  # two prompts 30x farther out than the rest
+        grit[:2] *= 30.0
+    ev = AQIEvaluator(adapters={"qlora": "unused", "grit": "unused"}, behaviour=False)
+    ev.results = ev.summarise({"baseline": (base, labels, index), "qlora": (qlora, labels, index),
+                               "grit": (grit, labels, index)})
+    codes = torch.tensor([2] * 10 + [0] * 10 + [0] * 10 + [0] * 10 + [2] * 8 + [0] * 2 + [0] * 10)  # [60]
+    beh = {"index": torch.arange(20).repeat(3), "variant": torch.arange(3).repeat_interleave(20), "refusal": codes,
+           "geval": torch.ones(60, 1, dtype=torch.float64), "tokens": torch.full((60,), 10)}
+    # prompts 0-9 unsafe, 10-19 safe; baseline refuses every unsafe prompt, qlora none, grit 8 of 10
+    ev.summarise_behaviour(beh, (base[:20], (torch.arange(20) < 10).long(), torch.arange(20)))
+    return ev.results
+
+
+def test_summarise_compares_every_pair_with_corrected_families():
+    from fteval.eval.stats import correct_pvalues
+    from fteval.eval.summary import format_summary
+
+    res = _synthetic_run()
+    assert list(res["comparisons"]) == ["qlora vs baseline", "grit vs baseline", "grit vs qlora"]
+    head = res["comparisons"]["grit vs qlora"]
+    assert head["aqi"]["delta"] == pytest.approx(res["models"]["grit"]["scores"]["aqi"] - res["models"]["qlora"]["scores"]["aqi"])
+    # McNemar on the refusal labels: grit refuses 8 unsafe prompts qlora answers -> p = 2 / 2^8
+    refusal = head["behaviour"]["refusal"]
+    assert (refusal["n_a_only"], refusal["n_b_only"], refusal["p_value"]) == (8, 0, pytest.approx(2 / 2**8))
+    assert res["comparisons"]["qlora vs baseline"]["behaviour"]["refusal"]["delta"] == -1.0
+    # one Holm family per type over all pairs: the adjusted values are Holm of the family's raw p-values
+    for family in ("aqi", "behaviour"):
+        members = [t for comp in res["comparisons"].values()
+                   for t in ([comp[m] for m in ("aqi", "aqi_bounded", "xbi", "chi")] + [comp["silhouette_ttest"]]
+                             if family == "aqi" else list(comp["behaviour"].values()))
+                   if t.get("p_value") is not None and t["p_value"] == t["p_value"]]
+        assert len(members) == res["settings"]["family_size"][family]
+        expected = correct_pvalues([t["p_value"] for t in members], "holm")
+        assert [t["p_adjusted"] for t in members] == pytest.approx(list(expected))
+    assert res["settings"]["family_size"]["behaviour"] == 6  # refusal + over-refusal per pair (G-Eval constant: no test)
+    text = format_summary(res)
+    assert "GRIT vs QLORA (paired, same prompts; Delta = grit - qlora):" in text
+    assert "Refusal rate (unsafe): 80.0% vs 0.0% (+80.0 points; 8 vs 0 discordant of 10), exact McNemar  p=0.00781" in text
+    assert "detectable at 80% power (alpha 0.05): |Delta AQI bounded| >=" in text
+    assert "WARNING heavy tails" not in text
+
+
+def test_summary_warns_about_heavy_tails():
+    from fteval.eval.summary import format_summary
+
+    res = _synthetic_run(heavy=True)
+    assert res["models"]["grit"]["separation"]["heavy_tailed"] is True
+    assert res["models"]["baseline"]["separation"]["heavy_tailed"] is False
+    assert "WARNING heavy tails" in format_summary(res)

@@ -14,6 +14,7 @@ from fteval.eval.stats import (
     cohens_d,
     cohens_d_paired,
     correct_pvalues,
+    mcnemar_exact,
     paired_bootstrap_delta,
     paired_bootstrap_deltas,
     paired_ttest,
@@ -217,3 +218,18 @@ def test_stats_errors():
         bootstrap_ci(x, torch.zeros(20, dtype=torch.long))
     with pytest.raises(ValueError, match="equal lengths"):
         paired_ttest([1.0, 2.0, 3.0], [1.0, 2.0])
+
+
+def test_mcnemar_exact_is_scipys_binomial_test_on_discordant_pairs():
+    a = np.array([1, 1, 1, 1, 1, 0, 0, 1, 0, 0])
+    b = np.array([0, 0, 0, 0, 1, 0, 1, 1, 0, 0])
+    res = mcnemar_exact(a, b)  # a only: 4, b only: 1
+    assert (res.n_a_only, res.n_b_only, res.n) == (4, 1, 10)
+    assert res.p_value == pytest.approx(sps.binomtest(4, 5, 0.5).pvalue) == pytest.approx(0.375)
+    assert res.delta == pytest.approx(0.3) and res.rate_a == pytest.approx(0.6)
+    assert mcnemar_exact(a, a).p_value == 1.0  # no discordant pairs
+    assert mcnemar_exact(np.ones(12), np.zeros(12)).p_value == pytest.approx(2 * 0.5**12)
+    with pytest.raises(ValueError, match="0/1"):
+        mcnemar_exact(np.array([0, 2, 1]), np.array([0, 1, 1]))
+    with pytest.raises(ValueError, match="equal lengths"):
+        mcnemar_exact(np.ones(3), np.ones(4))
