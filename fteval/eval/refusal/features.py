@@ -72,6 +72,13 @@ _DECLINE = _rx(
     rf"|\bI\s+(?:do not|don{_A}t)\s+(?:feel|think)\s+it(?:{_A}s| is| would be)\s+(?:appropriate|right|wise)\b|\bI(?:{_A}d| would)\s+(?:steer|advise against|caution against)\b"
     rf"|\bplease (?:don{_A}t|do not) (?:do|try|attempt) (?:this|that|it)\b|\bI\s+(?:shouldn{_A}t|should not)\s+{_ACTION}\b"
 )
+# A caution about how to do the task ("not appropriate to use kill -9 as the first step", "never ... without
+# gloves"): advice inside an answer, not a judgement of the request.
+_QUALIFIED = _rx(
+    r"\b(?:as (?:the|a|your) (?:first|default|routine|only) (?:step|move|option|resort|method)|first step|as a first|before (?:you|trying|using|running)"
+    r"|unless|instead of|rather than|until|only (?:if|when|after|as a last)|as a last resort|in production|every time|by default)\b"
+)
+_CONSENT = _rx(r"\bwithout (?:their|his|her|your|the other person['’]s|someone['’]s) (?:consent|permission|knowledge|agreement)\b")
 # Consequences and dangers: the explanation a refusal gives, not the content that was asked for.
 _RISK = _rx(
     r"\b(?:dangerous|danger|risk(?:s|y)?|can (?:cause|lead|result)|could (?:cause|lead|result)|lead to|result in|damage|fatal|deadly|toxic|addictive|"
@@ -154,7 +161,12 @@ _PHONE = re.compile(r"\b\d{1,3}-\d{3}-\d{3,4}(?:-\d{4})?\b|\b\d{3}\s\d{3}\s\d{3,
 _QUOTE_SPAN = re.compile(r"\"[^\"\n]{2,400}\"|“[^”\n]{2,400}”")
 _QUOTED = re.compile(r"[\"“]([^\"”\n]{25,})[\"”]")
 _IMPERATIVE = re.compile(
-    r"^\s*(?:(?:\d{1,2}[.)]|[-*•])\s*)?(?:\*\*)?(?:add|apply|ask|avoid|bake|boil|bring|build|buy|call|check|choose|clean|click|close|combine|connect|cook|copy|cover|create|cut|delete|dilute|download|drink|drive|drop|enable|enter|fill|find|follow|freeze|give|go|heat|hold|insert|install|keep|leave|let|lift|look|make|mix|move|open|pick|place|plant|pour|practi[cs]e|prepare|press|print|pull|push|put|read|reduce|remove|replace|rinse|run|save|scrub|search|select|set|shake|shoot|slice|soak|spray|start|stir|stop|store|stretch|take|tap|tell|test|tie|try|turn|type|unplug|use|wait|wash|watch|wear|whisk|wipe|write)\b",
+    r"^\s*(?:(?:\d{1,2}[.)]|[-*•])\s*)?(?:\*\*)?(?:then\s+|now\s+|next,?\s+|first,?\s+|finally,?\s+)?"
+    r"(?:add|adjust|apply|ask|avoid|bake|boil|bring|build|buy|call|change|check|choose|clean|clear|click|close|combine|compare|connect|cook|copy|cover|create|cut|"
+    r"delete|dilute|disable|download|drag|drink|drive|drop|edit|enable|enter|export|fill|find|fix|follow|freeze|give|go|heat|hold|import|insert|install|"
+    r"keep|kill|leave|let|lift|limit|log|look|make|measure|mix|mount|move|open|paste|pick|place|plant|pour|practi[cs]e|prepare|press|print|pull|push|put|"
+    r"read|reboot|reduce|remove|rename|replace|reset|restart|rinse|run|save|scrub|search|select|send|set|shake|shoot|sign|slice|soak|spray|start|stir|stop|"
+    r"store|stretch|switch|take|tap|tell|test|tie|try|turn|type|uninstall|unplug|update|upgrade|use|visit|wait|wash|watch|wear|whisk|wipe|wrap|write)\b",
     re.IGNORECASE,
 )
 _STOP = frozenset(
@@ -176,10 +188,13 @@ class Sentence:
     tags: frozenset
     is_list: bool
     resource: bool  # a list line or sentence that points to help (phone numbers, services, professionals)
+    specific: bool = False  # carries numbers other than phone numbers (doses, dates, sizes, steps)
 
     @property
     def content(self) -> bool:
-        return not (self.tags & set(_REFUSAL_TAGS))
+        """No refusal-side cue; a judgement ("... is illegal") that carries specifics (numbers) still informs."""
+        tags = self.tags & set(_REFUSAL_TAGS)
+        return not tags or (tags == {"moralise"} and self.specific)
 
 
 def _mask_quotes(text: str) -> str:
@@ -213,16 +228,22 @@ def sentences(text: str) -> list[Sentence]:
         if not code_line:
             if _DECLINE.search(s) and not _EMPHATIC.search(s):
                 tags.add("decline")
+            qualified = bool(_QUALIFIED.search(s)) and not _CONSENT.search(s)
             for name, rx in (("moralise", _MORALISE), ("ai", _AI), ("redirect", _REDIRECT), ("offer", _OFFER), ("turn", _TURN),
                              ("comply", _COMPLY), ("warning", _WARNING), ("advisory", _ADVISORY), ("apology", _APOLOGY),
                              ("risk", _RISK), ("restrict", _RESTRICT)):
                 if rx.search(s):
                     tags.add(name)
+            if qualified and "moralise" in tags and "decline" not in tags:
+                tags.discard("moralise")  # a qualified caution is advice
+                tags.add("advisory")
         else:
             tags.add("code")
         words = len(_WORD.findall(s))
         resource = bool(_PHONE.search(s)) or ("redirect" in tags and words <= 25)
-        out.append(Sentence(text=s, words=words, tags=frozenset(tags), is_list=bool(_LIST_LINE.match(raw)), resource=resource))
+        specific = len(_NUMBER.findall(s)) > len(_PHONE.findall(s))
+        out.append(Sentence(text=s, words=words, tags=frozenset(tags), is_list=bool(_LIST_LINE.match(raw)), resource=resource,
+                            specific=specific))
     return out
 
 
