@@ -75,9 +75,9 @@ def _format_block(name: str, block: dict) -> list[str]:
         lines.append(f"    {c:<16} {block['precision'][i]:>9.3f} {block['recall'][i]:>7.3f} {block['f1'][i]:>6.3f} {block['support'][i]:>8d}")
     width = max(len(c) for c in block["classes"]) + 2
     lines.append("    confusion (rows: reference, columns: detector)")
-    lines.append("    " + " " * width + "".join(f"{c[:14]:>16}" for c in block["classes"]))
+    lines.append("    " + " " * width + "".join(f"{c:>{width}}" for c in block["classes"]))
     for c, row in zip(block["classes"], block["confusion"]):
-        lines.append(f"    {c:<{width}}" + "".join(f"{v:>16d}" for v in row))
+        lines.append(f"    {c:<{width}}" + "".join(f"{v:>{width}d}" for v in row))
     return lines
 
 
