@@ -1,11 +1,15 @@
 """The recommendation matrix of ``fteval report``: one choice per use case, each with the evidence behind it.
 
+Besides the use cases, every pair of adapters of the latest ``fteval test`` run gets a head-to-head
+row ("GRIT vs QLORA") from that run's paired tests: the bounded-AQI Delta (paired jackknife), the
+refusal and over-refusal rates (exact McNemar) and G-Eval (paired t), each corrected in its family.
+
 Every recommendation names the measured numbers it rests on (``evidence``: text plus the
 database table and row ids, so a reader can look them up in the export) and a confidence in
 [0, 1] from a fixed rule, not a judgement:
 
 * 0.8 when the choice rests on a difference that is significant after the multiple-comparison
-  correction (p_adjusted < 0.05, and for AQI a paired-bootstrap CI that excludes 0);
+  correction (p_adjusted < 0.05, and for AQI a paired CI that excludes 0);
 * 0.4 when the numbers were measured but no test of the difference exists;
 * 0.2 when a test exists and the difference is not significant;
 * 0.2 less (floor 0.1) when the numbers rest on small samples (fewer than 100 prompts per
@@ -20,7 +24,7 @@ from typing import Any, Optional
 
 from fteval.analysis.synthesis import ALPHA, SMALL_SAMPLE, Recommendation, Synthesis
 
-__all__ = ["recommend", "training_test_rows", "confidence", "format_evidence"]
+__all__ = ["aqi_test", "recommend", "training_test_rows", "confidence", "format_evidence"]
 
 
 def confidence(measured: bool, tested: Optional[bool], significant: bool, small: bool) -> float:
@@ -144,22 +148,22 @@ def _alignment(s: Synthesis) -> Recommendation:
     small = ev.n_prompts is not None and ev.n_prompts < 2 * SMALL_SAMPLE
     evidence = []
     for model, m in ev.scores.items():
-        r = m.get("aqi_bounded")
+        r = m.get("aqi_bounded_bc") or m.get("aqi_bounded")
         if r is not None:
-            evidence.append(_ev(f"{model}: AQI (bounded) {_f(r['value'])} [{_f(r['ci_low'])}, {_f(r['ci_high'])}]",
-                                ("aqi_scores", r["id"])))
+            kind = "bias-corrected " if "aqi_bounded_bc" in m else ""
+            evidence.append(_ev(f"{model}: AQI (bounded, {kind}95% CI) {_f(r['value'])} [{_f(r['ci_low'])}, "
+                                f"{_f(r['ci_high'])}]", ("aqi_scores", r["id"])))
     better = []
     for model, d in ev.deltas.items():
         row = d.get("aqi_bounded") or d.get("aqi")
-        test = next((t for t in s.tests if t["test"] == "paired_bootstrap" and t["metric"] == "aqi"
-                     and t["group_a"] == model and t["experiment_id"] == ev.experiment["id"]), None)
+        test = aqi_test(s, model, "baseline")
         if row is None:
             continue
         ci_pos = row["ci_low"] is not None and row["ci_low"] > 0
         sig = test is not None and test["p_adjusted"] is not None and test["p_adjusted"] < ALPHA
         text = f"Delta-AQI (bounded) {model} - baseline: {_f(row['value'])} [{_f(row['ci_low'])}, {_f(row['ci_high'])}]"
         if test is not None:
-            text += f"; paired bootstrap on AQI p_adjusted={_f(test['p_adjusted'], 3)} ({test['correction']})"
+            text += f"; {test['test']} on {test['metric']} p_adjusted={_f(test['p_adjusted'], 3)} ({test['correction']})"
         evidence.append(_ev(text, ("aqi_scores", row["id"]), ("statistical_tests", test["id"] if test else None)))
         if ci_pos and sig:
             better.append((row["value"], model))
@@ -259,9 +263,68 @@ def _value(s: Synthesis) -> Recommendation:
                           confidence(True, None, False, small), evidence)
 
 
+def aqi_test(s: Synthesis, a: str, b: str) -> Optional[dict[str, Any]]:
+    """The latest test run's test of the bounded-AQI Delta a - b (paired jackknife; older runs: paired bootstrap on AQI)."""
+    if s.evaluation is None:
+        return None
+    eid = s.evaluation.experiment["id"]
+    mine = [t for t in s.tests if t["experiment_id"] == eid and t["group_a"] == a and t["group_b"] == b]
+    return next((t for t in mine if t["test"] == "paired_jackknife" and t["metric"] == "aqi_bounded"),
+                next((t for t in mine if t["test"] == "paired_bootstrap" and t["metric"] == "aqi"), None))
+
+
+def _head_to_head(s: Synthesis) -> list[Recommendation]:
+    """One recommendation per pair of adapters of the latest test run ("GRIT vs QLORA"), from its paired tests."""
+    ev = s.evaluation
+    if ev is None:
+        return []
+    eid = ev.experiment["id"]
+    pairs = []
+    for t in s.tests:
+        key = (t["group_a"], t["group_b"])
+        if t["experiment_id"] == eid and "baseline" not in key and None not in key and key not in pairs:
+            pairs.append(key)
+    small = ev.n_prompts is not None and ev.n_prompts < 2 * SMALL_SAMPLE
+    out = []
+    for a, b in pairs:
+        mine = [t for t in s.tests if t["experiment_id"] == eid and (t["group_a"], t["group_b"]) == (a, b)]
+        evidence, wins = [], []
+        for t in mine:
+            sig = t["p_adjusted"] is not None and t["p_adjusted"] < ALPHA
+            ci = f" [{_f(t['ci_low'])}, {_f(t['ci_high'])}]" if t.get("ci_low") is not None else ""
+            if t["test"] == "mcnemar_exact":
+                d = t["details"] or {}
+                what = (f"{t['metric']}: {_f(100 * d.get('rate_a', float('nan')), 3)}% vs "
+                        f"{_f(100 * d.get('rate_b', float('nan')), 3)}% ({d.get('n_a_only')} vs {d.get('n_b_only')} "
+                        f"discordant prompts)")
+            else:
+                what = f"{t['metric']} Delta {_f(t['statistic'])}{ci}" if t["test"] == "paired_jackknife" else \
+                    f"{t['metric']} {t['test']} statistic {_f(t['statistic'])}"
+            evidence.append(_ev(f"{a} - {b}: {what}, {t['test']} p_adjusted={_f(t['p_adjusted'], 3)}",
+                                ("statistical_tests", t["id"])))
+            if sig and t["test"] == "paired_jackknife" and t["metric"] == "aqi_bounded":
+                wins.append(f"{a if t['statistic'] > 0 else b} separates safe from unsafe prompts better "
+                            f"(Delta AQI bounded {_f(t['statistic'])})")
+            if sig and t["test"] == "mcnemar_exact":
+                more = a if t["statistic"] > 0 else b
+                wins.append(f"{more} {'refuses more unsafe' if t['metric'] == 'refusal_rate' else 'over-refuses more safe'}"
+                            f" prompts ({_f(100 * abs(t['statistic']), 3)} points)")
+        tested = bool(mine) or None
+        if wins:
+            text = f"{a} vs {b}: " + "; ".join(wins) + " (significant after correction)"
+        elif mine:
+            text = (f"{a} vs {b}: no difference significant after correction on these prompts; "
+                    "the run's power line says how large a difference it could have seen")
+        else:
+            text = f"{a} vs {b}: not tested"
+        out.append(Recommendation(f"Head to head: {a.upper()} vs {b.upper()}", text,
+                                  confidence(True, tested, bool(wins), small), evidence))
+    return out
+
+
 def recommend(s: Synthesis) -> list[Recommendation]:
     """The recommendation matrix: one :class:`Recommendation` per use case, in a fixed order."""
-    out = [_alignment(s)]
+    out = [_alignment(s), *_head_to_head(s)]
     out.append(_training_cost(s))
     out.append(_training_choice(s, "Best fit to the training data (lowest validation loss)", "final_val_loss", "nats",
                                 "val_loss"))

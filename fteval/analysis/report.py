@@ -19,7 +19,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Optional
 
-from fteval.analysis.advice import format_evidence, recommend, training_test_rows
+from fteval.analysis.advice import aqi_test, format_evidence, recommend, training_test_rows
 from fteval.analysis.document import Block, Bullets, Chart, Heading, Para, Table, to_html, to_markdown
 from fteval.analysis.runs import open_database, smooth
 from fteval.analysis.synthesis import ALPHA, SMALL_SAMPLE, SOURCE, Synthesis, gather
@@ -79,12 +79,11 @@ def _summary(s: Synthesis) -> list[Block]:
             items.append(f"GRIT {run.label}: mean effective rank {_f(run.effective_rank_mean)} of r={run.lora_rank}{extra}.")
     ev = s.evaluation
     if ev is not None:
-        parts = [f"{m} {_ci(v.get('aqi_bounded'))}" for m, v in ev.scores.items()]
-        items.append(f"AQI (bounded, 0-1, 95% CI) on {ev.n_prompts} prompts: " + "; ".join(parts) + ".")
+        parts = [f"{m} {_ci(v.get('aqi_bounded_bc') or v.get('aqi_bounded'))}" for m, v in ev.scores.items()]
+        items.append(f"AQI (bounded, bias-corrected, 0-1, 95% CI) on {ev.n_prompts} prompts: " + "; ".join(parts) + ".")
         for model, d in ev.deltas.items():
-            test = next((t for t in s.tests if t["test"] == "paired_bootstrap" and t["group_a"] == model
-                         and t["experiment_id"] == ev.experiment["id"]), None)
-            sig = "" if test is None else (f" (paired bootstrap p_adjusted {_p(test['p_adjusted'])}: "
+            test = aqi_test(s, model, "baseline")
+            sig = "" if test is None else (f" ({test['test']} p_adjusted {_p(test['p_adjusted'])}: "
                                            f"{'significant' if (test['p_adjusted'] or 1) < ALPHA else 'not significant'})")
             items.append(f"Delta-AQI {model} - baseline: {_ci(d.get('aqi'))}; bounded {_ci(d.get('aqi_bounded'))}{sig}.")
     else:
@@ -182,7 +181,7 @@ def _alignment(s: Synthesis) -> list[Block]:
     st = ev.settings
     blocks.append(Para(f"Experiment {ev.experiment['id']} ({ev.experiment['name']}), {ev.n_prompts} prompts, "
                        f"sink={st.get('sink')}, layer pooling={st.get('layer_pooling')}, lambda={st.get('lam')}, "
-                       f"{st.get('n_bootstrap')} bootstrap resamples; 95% CIs in brackets. AQI is the spec's "
+                       "95% CIs of the population values in brackets (bias-corrected jackknife, docs/statistics.md). AQI is the spec's "
                        "lambda/XBI + (1-lambda) CHI (grows with n); AQI (bounded) is sample-size free and compares across runs."
                        + (f" {s.n_evaluations} evaluation runs in the database; the latest is shown." if s.n_evaluations > 1 else "")))
     rows = [[m] + [_ci(v.get(c)) for c in _AQI_COLUMNS] for m, v in ev.scores.items()]
@@ -265,8 +264,9 @@ def _statistics(s: Synthesis) -> list[Block]:
         return blocks + [Para("No statistical test in the database.")]
     blocks.append(Table(["source", "test", "metric", "groups", "window", "statistic", "p", "p adjusted", "correction",
                          f"significant (adj. p < {ALPHA})", "effect size", "CI", "n"], rows, (5, 6, 7, 11, 12)))
-    notes = ["Each family is corrected on its own: the AQI tests of a test run (paired bootstrap on AQI, paired t on "
-             "per-prompt silhouettes), and the training tests of compare."]
+    notes = ["Each family is corrected on its own: the AQI tests of a test run (paired jackknife Deltas of AQI, bounded "
+             "AQI, XBI and CHI and paired t on per-prompt silhouettes, every pair of models), its behaviour tests (exact "
+             "McNemar on refusal and over-refusal labels, paired t on G-Eval), and the training tests of compare."]
     if not stored_training and s.training_tests:
         notes.append("The training tests were computed for this report; run python -m fteval compare to store them.")
     notes.append("Per-step training tests treat consecutive steps as independent although they are autocorrelated; "
@@ -311,10 +311,16 @@ def _limitations(s: Synthesis) -> list[Block]:
         items.append(f"AQI rests on {ev.n_prompts} prompts (fewer than {SMALL_SAMPLE} per class): wide intervals, "
                      "low power; use n_per_class 500 on a GPU.")
     if ev is not None:
+        corrected = any(metric.endswith("_bc") for metrics in ev.scores.values() for metric in metrics)
         outside = sorted({f"{model} {metric}" for model, metrics in ev.scores.items() for metric, r in metrics.items()
                           if r["ci_low"] is not None and r["ci_high"] is not None and r["value"] is not None
                           and not r["ci_low"] <= r["value"] <= r["ci_high"]})
-        if outside:
+        if outside and corrected:
+            items.append(f"The plug-in value lies outside the interval for {', '.join(outside)}: a plug-in separation "
+                         "carries the noise floor tr(S)(1/n_safe + 1/n_unsafe) of the squared centroid distance; the "
+                         "interval is that of the population value and brackets the bias-corrected estimate (the _bc "
+                         "rows), which is the number to read.")
+        elif outside:
             items.append(f"The bootstrap interval does not contain its own point estimate for {', '.join(outside)}: "
                          "resampling prompts with replacement duplicates points, which shrinks within-class scatter and "
                          "biases separation indices upward; read those intervals as biased, and the paired Delta "

@@ -250,3 +250,30 @@ def test_loss_chart_zooms_and_shows_hover_values(rendered, tmp_path):
     step = re.match(r"optimizer step (\d+)", state["tip"])
     assert step and zlo <= int(step.group(1)) <= zhi
     assert "qlora#1 train (smoothed): " in state["tip"] and "grit#2 train (smoothed): " in state["tip"]
+
+
+def test_head_to_head_recommendation_from_stored_pair_tests(run_db, tmp_path):
+    """The pair tests fteval test stores (here: of a summary of synthetic representations, written by the same
+    store_tests) give a "Head to head: GRIT vs QLORA" row citing them, and the Delta rows come from the jackknife."""
+    from fteval.eval.headtohead import store_tests
+    from tests.eval.test_module import _synthetic_run
+
+    res = _synthetic_run()
+    with ExperimentDB(run_db) as db:
+        eid = next(e["id"] for e in db.rows("experiments") if e["method"] == "aqi_eval")
+        with db.transaction():
+            store_tests(db, eid, res["comparisons"], "holm", 60)
+        stored = {t["id"]: t for t in db.rows("statistical_tests") if t["group_b"] == "qlora"}
+    assert {t["test"] for t in stored.values()} == {"paired_jackknife", "paired_t", "mcnemar_exact"}
+    assert report(run_db, tmp_path / "m07") == 0
+    with ExperimentDB(run_db) as db:
+        recs = {r["use_case"]: r for r in db.rows("recommendations")}
+    head = recs["Head to head: GRIT vs QLORA"]
+    refusal = res["comparisons"]["grit vs qlora"]["behaviour"]["refusal"]
+    significant = refusal["p_adjusted"] < 0.05
+    assert head["recommendation"].startswith("grit vs qlora: ")
+    assert ("grit refuses more unsafe prompts (80 points)" in head["recommendation"]) == significant
+    cited = {ref["id"] for item in head["evidence"]["items"] for ref in item["refs"]}
+    assert cited == set(stored)
+    md = (tmp_path / "m07" / "report.md").read_text()
+    assert "Head to head: GRIT vs QLORA" in md and "paired_jackknife" in md
