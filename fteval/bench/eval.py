@@ -1,15 +1,17 @@
 """``fteval bench eval``: the evaluation side's speed: AQI statistics and hidden-state extraction.
 
 1. AQI metrics and the paired bootstrap on synthetic embeddings (``n_prompts`` x ``embed_dim``,
-   half safe, half unsafe, a baseline and a "tuned" matrix): the functions the AQI evaluator
-   (:meth:`fteval.eval.module.AQIEvaluator.summarise`) calls, timed one by one, on CPU tensors
+   half safe, half unsafe, a baseline and a "tuned" matrix): the metric and resampling functions
+   of :mod:`fteval.eval.metrics` and :mod:`fteval.eval.stats`, timed one by one, on CPU tensors
    and, when a GPU is present, on CUDA tensors (the statistics code runs on either device; the
    evaluator currently hands it CPU tensors). Each stage runs once untimed (cold: imports,
    CUDA context), then ``repeats`` times; the median is reported.
    ``aqi_plus_bootstrap_s`` = ``cluster_scores`` of both models + ``paired_bootstrap_deltas``
    (the issue's "AQI metrics + 1000-resample bootstrap", target < 5 s on the GPU);
-   ``evaluator_stats_s`` adds what ``summarise`` also does: per-model ``bootstrap_cis`` and
-   per-prompt silhouettes (scikit-learn, CPU only).
+   ``evaluator_stats_s`` adds per-model ``bootstrap_cis`` and per-prompt silhouettes
+   (scikit-learn, CPU only). The evaluator's own intervals are closed-form
+   (:mod:`fteval.eval.separation`: one pass over the embeddings and an [N, N] Gram matrix per
+   model) and draw no resamples.
 2. Hidden-state extraction: the evaluator's test step (forward with ``output_hidden_states``,
    then :func:`fteval.eval.pooling.pool_layers`) over ``n_extract`` prompts, prompts/s. The
    embedded model (or any model name :func:`fteval.models.loading.load_causal_lm` accepts) reads
