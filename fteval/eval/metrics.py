@@ -426,7 +426,8 @@ class AQIScore(_EmbeddingClusterMetric):
     as the spec's terms do. With two classes both terms are functions of the same ratio
     d^2 / (W / N) (and the class shares), so the formula inherits the spec's redundancy; it
     keeps the spec's two-term shape deliberately. Its only sample-size effect is the usual
-    small-sample bias of d^2 (about tr(Sigma)(1/n1 + 1/n2) added), which vanishes as N grows.
+    small-sample bias of d^2 (about tr(Sigma)(1/n1 + 1/n2) added), which vanishes as N grows;
+    :mod:`fteval.eval.separation` gives every score here without it, with intervals.
     """
 
     higher_is_better = True
