@@ -25,10 +25,6 @@ from fteval.data import AlignmentDataModule
 from fteval.io import check_checkpoint_file
 
 
-# A TensorBoard event file with no records holds only its version header (about 90 bytes).
-_EVENT_HEADER_BYTES = 128
-
-
 class FTEvalCLI(LightningCLI):
     def __init__(self, args=None, run: bool = True):
         super().__init__(
@@ -94,13 +90,17 @@ class FTEvalCLI(LightningCLI):
             raise
 
     def _remove_empty_log_dir(self) -> None:
-        """After a run that failed before measuring anything, remove the log folder it created.
+        """After a run that failed before any batch ran, remove the log folder it created.
 
-        Only a folder that holds nothing but the saved config/hparams and TensorBoard event files
-        with no records (a header only) is removed, and only if no optimizer step was taken.
+        "Before any batch": no optimizer step and no training, validation or test batch started.
+        Only a folder holding nothing but the saved config/hparams and TensorBoard event files
+        (which then hold no measurement) is removed; empty parent folders go with it.
         """
         trainer = getattr(self, "trainer", None)
-        if trainer is None or trainer.global_step > 0 or not trainer.is_global_zero:
+        if trainer is None or not trainer.is_global_zero or trainer.global_step > 0:
+            return
+        loops = (trainer.fit_loop.epoch_loop, trainer.validate_loop, trainer.test_loop, trainer.fit_loop.epoch_loop.val_loop)
+        if any(loop.batch_progress.total.started > 0 for loop in loops):
             return
         try:
             log_dir = Path(trainer.log_dir) if trainer.log_dir else None
@@ -109,8 +109,8 @@ class FTEvalCLI(LightningCLI):
         if log_dir is None or not log_dir.is_dir() or log_dir.resolve() == Path.cwd().resolve():
             return
         for entry in log_dir.iterdir():
-            header_only = entry.name.startswith("events.out.tfevents") and entry.stat().st_size <= _EVENT_HEADER_BYTES
-            if not (entry.is_file() and (entry.name in ("config.yaml", "hparams.yaml") or header_only)):
+            if not (entry.is_file() and (entry.name in ("config.yaml", "hparams.yaml")
+                                         or entry.name.startswith("events.out.tfevents"))):
                 return
         shutil.rmtree(log_dir, ignore_errors=True)
         for parent in (log_dir.parent, log_dir.parent.parent):  # <save_dir>/<name>, <save_dir>: only when empty

@@ -15,8 +15,10 @@ def _run(argv, capsys) -> str:
         main(argv)
     assert exit_.value.code == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("fteval: error: ") and "\n" not in err, err  # one line, no usage block
-    return err
+    assert "Traceback" not in err and "usage:" not in err, err
+    last = err.splitlines()[-1]  # earlier lines can only be progress output (loading weights)
+    assert last.startswith("fteval: error: ") and err.count("fteval: error") == 1, err
+    return last
 
 
 def test_config_name_found_in_configs_folder(tmp_path):
@@ -200,3 +202,16 @@ def test_prompt_label_csv_hint_names_the_axiom_option(data_files, tmp_path):
     dm = make_dm({"train": data_files["train"], "eval": csv_file}, tmp_path, eval_axiom_field=None, **kw)
     dm.setup("test")
     assert len(dm.eval_records) == 20
+
+
+@pytest.mark.parametrize("extra, expected", [
+    (["--data.batch_size", "0"], "--data.batch_size=0 must be an integer >= 1"),
+    (["--trainer.max_steps", "-5"], "`max_steps` must be a non-negative integer"),
+    (["--model.init_args.optimizer.init_args.lr", "-1"], "--model.init_args.optimizer: Invalid learning rate"),
+    (["--model.init_args.target_modules", "[foo]"], "target_modules ['foo'] matched no"),
+])
+def test_bad_fit_values_leave_nothing_behind(extra, expected, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    err = _run(["fit", "--config", str(Path(__file__).parents[1] / "configs/grit.yaml"), *extra], capsys)
+    assert expected in err
+    assert list(tmp_path.iterdir()) == []  # no lightning_logs/, no output/ (statistics, database)

@@ -189,6 +189,10 @@ class AlignmentDataModule(L.LightningDataModule):
             raise ValueError(f"train_preset={train_preset!r} is not one of {sorted(TRAIN_PRESETS)}")
         if max_length < 8:
             raise ValueError(f"max_length={max_length} is too small; use at least 8 tokens")
+        for name, value, low in (("batch_size", batch_size, 1), ("eval_batch_size", eval_batch_size, 1),
+                                 ("num_workers", num_workers, 0)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"--data.{name}={value!r} must be an integer >= {low}")
         self.save_hyperparameters()
         preset_prompt, preset_response = TRAIN_PRESETS[train_preset]
         self.prompt_field = prompt_field or preset_prompt
@@ -218,7 +222,8 @@ class AlignmentDataModule(L.LightningDataModule):
             self._setup_training()
         if stage in (None, "test", "predict") and not self.eval_set:
             self._setup_evaluation()
-        self.write_statistics()
+        # data_statistics.json is written when a loop asks for its data (below), so a run that stops
+        # earlier (a model that does not load, bad adapter settings) leaves no output behind.
 
     def _setup_training(self) -> None:
         hp = self.hparams
@@ -382,16 +387,19 @@ class AlignmentDataModule(L.LightningDataModule):
         return self.trainer.current_epoch, loop.epoch_loop.batch_progress.current.processed
 
     def train_dataloader(self) -> DataLoader:
+        self.write_statistics()
         world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer is not None else (1, 0)
         return ResumableDataLoader(self.train_set, batch_size=self.hparams.batch_size, seed=self.hparams.seed,
                                    progress=self._fit_progress, num_replicas=world, rank=rank,
                                    num_workers=self.hparams.num_workers, collate_fn=self._train_collate())
 
     def val_dataloader(self) -> DataLoader:
+        self.write_statistics()
         return DataLoader(self.val_set, batch_size=self.hparams.batch_size, shuffle=False,
                           num_workers=self.hparams.num_workers, collate_fn=self._train_collate())
 
     def test_dataloader(self) -> DataLoader:
+        self.write_statistics()
         return DataLoader(self.eval_set, batch_size=self.hparams.eval_batch_size, shuffle=False,
                           num_workers=self.hparams.num_workers, collate_fn=self._collate("right"))
 

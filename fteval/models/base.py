@@ -298,10 +298,13 @@ class AdapterModule(L.LightningModule):
         return list(params)
 
     def configure_optimizers(self):
-        optimizer = self.optimizer_factory(self.trainable_parameters())
+        try:
+            optimizer = self.optimizer_factory(self.trainable_parameters())
+        except ValueError as exc:  # torch's own argument checks ("Invalid learning rate: -1.0")
+            raise ValueError(f"--model.init_args.optimizer: {exc}; fix its init_args (e.g. lr > 0)") from None
         for group in optimizer.param_groups:
             if not group.get("lr", 0) > 0:
-                raise ValueError(f"learning rate {group.get('lr')} must be > 0; set --model.optimizer.init_args.lr")
+                raise ValueError(f"learning rate {group.get('lr')} must be > 0; set --model.init_args.optimizer.init_args.lr")
         warmup = self.hparams.warmup_steps
         total = max(int(self.trainer.estimated_stepping_batches), 1)
         cosine = self.hparams.lr_schedule == "cosine"

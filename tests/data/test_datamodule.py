@@ -20,6 +20,8 @@ def test_split_is_seeded_and_statistics_written(data_files, tmp_path):
     a, b, c = make_dm(data_files, tmp_path), make_dm(data_files, tmp_path), make_dm(data_files, tmp_path, seed=7)
     for dm in (a, b, c):
         dm.setup("fit")
+    assert not (tmp_path / "stats").exists()  # written when a loop asks for data, not at set-up
+    a.train_dataloader()
     assert len(a.train_set) == 36 and len(a.val_set) == 4  # 40 rows, 90/10
     assert [e["input_ids"] for e in a.val_set] == [e["input_ids"] for e in b.val_set]
     assert [e["input_ids"] for e in a.val_set] != [e["input_ids"] for e in c.val_set]
