@@ -6,8 +6,10 @@ are plain typed functions whose signature and docstring are their command line.
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
+from pathlib import Path
 
 TRAINER_COMMANDS = ("fit", "validate", "test", "predict")
 
@@ -42,7 +44,8 @@ def _overview() -> str:
     lines = [
         "usage: python -m fteval COMMAND [options]   (COMMAND --help for its options)",
         "",
-        "Training and evaluation (LightningCLI, take --config FILE.yaml):",
+        "Training and evaluation (LightningCLI, take --config FILE.yaml; a bare NAME.yaml that is not a",
+        "path is looked up in configs/, e.g. --config grit.yaml):",
         "  fit        fine-tune (configs/qlora.yaml, configs/grit.yaml)",
         "  validate   validation loss of a model/checkpoint",
         "  test       AQI + behavioural evaluation (configs/aqi.yaml)",
@@ -58,20 +61,75 @@ def _overview() -> str:
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
     from fteval.backends.base import BackendError
     from fteval.data.sources import DataSourceError
     from fteval.models.loading import ModelLoadError
 
-    return (ValueError, FileNotFoundError, DataSourceError, ModelLoadError, BackendError)
+    return (ValueError, FileNotFoundError, FileExistsError, DataSourceError, ModelLoadError, BackendError,
+            MisconfigurationException)  # Lightning's own checks of Trainer arguments
+
+
+def resolve_config_args(argv: list[str], cwd: Path | None = None) -> list[str]:
+    """``--config NAME.yaml`` that is not an existing path -> ``configs/NAME.yaml`` when that exists.
+
+    Looked up in ``./configs`` and then in the ``configs`` folder beside the installed package, so
+    ``python -m fteval fit --config grit.yaml`` works from the repository root.
+    """
+    cwd = Path.cwd() if cwd is None else cwd
+    roots = [cwd / "configs", Path(__file__).resolve().parents[1] / "configs"]
+    out = list(argv)
+    for i, arg in enumerate(out):
+        value, prefix = None, ""
+        if arg == "--config" and i + 1 < len(out):
+            value, j = out[i + 1], i + 1
+        elif arg.startswith("--config="):
+            value, j, prefix = arg.split("=", 1)[1], i, "--config="
+        if value is None or (cwd / value).exists() or Path(value).is_absolute():
+            continue
+        found = next((r / value for r in roots if (r / value).is_file()), None)
+        if found is not None:
+            out[j] = prefix + str(found)
+    return out
+
+
+def _one_line(message: str, command: str) -> str:
+    """A parser's (multi-line) message as one line, with where to look for the accepted options."""
+    text = " ".join(part.strip() for part in str(message).splitlines() if part.strip())
+    if len(text) > 600:
+        text = text[:600] + " ..."
+    return f"{text} (accepted options: python -m fteval {command} --help)"
+
+
+def _user_message(exc: BaseException) -> str:
+    """The reason of a user error in one line.
+
+    jsonargparse wraps an error raised while instantiating a class given by ``class_path`` (e.g. a
+    module's argument check) in "Does not validate against any of the Union subtypes ... Errors:"
+    with one entry per candidate type and the whole namespace; the entry that is not the trivial
+    ``NoneType`` alternative is the reason.
+    """
+    text = str(exc)
+    if "Does not validate against any of the Union subtypes" in text:
+        reasons = [line.strip()[2:] for line in text.splitlines() if line.strip().startswith("- ")]
+        reasons = [r for r in reasons if not r.startswith("Expected a <class 'NoneType'>")]
+        if reasons:
+            text = reasons[0]
+    return " ".join(part.strip() for part in text.splitlines() if part.strip())
 
 
 def main(argv: list[str] | None = None) -> None:
     from_sys = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
+    command = " ".join(a for a in argv[:2] if not a.startswith("-")) or "COMMAND"
     try:
         if argv and argv[0] in TRAINER_COMMANDS:
             from fteval.cli import FTEvalCLI
 
+            argv = resolve_config_args(argv)
+            if from_sys:  # LightningCLI reads sys.argv itself (and warns when given both)
+                sys.argv[1:] = argv
             FTEvalCLI(args=None if from_sys else argv)
             return
         if not argv or argv[0] in ("-h", "--help"):
@@ -79,13 +137,19 @@ def main(argv: list[str] | None = None) -> None:
             return
         from jsonargparse import CLI
 
-        result = CLI(_commands(), args=argv, as_positional=True)  # required arguments are positional
+        # exit_on_error=False: a parse error raises instead of printing the whole usage first.
+        result = CLI(_commands(), args=argv, as_positional=True, exit_on_error=False)  # required arguments are positional
         if isinstance(result, int) and result != 0:
             sys.exit(result)
+    except argparse.ArgumentError as exc:
+        if os.environ.get("FTEVAL_TRACEBACK"):
+            raise
+        print(f"fteval: error: {_one_line(exc.message if hasattr(exc, 'message') else exc, command)}", file=sys.stderr)
+        sys.exit(2)
     except _user_errors() as exc:
         if os.environ.get("FTEVAL_TRACEBACK"):
             raise
-        print(f"fteval: error: {exc}", file=sys.stderr)
+        print(f"fteval: error: {_user_message(exc)}", file=sys.stderr)
         sys.exit(2)
 
 
