@@ -61,7 +61,7 @@ def embedding_comparison(emb_a: Tensor, emb_b: Tensor, labels: Tensor, raw_a: di
                                "ci": [t.ci_low, t.ci_high], "cohens_d": cohens_d_paired(sil_a, sil_b)}
     se = out["aqi_bounded"]["se"]
     out["power"] = {"alpha": ALPHA, "power": POWER,
-                    "mde_aqi_bounded": None if se is None else mde_wald(se, ALPHA, POWER)}
+                    "mde_aqi_bounded": mde_wald(se, ALPHA, POWER) if se else None}  # None: identical models (SE 0)
     return out
 
 
