@@ -18,6 +18,7 @@ import lightning as L
 import torch
 from lightning.pytorch.cli import OptimizerCallable
 
+from fteval.models.fused_loss import FusedLoss, fused_causal_lm_loss
 from fteval.models.loading import Quantization, load_causal_lm
 
 log = logging.getLogger(__name__)
@@ -155,6 +156,12 @@ class AdapterModule(L.LightningModule):
             work between the matmuls and cuts per-layer Python at small batches; the first
             steps take seconds to minutes longer. Needs a C++ compiler on CPU, Triton on GPU.
         attn_implementation: 'auto' (flash_attention_2 if installed, else sdpa), 'sdpa', 'eager'.
+        fused_loss: 'off' (transformers' loss over the full logits), 'chunked' (the loss from the
+            final hidden states, ``loss_chunk_tokens`` at a time: the full ``[tokens, vocab]`` fp32
+            logits and their gradient never exist; same value and gradients) or 'liger'
+            (liger-kernel's fused kernel, GPU). For training and validation alike.
+        loss_chunk_tokens: tokens per chunk of the 'chunked' loss (extra memory about
+            ``loss_chunk_tokens x vocab x 8`` bytes).
         cache_dir: where the embedded model is materialised.
         export_dir: where the PEFT adapter folder is written after fit (default: <log_dir>/adapter).
     """
@@ -176,6 +183,8 @@ class AdapterModule(L.LightningModule):
         gradient_checkpointing: bool = False,
         compile_blocks: bool = False,
         attn_implementation: str = "auto",
+        fused_loss: FusedLoss = "off",
+        loss_chunk_tokens: int = 2048,
         cache_dir: Optional[str] = None,
         export_dir: Optional[str] = None,
     ):
@@ -188,6 +197,10 @@ class AdapterModule(L.LightningModule):
             raise ValueError("target_modules is empty; name at least one linear layer (e.g. q_proj)")
         if warmup_steps < 0:
             raise ValueError(f"warmup_steps={warmup_steps} must be >= 0")
+        if fused_loss not in ("off", "chunked", "liger"):
+            raise ValueError(f"fused_loss={fused_loss!r} must be 'off', 'chunked' or 'liger'")
+        if loss_chunk_tokens < 1:
+            raise ValueError(f"loss_chunk_tokens={loss_chunk_tokens} must be >= 1")
         self.save_hyperparameters(ignore=["optimizer"])
         self.optimizer_factory = optimizer
         self.model: Optional[torch.nn.Module] = None
@@ -261,6 +274,10 @@ class AdapterModule(L.LightningModule):
         ``position_ids`` restarting at 0 for every sequence, which transformers turns into
         per-sequence attention.
         """
+        fused = self.hparams.get("fused_loss", "off")
+        if fused != "off":
+            loss = fused_causal_lm_loss(self.model, batch, fused, self.hparams.get("loss_chunk_tokens", 2048))
+            return loss, sequences_in_batch(batch)
         kwargs = {k: batch[k] for k in ("attention_mask", "position_ids") if k in batch}
         out = self.model(input_ids=batch["input_ids"], labels=batch["labels"], **kwargs)
         return out.loss, sequences_in_batch(batch)

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from safetensors.torch import load_file
 
@@ -64,12 +65,14 @@ def test_kill_9_then_resume_equals_the_uninterrupted_run(method, tmp_path):
     res = _fit(_config(method, whole, None), whole)
     assert res.returncode == 0, res.stderr[-3000:]
 
-    # Killed in the middle of optimizer step 4's accumulation (micro-batch 7 of 12); last.ckpt is step 4.
+    # Killed in the middle of optimizer step 4's accumulation (its first micro-batch done, 7 of 12);
+    # last.ckpt holds step 2, so steps 3-6 are trained again after the resume.
     kill_at = 3 * ACCUMULATE + 1
     res = _fit(_config(method, broken, kill_at), broken)
     assert res.returncode == -9, res.stderr[-3000:]
     ckpt_dir = broken / "lightning_logs" / method / "version_0" / "checkpoints"
     assert (ckpt_dir / "last.ckpt").is_file() and not (broken / "adapter").exists()
+    assert torch.load(ckpt_dir / "last.ckpt", weights_only=True)["global_step"] == 2
     with sqlite3.connect(broken / "db.sqlite") as con:
         assert con.execute("SELECT status FROM experiments").fetchall() == [("running",)]
 
