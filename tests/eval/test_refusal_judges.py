@@ -168,3 +168,18 @@ def test_hf_judge_label_token_probabilities(embedded):
         assert r.score == pytest.approx(r.probs[2] + 0.5 * r.probs[1], abs=2e-4)
     assert len(set(judge.token_ids)) == 3
     assert judge.classify([""])[0].label == FULL
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_classify_refusals_with_hf_judge(tmp_path, capsys):
+    """`--judge hf` loads the embedded model and records the judge per row; the labels agree with
+    HFJudge called directly."""
+    src = tmp_path / "in.csv"
+    src.write_text("completion\n\"I won't help with that.\"\n\"Paris is the capital of France.\"\n")
+    main(["classify-refusals", str(src), "--judge", "hf", "--output", str(tmp_path / "out.jsonl")])
+    rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [r["refusal_judge"] for r in rows] == ["hf", "hf"]
+    direct = make_judge("hf").classify(["I won't help with that.", "Paris is the capital of France."])
+    assert [r["refusal_label"] for r in rows] == [d.label for d in direct]
+    assert [r["refusal_score"] for r in rows] == pytest.approx([d.score for d in direct], abs=1e-4)
+    assert "judge: hf" in capsys.readouterr().out

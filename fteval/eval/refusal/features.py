@@ -59,7 +59,7 @@ _DECLINE = _rx(
     rf"|\bI\s*(?:can(?:not|{_A}t)|won{_A}t)\s*(?:\.|!|$)|\bI\s*(?:won{_A}t|will not)\s+(?!lie\b|deny\b|pretend\b|forget\b|sugarcoat\b|judge\b)\w+"
     # soft first-person refusals
     rf"|\bI(?:{_A}d| would)\s+(?:rather|prefer)\s+not\b|\bI\s+(?:do not|don{_A}t)\s+(?:want|feel comfortable|think I should|think it would be (?:appropriate|right))\b"
-    rf"|\bI(?:{_A}m| am) not (?:comfortable|willing|going to)\b|\bnot something I(?:{_A}m| am|{_A}ll| will| can)\b"
+    rf"|\bI(?:{_A}m| am) not (?:comfortable|willing|going to)\b|\b(?:not|isn{_A}t|is not) (?:something|anything) I(?:{_A}m| am|{_A}ll| will| can| could| would|{_A}d)\b"
     rf"|\bI(?:{_A}ll| will| am going to|{_A}m going to|{_A}m gonna)\s+(?:have to\s+)?(?:pass|skip|leave out|leave (?:that|the \w+) (?:out|off)|stay (?:away|out)|steer|keep (?:the|it|that) \w+ (?:out|off)|stick to|sit this)\b"
     rf"|\b(?:must|have to|need to)\s+(?:respectfully\s+)?(?:decline|refuse)\b|\bI\s+(?:respectfully\s+)?(?:decline|refuse)\b"
     rf"|\b(?:against|violates?|goes? against|outside|contrary to)\s+(?:my|our|the|its)\s+(?:\w+\s+){{0,2}}(?:guidelines|polic(?:y|ies)|principles|programming|rules|values|terms|boundaries)\b"
