@@ -48,7 +48,7 @@ __all__ = [
 PEAK_FLOPS = 790e12
 
 #: Names accepted by ``model_config`` (architecture hyper-parameters written out below).
-MODEL_CONFIGS = ("llama3-8b", "smollm2-135m", "tiny", "tiny-deep")
+MODEL_CONFIGS = ("llama3-8b", "llama3.1-8b", "smollm2-135m", "tiny", "tiny-deep")
 
 _ARCHITECTURES: dict[str, dict[str, Any]] = {
     # meta-llama/Meta-Llama-3-8B config.json: 8,030,261,248 parameters.
@@ -73,6 +73,12 @@ _ARCHITECTURES: dict[str, dict[str, Any]] = {
         bos_token_id=1, eos_token_id=2, hidden_act="silu",
     ),
 }
+# meta-llama/Llama-3.1-8B config.json: the same weights' shapes, 131,072 positions with Llama-3 RoPE scaling.
+_ARCHITECTURES["llama3.1-8b"] = dict(
+    _ARCHITECTURES["llama3-8b"], max_position_embeddings=131072,
+    rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                     "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+)
 # Llama-3-8B's layer count (32 blocks x 7 projections = 224 adapted layers) at the tiny width: on a CPU
 # the step is then host time (Python, dispatch) rather than arithmetic, a stand-in for the GPU's
 # launch-bound shapes (batch 1 with checkpointing) when comparing fteval's per-layer overhead.

@@ -65,6 +65,8 @@ from fteval.bench.common import (
 )
 from fteval.models.base import DEFAULT_TARGETS
 from fteval.models.base import compile_blocks as _compile_blocks
+from fteval.models.fused_loss import fused_causal_lm_loss
+from fteval.models.offload import offload_activations
 
 log = logging.getLogger(__name__)
 
@@ -248,7 +250,7 @@ def _optimizer_factory(device: torch.device, lr: float):
 
 def _plain_run(
     bm: BenchModel, loader: DataLoader, clock: _StepClock, gradient_checkpointing: bool, lr: float,
-    compile_blocks: bool = False, gc_freeze: bool = False,
+    compile_blocks: bool = False, gc_freeze: bool = False, fused_loss: str = "off", activation_offload: bool = False,
 ) -> dict:
     """The reference loop: peft + PyTorch, nothing else (``compile_blocks``: the blocks compiled as fteval's are)."""
     from peft import LoraConfig, get_peft_model
@@ -274,8 +276,11 @@ def _plain_run(
         gc.freeze()
     for batch in loader:
         batch = {k: v.to(bm.device, non_blocking=True) for k, v in batch.items() if isinstance(v, torch.Tensor)}
-        with torch.autocast(bm.device.type, dtype=torch.bfloat16, enabled=amp):
-            loss = model(**batch).loss
+        with torch.autocast(bm.device.type, dtype=torch.bfloat16, enabled=amp), offload_activations(activation_offload):
+            if fused_loss == "off":
+                loss = model(**batch).loss
+            else:
+                loss = fused_causal_lm_loss(model, batch, fused_loss)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -289,7 +294,8 @@ def _plain_run(
 
 def _lightning_run(
     method: str, bm: BenchModel, loader: DataLoader, clock: _StepClock, gradient_checkpointing: bool, lr: float,
-    max_steps: int, workdir: Path, compile_blocks: bool = False, gc_freeze: bool = False,
+    max_steps: int, workdir: Path, compile_blocks: bool = False, gc_freeze: bool = False, fused_loss: str = "off",
+    activation_offload: bool = False,
 ) -> dict:
     """fteval's module in a Lightning Trainer, as ``fteval fit`` would run it (minus logging/checkpoints)."""
     import lightning as L
@@ -307,6 +313,7 @@ def _lightning_run(
         dropout=LORA_DROPOUT, target_modules=DEFAULT_TARGETS, optimizer=_optimizer_factory(bm.device, lr),
         lr_schedule="constant", warmup_steps=0, gradient_checkpointing=gradient_checkpointing,
         compile_blocks=compile_blocks, attn_implementation=bm.attn_implementation, export_dir=str(workdir / f"{method}_adapter"),
+        fused_loss=fused_loss, activation_offload=activation_offload,
     )
     module.setup_base_model(bm.model, attn_implementation=bm.attn_implementation)
     callbacks: list = [GarbageCollection()] if gc_freeze else []  # as the training configs list it
@@ -357,7 +364,8 @@ def _restore_base(bm: BenchModel) -> None:
 def _run_method(
     method: str, bm: BenchModel, batch_size: int, seq_len: int, gradient_checkpointing: bool, steps: int,
     warmup: int, seed: int, lr: float, workdir: Path, profiler: Any = None, min_seq_len: Optional[int] = None,
-    padding_free: bool = False, compile_blocks: bool = False, gc_freeze: bool = False,
+    padding_free: bool = False, compile_blocks: bool = False, gc_freeze: bool = False, fused_loss: str = "off",
+    activation_offload: bool = False,
 ) -> dict:
     """Run one method for warmup + steps optimizer steps; return its measurements."""
     device = bm.device
@@ -367,7 +375,7 @@ def _run_method(
     clock = _StepClock(device, profiler)
     row: dict[str, Any] = {"method": method, "batch_size": batch_size, "seq_len": seq_len,
                            "min_seq_len": min_seq_len, "padding_free": padding_free, "compile_blocks": compile_blocks,
-                           "gc_freeze": gc_freeze,
+                           "gc_freeze": gc_freeze, "fused_loss": fused_loss, "activation_offload": activation_offload,
                            "gradient_checkpointing": gradient_checkpointing, "steps": steps, "warmup": warmup,
                            "tokens_per_step": dataset.real_tokens(batch_size, warmup), "error": None}
     free_memory(device)
@@ -376,10 +384,11 @@ def _run_method(
     t0 = time.perf_counter()
     try:
         if method == "plain":
-            row.update(_plain_run(bm, loader, clock, gradient_checkpointing, lr, compile_blocks, gc_freeze))
+            row.update(_plain_run(bm, loader, clock, gradient_checkpointing, lr, compile_blocks, gc_freeze,
+                                  fused_loss, activation_offload))
         else:
             row.update(_lightning_run(method, bm, loader, clock, gradient_checkpointing, lr, warmup + steps, workdir,
-                                      compile_blocks, gc_freeze))
+                                      compile_blocks, gc_freeze, fused_loss, activation_offload))
     except Exception as exc:  # one failed run (often out of memory) must not lose the others
         traceback.print_exc()
         row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
@@ -546,19 +555,25 @@ def _comparisons(runs: list[dict]) -> list[dict]:
     out = []
     def key(r: dict) -> tuple:
         return (r["batch_size"], r["gradient_checkpointing"], bool(r.get("padding_free", False)),
-                bool(r.get("compile_blocks", False)))
+                bool(r.get("compile_blocks", False)), r.get("fused_loss", "off"), bool(r.get("activation_offload", False)))
 
-    keys = sorted({key(r) for r in runs}, key=lambda k: (k[0], not k[1], k[2], k[3]))
-    for b, ckpt, pf, comp in keys:
-        by = {r["method"]: r for r in runs if key(r) == (b, ckpt, pf, comp) and not r["error"]}
+    keys = sorted({key(r) for r in runs}, key=lambda k: (k[0], not k[1], k[2], k[3], k[4], k[5]))
+    for b, ckpt, pf, comp, fl, off in keys:
+        by = {r["method"]: r for r in runs if key(r) == (b, ckpt, pf, comp, fl, off) and not r["error"]}
         row: dict[str, Any] = {"batch_size": b, "gradient_checkpointing": ckpt, "padding_free": pf,
-                               "compile_blocks": comp}
-        padded = {r["method"]: r for r in runs if key(r) == (b, ckpt, False, comp) and not r["error"]}
+                               "compile_blocks": comp, "fused_loss": fl, "activation_offload": off}
+        plain_loss = {r["method"]: r for r in runs if key(r) == (b, ckpt, pf, comp, "off", False) and not r["error"]}
+        if fl != "off" or off:  # what the memory techniques bought each method: memory and speed ratios
+            for m, r in by.items():
+                if m in plain_loss:
+                    row[f"{m}_memory_vs_default"] = _ratio(r["peak_mem_gib"], plain_loss[m]["peak_mem_gib"])
+                    row[f"{m}_speed_vs_default"] = _ratio(r["tokens_per_s"], plain_loss[m]["tokens_per_s"])
+        padded = {r["method"]: r for r in runs if key(r) == (b, ckpt, False, comp, fl, off) and not r["error"]}
         if pf:  # what flattening bought each method over its padded batches
             for m, r in by.items():
                 if m in padded:
                     row[f"{m}_padding_free_speedup"] = _ratio(r["tokens_per_s"], padded[m]["tokens_per_s"])
-        eager = {r["method"]: r for r in runs if key(r) == (b, ckpt, pf, False) and not r["error"]}
+        eager = {r["method"]: r for r in runs if key(r) == (b, ckpt, pf, False, fl, off) and not r["error"]}
         if comp:  # what compiling the blocks bought each method, and fteval compiled against the eager plain loop
             for m, r in by.items():
                 if m in eager:
@@ -600,7 +615,8 @@ def _comparisons(runs: list[dict]) -> list[dict]:
 
 RUN_COLUMNS = (
     ("method", "method", ""), ("batch_size", "batch", "d"), ("gradient_checkpointing", "ckpt", ""),
-    ("padding_free", "padding-free", ""), ("compile_blocks", "compiled", ""), ("tokens_per_step", "tokens/step", ",.0f"), ("tokens_per_s", "tokens/s", ",.0f"), ("step_mean_ms", "step ms mean", ".1f"), ("step_p50_ms", "p50", ".1f"),
+    ("padding_free", "padding-free", ""), ("compile_blocks", "compiled", ""), ("fused_loss", "fused loss", ""),
+    ("activation_offload", "offload", ""), ("tokens_per_step", "tokens/step", ",.0f"), ("tokens_per_s", "tokens/s", ",.0f"), ("step_mean_ms", "step ms mean", ".1f"), ("step_p50_ms", "p50", ".1f"),
     ("peak_mem_gib", "peak GiB", ".1f"), ("mfu", "MFU", ".3f"), ("amortised_step_ms", "GRIT amortised ms", ".1f"),
     ("error", "error", ""),
 )
@@ -618,7 +634,45 @@ RATIO_COLUMNS = (
     ("plain_compile_speedup", "plain compiled/eager", ".3f"), ("qlora_compile_speedup", "qlora compiled/eager", ".3f"),
     ("grit_compile_speedup", "grit compiled/eager", ".3f"),
     ("qlora_compiled_vs_plain_eager_step_mean", "qlora compiled/plain eager step", ".3f"),
+    ("fused_loss", "fused loss", ""), ("activation_offload", "offload", ""),
+    ("qlora_memory_vs_default", "qlora mem/default", ".3f"), ("qlora_speed_vs_default", "qlora speed/default", ".3f"),
+    ("grit_memory_vs_default", "grit mem/default", ".3f"), ("grit_speed_vs_default", "grit speed/default", ".3f"),
 )
+
+
+def _longest_trainable(
+    method: str, bm: BenchModel, batch_size: int, start: int, limit: int, granularity: int, workdir: Path, **kw: Any,
+) -> dict:
+    """Longest sequence (a multiple of ``granularity``, <= ``limit``) at which ``method`` trains one
+    warm-up step and one timed step: doubling from ``start`` until a try fails, then bisection."""
+    tries: list[dict] = []
+
+    def fits(seq: int) -> bool:
+        print(f"[fteval bench] longest sequence, {method}: trying {seq} tokens", flush=True)
+        row = _run_method(method, bm, batch_size, seq, steps=1, warmup=1, seed=0, lr=LEARNING_RATE, workdir=workdir, **kw)
+        tries.append({"seq_len": seq, "ok": row["error"] is None, "peak_mem_gib": row["peak_mem_gib"],
+                      "tokens_per_s": row.get("tokens_per_s"), "error": row["error"]})
+        return row["error"] is None
+
+    ok, bad, seq = 0, None, min(start, limit)
+    while seq <= limit:
+        if not fits(seq):
+            bad = seq
+            break
+        ok = seq
+        if seq == limit:
+            break
+        seq = min(seq * 2, limit)
+    while bad is not None and bad - ok > granularity:
+        mid = (ok + bad) // 2 // granularity * granularity
+        if mid <= ok:
+            break
+        ok, bad = (mid, bad) if fits(mid) else (ok, mid)
+    best = next((t for t in tries if t["seq_len"] == ok and t["ok"]), {})
+    return {"method": method, "batch_size": batch_size, "longest_seq_len": ok, "limit": limit,
+            "first_failure": bad, "peak_mem_gib": best.get("peak_mem_gib"), "tokens_per_s": best.get("tokens_per_s"),
+            "tries": tries, **{k: v for k, v in kw.items() if k in ("gradient_checkpointing", "fused_loss",
+                                                                      "activation_offload", "compile_blocks")}}
 
 
 def bench_train(
@@ -642,6 +696,9 @@ def bench_train(
     repeats: int = 1,
     compile_blocks: list[bool] = [False],  # noqa: B006
     gc_freeze: bool = True,
+    fused_loss: list[str] = ["off"],  # noqa: B006
+    activation_offload: list[bool] = [False],  # noqa: B006
+    find_max_seq_len: bool = False,
 ) -> int:
     """Training throughput of fteval QLoRA and GRIT against a plain PyTorch + peft loop, in one process.
 
@@ -692,6 +749,13 @@ def bench_train(
             (``callbacks.perf.GarbageCollection``, in the training configs; the plain loop calls
             ``gc.freeze()`` itself). Without it a full collection (hundreds of ms) lands in some
             runs' timed windows and not in others'.
+        fused_loss: one run per value: 'off' (the full logits, as transformers computes the loss),
+            'chunked' (:mod:`fteval.models.fused_loss`; the plain loop uses it too) or 'liger'.
+        activation_offload: one run per value (:mod:`fteval.models.offload`; the plain loop too).
+        find_max_seq_len: instead of timing, find for every method the longest sequence (a
+            multiple of 1024, up to the model's positions) that trains at the first batch size,
+            checkpointing, fused-loss and offload value: a doubling search then a bisection, one
+            warm-up + one step per try; prints a table of the longest sequence per method.
 
     Returns 0 when every run finished, 1 when any failed (its row holds the error).
     """
@@ -721,6 +785,10 @@ def bench_train(
         raise ValueError("padding_free is empty; pass [false], [true] or [false, true]")
     if not compile_blocks:
         raise ValueError("compile_blocks is empty; pass [false], [true] or [false, true]")
+    if not fused_loss or any(f not in ("off", "chunked", "liger") for f in fused_loss):
+        raise ValueError(f"fused_loss={list(fused_loss)} must be a non-empty list of 'off', 'chunked', 'liger'")
+    if not activation_offload:
+        raise ValueError("activation_offload is empty; pass [false], [true] or [false, true]")
     if profile_steps < 1:
         raise ValueError(f"profile_steps={profile_steps} must be >= 1")
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
@@ -736,6 +804,25 @@ def bench_train(
     device = default_device()
     bm = build_random_model(model_config, quantization=quantization, device=device, seed=seed,
                             attn_implementation=attn_implementation)
+    if find_max_seq_len:
+        granularity = 1024 if max_pos >= 4096 else max(2, max_pos // 8)
+        longest = []
+        with tempfile.TemporaryDirectory(prefix="fteval-bench-") as tmp:
+            for method in methods:
+                longest.append(_longest_trainable(
+                    method, bm, int(batch_sizes[0]), seq_len, max_pos, granularity, Path(tmp),
+                    gradient_checkpointing=bool(gradient_checkpointing[0]), compile_blocks=bool(compile_blocks[0]),
+                    gc_freeze=gc_freeze, fused_loss=fused_loss[0], activation_offload=bool(activation_offload[0])))
+        from fteval.envinfo import write_json_atomic
+
+        write_json_atomic(Path(output), {"benchmark": "train-longest-sequence", "machine": machine_info(),
+                                         "model_config": model_config, "quantization": quantization, "results": longest})
+        print(format_table(longest, (("method", "method", ""), ("batch_size", "batch", "d"),
+                                     ("longest_seq_len", "longest sequence", ",d"), ("first_failure", "first failure", ""),
+                                     ("peak_mem_gib", "peak GiB", ".1f"), ("tokens_per_s", "tokens/s", ",.0f"),
+                                     ("fused_loss", "fused loss", ""), ("activation_offload", "offload", ""))))
+        print(f"\nwritten {output}")
+        return 0
     cfg = bm.config
     attn_width = cfg.num_attention_heads * (getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
     flops = flops_per_token(bm.n_params, cfg.num_hidden_layers, attn_width, seq_len)
@@ -744,7 +831,9 @@ def bench_train(
     with tempfile.TemporaryDirectory(prefix="fteval-bench-") as tmp:
         for b in batch_sizes:
             for ckpt in gradient_checkpointing:
-                for pf, comp in [(pf, comp) for pf in padding_free for comp in compile_blocks]:
+                variants = [(pf, comp, fl, off) for pf in padding_free for comp in compile_blocks
+                            for fl in fused_loss for off in activation_offload]
+                for pf, comp, fl, off in variants:
                     if min_seq_len is not None:
                         # Ragged batches: every batch has a new shape, and the first run to see a shape pays
                         # for it (cuDNN attention plans, allocator growth): one untimed pass of the first
@@ -752,7 +841,7 @@ def bench_train(
                         print(f"[fteval bench] shape warm-up: {methods[0]}, untimed", flush=True)
                         _run_method(methods[0], bm, int(b), seq_len, bool(ckpt), steps, warmup, seed, LEARNING_RATE,
                                     Path(tmp), min_seq_len=min_seq_len, padding_free=bool(pf), compile_blocks=bool(comp),
-                                    gc_freeze=gc_freeze)
+                                    gc_freeze=gc_freeze, fused_loss=fl, activation_offload=bool(off))
                     group: dict[str, list[dict]] = {m: [] for m in methods}
                     for rep in range(repeats):
                         # interleaved, the order rotated every repeat (plain, qlora, grit; qlora, grit, plain; ...)
@@ -762,10 +851,11 @@ def bench_train(
                             lengths = f"{seq_len}" if min_seq_len is None else f"{min_seq_len}-{seq_len}"
                             again = f", repeat {rep + 1}/{repeats}" if repeats > 1 else ""
                             print(f"[fteval bench] {method}: batch {b} x {lengths} tokens, checkpointing {ckpt}, "
-                                  f"padding-free {pf}, compiled {comp}{again}", flush=True)
+                                  f"padding-free {pf}, compiled {comp}, fused loss {fl}, offload {off}{again}", flush=True)
                             row = _run_method(method, bm, int(b), seq_len, bool(ckpt), steps, warmup, seed,
                                               LEARNING_RATE, Path(tmp), min_seq_len=min_seq_len, padding_free=bool(pf),
-                                              compile_blocks=bool(comp), gc_freeze=gc_freeze)
+                                              compile_blocks=bool(comp), gc_freeze=gc_freeze, fused_loss=fl,
+                                              activation_offload=bool(off))
                             row["repeat"] = rep
                             if row["error"] is None:
                                 row["mfu"] = mfu(row["tokens_per_s"], flops["total"], peak)
@@ -785,7 +875,8 @@ def bench_train(
             "model_config": model_config, "methods": methods, "batch_sizes": list(batch_sizes), "seq_len": seq_len,
             "gradient_checkpointing": list(gradient_checkpointing), "steps": steps, "warmup": warmup,
             "quantization": quantization, "seed": seed, "min_seq_len": min_seq_len, "padding_free": list(padding_free),
-            "compile_blocks": list(compile_blocks), "gc_freeze": gc_freeze, "repeats": repeats, "lora": {"r": LORA_R, "alpha": LORA_ALPHA,
+            "compile_blocks": list(compile_blocks), "fused_loss": list(fused_loss),
+            "activation_offload": list(activation_offload), "gc_freeze": gc_freeze, "repeats": repeats, "lora": {"r": LORA_R, "alpha": LORA_ALPHA,
             "dropout": LORA_DROPOUT, "target_modules": list(DEFAULT_TARGETS)}, "learning_rate": LEARNING_RATE,
             "precision": "bf16 autocast (Lightning bf16-mixed)" if device.type == "cuda" else "fp32",
             "grit": {"update_freq": GRIT_UPDATE_FREQ, "every_n_steps": GRIT_REPROJECT_EVERY},

@@ -20,6 +20,7 @@ from lightning.pytorch.cli import OptimizerCallable
 
 from fteval.models.fused_loss import FusedLoss, fused_causal_lm_loss
 from fteval.models.loading import Quantization, load_causal_lm
+from fteval.models.offload import offload_activations
 
 log = logging.getLogger(__name__)
 
@@ -162,6 +163,10 @@ class AdapterModule(L.LightningModule):
             (liger-kernel's fused kernel, GPU). For training and validation alike.
         loss_chunk_tokens: tokens per chunk of the 'chunked' loss (extra memory about
             ``loss_chunk_tokens x vocab x 8`` bytes).
+        activation_offload: keep the activations saved for backward in pinned host memory
+            (:mod:`fteval.models.offload`); with ``gradient_checkpointing`` that is each block's
+            input. Saves device memory at long sequences, costs host-device copies. GPU only
+            (a no-op on CPU).
         cache_dir: where the embedded model is materialised.
         export_dir: where the PEFT adapter folder is written after fit (default: <log_dir>/adapter).
     """
@@ -185,6 +190,7 @@ class AdapterModule(L.LightningModule):
         attn_implementation: str = "auto",
         fused_loss: FusedLoss = "off",
         loss_chunk_tokens: int = 2048,
+        activation_offload: bool = False,
         cache_dir: Optional[str] = None,
         export_dir: Optional[str] = None,
     ):
@@ -283,7 +289,8 @@ class AdapterModule(L.LightningModule):
         return out.loss, sequences_in_batch(batch)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss, n_seq = self._lm_loss(batch)
+        with offload_activations(bool(self.hparams.get("activation_offload", False))):
+            loss, n_seq = self._lm_loss(batch)
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=n_seq)
         return loss
 

@@ -329,3 +329,35 @@ def test_profile_summary_on_cuda_reports_kernels_and_host_time():
     assert out["top"][0]["percent"] == pytest.approx(80.0)
     assert out["categories_ms_per_step"] == {"matmul": pytest.approx(2.0), "4-bit dequantise": pytest.approx(0.5)}
     assert [(r["name"], r["self_cpu_ms_per_step"]) for r in out["host_top"]] == [("aten::mm", 0.4), ("cudaLaunchKernel", 0.2)]
+
+
+def test_bench_train_fused_loss_and_offload_same_losses(tmp_path, capsys, one_thread):
+    out = tmp_path / "train.json"
+    rc = bench_train(model_config="tiny", methods=["plain", "qlora", "grit"], batch_sizes=[2], seq_len=16,
+                     gradient_checkpointing=[True], steps=2, warmup=1, quantization="none", output=out,
+                     fused_loss=["off", "chunked"], activation_offload=[False, True])
+    assert rc == 0
+    data = json.loads(out.read_text())
+    assert len(data["runs"]) == 3 * 2 * 2 and all(r["error"] is None for r in data["runs"])
+    for method in ("plain", "qlora", "grit"):
+        rows = [r for r in data["runs"] if r["method"] == method]
+        base = next(r for r in rows if r["fused_loss"] == "off" and not r["activation_offload"])
+        for r in rows:  # fp32 on CPU: the chunked loss sums the same terms in another order (~1e-7 relative)
+            assert r["loss_first"] == pytest.approx(base["loss_first"], rel=1e-5)
+            assert r["loss_last"] == pytest.approx(base["loss_last"], rel=1e-4)
+    ratios = [c for c in data["comparisons"] if c["fused_loss"] == "chunked"]
+    assert ratios and all(c.get("qlora_speed_vs_default") is not None for c in ratios)  # memory: GPU only
+    assert "fused loss" in capsys.readouterr().out
+
+
+def test_bench_train_finds_the_longest_sequence(tmp_path, capsys):
+    out = tmp_path / "longest.json"
+    rc = bench_train(model_config="tiny", methods=["plain", "qlora"], batch_sizes=[1], seq_len=256,
+                     gradient_checkpointing=[True], quantization="none", output=out, find_max_seq_len=True,
+                     fused_loss=["chunked"])
+    assert rc == 0
+    res = json.loads(out.read_text())["results"]
+    for r in res:  # nothing runs out of memory at this size: the search reaches the model's positions
+        assert r["longest_seq_len"] == 2048 and r["first_failure"] is None
+        assert [t["seq_len"] for t in r["tries"]] == [256, 512, 1024, 2048] and all(t["ok"] for t in r["tries"])
+    assert "longest sequence" in capsys.readouterr().out

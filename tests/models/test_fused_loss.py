@@ -96,3 +96,27 @@ def test_liger_without_the_package_is_a_clear_error():
     batch = pad_batch(examples(), 0)
     with pytest.raises(ValueError, match="pip install liger-kernel"):
         fused_causal_lm_loss(model, batch, "liger")
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_activation_offload_gives_the_same_loss_and_gradients(checkpointing, one_thread):
+    from fteval.models.offload import offload_activations
+
+    batch = pad_batch(examples(), 0)
+    results = []
+    for offload in (False, True):
+        model = _tiny("lora")
+        model.train()
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
+        with offload_activations(offload, min_bytes=256, force_cpu=True) as off:
+            loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
+                        off.offloaded_bytes))
+    (loss_a, grads_a, none), (loss_b, grads_b, moved) = results
+    assert none == 0 and moved > 0  # the hooks ran and moved the saved activations
+    torch.testing.assert_close(loss_b, loss_a, rtol=0, atol=0)  # copies change no arithmetic: bitwise
+    for name in grads_a:
+        torch.testing.assert_close(grads_b[name], grads_a[name], rtol=0, atol=0)
