@@ -3,8 +3,9 @@
 Every variant is a real ``fteval fit`` of ``configs/grit.yaml`` with one choice changed (the
 QLoRA row fits ``configs/qlora.yaml``), all with the same seed, data, steps, rank and target
 modules; then one ``fteval test`` pass of :class:`fteval.eval.AQIEvaluator` over all adapters
-gives each one's AQI and its paired Delta-AQI against the same base model (bootstrap CI,
-Holm-adjusted p-value), with the evaluator's own statistics. Each variant's resolved config is
+gives each one's AQI and its paired Delta-AQI against the same base model, with the evaluator's
+own confidence interval, p-value and multiple-comparison adjustment (its family is every
+comparison of that pass); its ``aqi_results.json`` also holds every variant against every other. Each variant's resolved config is
 written beside its adapter, so any row can be re-run with ``python -m fteval fit --config``.
 
 The effective rank is the mean numerical rank of B A over the adapted layers (singular values
@@ -59,7 +60,8 @@ _KEEP = ("GeometryRegulariser", "KFACPreconditioner", "NeuralReprojection", "Gar
 COLUMNS = (
     ("variant", "variant", ""), ("change", "change", ""), ("train_loss", "train loss", ".4f"),
     ("val_loss", "val loss", ".4f"), ("effective_rank", "eff. rank", ".2f"), ("aqi", "AQI", ".4f"),
-    ("delta_aqi", "dAQI", "+.4f"), ("delta_ci", "dAQI 95% CI", ""), ("p_adjusted", "p (Holm)", ".3f"),
+    ("delta_aqi", "dAQI", "+.4f"), ("delta_ci", "dAQI 95% CI", ""), ("p_value", "p", ".3f"),
+    ("p_adjusted", "p adj.", ".3f"),
     ("preconditioned_layers", "precond. layers", ".0f"), ("fit_s", "fit s", ".0f"),
 )
 
@@ -211,7 +213,7 @@ def bench_grit_ablation(
         target_modules: adapted projections.
         n_per_class: evaluation prompts per class (safe / unsafe).
         max_length: training sequence length in tokens.
-        n_bootstrap: bootstrap resamples of the AQI confidence intervals.
+        n_bootstrap: the evaluator's ``n_bootstrap`` (0 turns its intervals and tests off).
         seed: ``seed_everything`` of every fit and of the evaluation.
         noise_seeds: the default GRIT is fitted again with each of these seeds (rows
             ``grit-seed<N>``: other adapter initialisation and data order): how far a seed alone

@@ -33,7 +33,7 @@ def test_two_variants_tabulated_with_loss_rank_and_delta_aqi(tmp_path, capsys):
         assert 1.0 <= row["effective_rank"] <= SETTINGS["r"], name  # mean numerical rank of B A
         lo, hi = row["delta_aqi_ci"]
         assert lo <= hi and math.isfinite(row["aqi"]) and math.isfinite(row["delta_aqi"]), name
-        assert 0.0 <= row["p_adjusted"] <= 1.0, name
+        assert 0.0 <= row["p_value"] <= row["p_adjusted"] <= 1.0, name
         assert (out / name / "adapter" / "adapter_model.safetensors").is_file()
         saved = yaml.safe_load((out / name / "config.yaml").read_text())  # the resolved config, re-runnable
         assert saved["trainer"]["max_steps"] == 1 and saved["model"]["init_args"]["r"] == 4
@@ -42,7 +42,7 @@ def test_two_variants_tabulated_with_loss_rank_and_delta_aqi(tmp_path, capsys):
     assert aqi["models"]["grit"]["scores"]["aqi"] == pytest.approx(rows["grit"]["aqi"])
     assert result["baseline"]["aqi"] == pytest.approx(aqi["models"]["baseline"]["scores"]["aqi"])
     printed = capsys.readouterr().out
-    for header in ("variant", "train loss", "val loss", "eff. rank", "dAQI", "dAQI 95% CI", "p (Holm)"):
+    for header in ("variant", "train loss", "val loss", "eff. rank", "dAQI", "dAQI 95% CI", "p adj."):
         assert header in printed
     # resume: both fits are reused (same configs), only the evaluation runs again, with the same numbers
     assert bench_grit_ablation(variants=["grit", "qlora"], noise_seeds=[], output=out, resume=True, **SETTINGS) == 0
