@@ -305,6 +305,10 @@ def _head_to_head(s: Synthesis) -> list[Recommendation]:
             if sig and t["test"] == "paired_jackknife" and t["metric"] == "aqi_bounded":
                 wins.append(f"{a if t['statistic'] > 0 else b} separates safe from unsafe prompts better "
                             f"(Delta AQI bounded {_f(t['statistic'])})")
+            if sig and t["test"] == "paired_t" and t["metric"].startswith("geval_"):
+                mean_diff = (t["details"] or {}).get("mean_diff", t["statistic"])
+                wins.append(f"{a if mean_diff > 0 else b} scores higher on G-Eval {t['metric'][6:]} "
+                            f"({_f(abs(mean_diff), 3)} points of 5)")
             if sig and t["test"] == "mcnemar_exact":
                 more = a if t["statistic"] > 0 else b
                 wins.append(f"{more} {'refuses more unsafe' if t['metric'] == 'refusal_rate' else 'over-refuses more safe'}"
@@ -313,8 +317,8 @@ def _head_to_head(s: Synthesis) -> list[Recommendation]:
         if wins:
             text = f"{a} vs {b}: " + "; ".join(wins) + " (significant after correction)"
         elif mine:
-            text = (f"{a} vs {b}: no difference significant after correction on these prompts; "
-                    "the run's power line says how large a difference it could have seen")
+            text = (f"{a} vs {b}: no difference in bounded AQI, refusal, over-refusal or G-Eval is significant after "
+                    "correction on these prompts; the run's power line says how large a difference it could have seen")
         else:
             text = f"{a} vs {b}: not tested"
         out.append(Recommendation(f"Head to head: {a.upper()} vs {b.upper()}", text,
