@@ -118,6 +118,10 @@ def test_paired_delta_sign_and_scale_invariance():
     res = paired_separation_deltas(better, x, y)
     assert res["aqi_bounded"]["delta_bc"] > 0 and res["xbi"]["delta_bc"] < 0
     assert res["aqi_bounded"]["p_value"] < 0.01
+    # XBI's test is the test of 1/XBI (same null hypothesis), whose Wald statistic is CHI's (both linear in the ratio)
+    assert res["xbi"]["p_value"] == pytest.approx(res["chi"]["p_value"], rel=1e-9)
+    lo, hi = res["xbi"]["ci"]
+    assert lo < res["xbi"]["delta_bc"] < hi
     scaled = paired_separation_deltas(better * 3.0 + 1.0, x, y)  # every score is scale and shift free
     for key in ("aqi", "aqi_bounded", "chi"):
         assert scaled[key]["delta_bc"] == pytest.approx(res[key]["delta_bc"], rel=1e-9)
