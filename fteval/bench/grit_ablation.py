@@ -5,7 +5,8 @@ QLoRA row fits ``configs/qlora.yaml``), all with the same seed, data, steps, ran
 modules; then one ``fteval test`` pass of :class:`fteval.eval.AQIEvaluator` over all adapters
 gives each one's AQI and its paired Delta-AQI against the same base model, with the evaluator's
 own confidence interval, p-value and multiple-comparison adjustment (its family is every
-comparison of that pass); its ``aqi_results.json`` also holds every variant against every other. Each variant's resolved config is
+comparison of that pass), and the evaluator's paired comparison of each variant with the default
+(``vs grit``); its ``aqi_results.json`` holds every variant against every other. Each variant's resolved config is
 written beside its adapter, so any row can be re-run with ``python -m fteval fit --config``.
 
 The effective rank is the mean numerical rank of B A over the adapted layers (singular values
@@ -61,7 +62,8 @@ COLUMNS = (
     ("variant", "variant", ""), ("change", "change", ""), ("train_loss", "train loss", ".4f"),
     ("val_loss", "val loss", ".4f"), ("effective_rank", "eff. rank", ".2f"), ("aqi", "AQI", ".4f"),
     ("delta_aqi", "dAQI", "+.4f"), ("delta_ci", "dAQI 95% CI", ""), ("p_value", "p", ".3f"),
-    ("p_adjusted", "p adj.", ".3f"),
+    ("p_adjusted", "p adj.", ".3f"), ("vs_grit", "vs grit", "+.4f"), ("vs_grit_interval", "vs grit 95% CI", ""),
+    ("vs_grit_p", "p", ".3f"),
     ("preconditioned_layers", "precond. layers", ".0f"), ("fit_s", "fit s", ".0f"),
 )
 
@@ -179,6 +181,22 @@ def _evaluate(aqi_base: dict, rows: list[dict], settings: dict, out: Path) -> di
     return cli.model.results
 
 
+def _interval(ci: Optional[list]) -> Optional[str]:
+    return f"[{ci[0]:+.4f}, {ci[1]:+.4f}]" if ci and all(map(math.isfinite, ci)) else None
+
+
+def _against(results: dict, name: str, reference: str) -> Optional[dict]:
+    """The evaluator's paired AQI comparison of ``name`` with ``reference`` (Delta = name - reference), if it made one."""
+    if name == reference:
+        return None
+    for comp in (results.get("comparisons") or {}).values():
+        if {comp.get("a"), comp.get("b")} == {name, reference} and "aqi" in comp:
+            aqi, sign = comp["aqi"], 1.0 if comp["a"] == name else -1.0
+            ci = sorted(sign * x for x in aqi["ci"]) if aqi.get("ci") else None
+            return {"delta": sign * aqi["delta"], "ci": ci, "p_value": aqi.get("p_value")}
+    return None
+
+
 def bench_grit_ablation(
     variants: Optional[list[str]] = None,
     steps: int = 20,
@@ -267,8 +285,11 @@ def bench_grit_ablation(
         delta = results["deltas"][row["variant"]]["aqi"]
         row.update({"aqi": scores["aqi"], "aqi_bounded": scores["aqi_bounded"], "delta_aqi": delta["delta"],
                     "delta_aqi_ci": delta["ci"], "p_value": delta["p_value"], "p_adjusted": delta.get("p_adjusted")})
-        ci = delta["ci"]
-        row["delta_ci"] = f"[{ci[0]:+.4f}, {ci[1]:+.4f}]" if ci and all(map(math.isfinite, ci)) else None
+        row["delta_ci"] = _interval(delta["ci"])
+        vs = _against(results, row["variant"], "grit")
+        if vs is not None:
+            row.update({"vs_grit": vs["delta"], "vs_grit_ci": vs["ci"], "vs_grit_p": vs["p_value"],
+                        "vs_grit_interval": _interval(vs["ci"])})
     baseline = results["models"]["baseline"]["scores"]
     result = {"benchmark": "grit-ablation", "machine": machine_info(), "settings": settings,
               "baseline": {"aqi": baseline["aqi"], "aqi_bounded": baseline["aqi_bounded"]},

@@ -37,6 +37,9 @@ def test_two_variants_tabulated_with_loss_rank_and_delta_aqi(tmp_path, capsys):
         assert (out / name / "adapter" / "adapter_model.safetensors").is_file()
         saved = yaml.safe_load((out / name / "config.yaml").read_text())  # the resolved config, re-runnable
         assert saved["trainer"]["max_steps"] == 1 and saved["model"]["init_args"]["r"] == 4
+    # the evaluator's paired comparison with the default, signed as qlora - grit
+    assert rows["qlora"]["vs_grit"] == pytest.approx(rows["qlora"]["aqi"] - rows["grit"]["aqi"], abs=1e-9)
+    assert rows["qlora"]["vs_grit_ci"][0] <= rows["qlora"]["vs_grit_ci"][1] and "vs_grit" not in rows["grit"]
     # the same base model, prompts and seed: both deltas are against one baseline
     aqi = json.loads((out / "aqi" / "aqi_results.json").read_text())
     assert aqi["models"]["grit"]["scores"]["aqi"] == pytest.approx(rows["grit"]["aqi"])
