@@ -699,6 +699,7 @@ def bench_train(
     fused_loss: list[str] = ["off"],  # noqa: B006
     activation_offload: list[bool] = [False],  # noqa: B006
     find_max_seq_len: bool = False,
+    seq_len_step: int = 1024,
 ) -> int:
     """Training throughput of fteval QLoRA and GRIT against a plain PyTorch + peft loop, in one process.
 
@@ -756,6 +757,7 @@ def bench_train(
             multiple of 1024, up to the model's positions) that trains at the first batch size,
             checkpointing, fused-loss and offload value: a doubling search then a bisection, one
             warm-up + one step per try; prints a table of the longest sequence per method.
+        seq_len_step: the resolution of that search (tokens); a coarser step needs fewer tries.
 
     Returns 0 when every run finished, 1 when any failed (its row holds the error).
     """
@@ -805,7 +807,9 @@ def bench_train(
     bm = build_random_model(model_config, quantization=quantization, device=device, seed=seed,
                             attn_implementation=attn_implementation)
     if find_max_seq_len:
-        granularity = 1024 if max_pos >= 4096 else max(2, max_pos // 8)
+        if seq_len_step < 1:
+            raise ValueError(f"seq_len_step={seq_len_step} must be >= 1")
+        granularity = min(seq_len_step, max(2, max_pos // 8))
         longest = []
         with tempfile.TemporaryDirectory(prefix="fteval-bench-") as tmp:
             for method in methods:
