@@ -50,7 +50,7 @@ from fteval.envinfo import collect_manifest, git_commit
 
 __all__ = ["ExperimentDBLogger"]
 
-_EVAL_PREFIXES = ("val", "test", "predict")
+_EVAL_PREFIXES = ("val", "test", "predict", "align/")  # align/: written by callbacks.alignment at its own steps
 
 
 def _scalar(value: Any) -> Optional[float]:

@@ -23,6 +23,7 @@ from typing import Literal, Optional
 
 import lightning as L
 import numpy as np
+import torch
 from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader
 
@@ -402,6 +403,29 @@ class AlignmentDataModule(L.LightningDataModule):
         self.write_statistics()
         return DataLoader(self.eval_set, batch_size=self.hparams.eval_batch_size, shuffle=False,
                           num_workers=self.hparams.num_workers, collate_fn=self._collate("right"))
+
+    def alignment_probe_dataloader(self, n_per_class: int, seed: int = 0, batch_size: int = 16) -> DataLoader:
+        """A fixed, seeded, class-balanced subset of the evaluation prompts, for alignment checks during fit.
+
+        Reads the evaluation set if this run has not (a fit reads only the training set), then
+        takes ``n_per_class`` safe and as many unsafe prompts of it, stratified by axiom, with
+        their own seed (no global random state is touched). Batches carry ``input_ids``,
+        ``attention_mask``, ``safety_label`` and ``index`` (right-padded, as ``fteval test``'s).
+        """
+        if n_per_class < 2:
+            raise ValueError(f"n_per_class={n_per_class}: an alignment check needs at least 2 prompts per class")
+        if not self.eval_set:
+            if not self.hparams.eval_source:
+                raise ValueError("the alignment monitor needs evaluation prompts: set --data.eval_source")
+            self._setup_evaluation()
+        labels = [ex["safety_label"] for ex in self.eval_set]
+        axioms = [rec["axiom"] for rec in self.eval_records]
+        idx, _ = balanced_stratified_sample(labels, axioms, n_per_class, seed)
+        probe = [self.eval_set[i] for i in sorted(idx)]
+        # Its own generator: a DataLoader iterator otherwise draws its base seed from the global random
+        # stream, which would shift the training run's dropout after every check.
+        return DataLoader(probe, batch_size=batch_size, shuffle=False, num_workers=0, collate_fn=self._collate("right"),
+                          generator=torch.Generator().manual_seed(seed))
 
     def predict_dataloader(self) -> DataLoader:
         return self.test_dataloader()

@@ -7,6 +7,7 @@ Subclasses implement :meth:`AdapterModule.attach_adapters` and :meth:`AdapterMod
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -309,6 +310,24 @@ class AdapterModule(L.LightningModule):
         if grads:
             norms = torch._foreach_norm(grads)
             self.log("train/grad_norm", torch.linalg.vector_norm(torch.stack(norms).float()), on_step=True, on_epoch=False)
+
+    @contextlib.contextmanager
+    def adapters_disabled(self):
+        """Run ``self.model`` as its base model: peft's ``disable_adapter`` for LoRA, each GRIT
+        layer's ``adapter_enabled`` flag otherwise (both give exactly the base layers' outputs)."""
+        if hasattr(self.model, "disable_adapter"):
+            with self.model.disable_adapter():
+                yield self.model
+            return
+        layers = [m for m in self.model.modules() if hasattr(m, "adapter_enabled")]
+        before = [m.adapter_enabled for m in layers]
+        for m in layers:
+            m.adapter_enabled = False
+        try:
+            yield self.model
+        finally:
+            for m, flag in zip(layers, before):
+                m.adapter_enabled = flag
 
     # ------------------------------------------------------------- optimiser
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
