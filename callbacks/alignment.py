@@ -153,7 +153,8 @@ class AlignmentMonitor(Callback):
         was_training = pl_module.model.training
         pl_module.model.eval()
         try:
-            emb_on, emb_off, labels = self._embeddings(pl_module)
+            with trainer.precision_plugin.forward_context():  # the training precision (bf16 autocast on GPU)
+                emb_on, emb_off, labels = self._embeddings(pl_module)
         finally:
             pl_module.model.train(was_training)
         sep = separation_intervals(emb_on, labels)
