@@ -176,9 +176,21 @@ class ExperimentDBLogger(L.Callback):
                 experiment_id = db.create_experiment(
                     self.experiment_name, method, config, seed=seed, git_commit=git_commit(),
                     packages=manifest["packages"], hardware=hardware, stage=stage)
+            if experiment_id is not None:
+                self._record_datasets(db, experiment_id, trainer, stage)
         self.experiment_id = trainer.strategy.broadcast(experiment_id, src=0)
         if hasattr(pl_module, "experiment_id"):
             pl_module.experiment_id = self.experiment_id
+
+    @staticmethod
+    def _record_datasets(db: ExperimentDB, experiment_id: int, trainer: L.Trainer, stage: str) -> None:
+        """The data this stage used (``datamodule.provenance``: source, file sha256, rows, content hash)."""
+        splits = {"fit": ("train", "validation"), "test": ("evaluation",)}.get(stage, ())
+        for entry in getattr(trainer.datamodule, "provenance", None) or []:
+            if entry.get("split") in splits and not db.rows("datasets", experiment_id=experiment_id,
+                                                            name=entry["name"], split=entry["split"]):
+                db.add_dataset(entry["name"], split=entry["split"], n_rows=entry.get("n_rows"), source=entry.get("source"),
+                               sha256=entry.get("sha256"), metadata=entry.get("metadata"), experiment_id=experiment_id)
 
     def _add(self, step: int, values: Mapping[str, float]) -> None:
         bucket = self._pending.setdefault(step, {})

@@ -30,8 +30,8 @@ from torch.utils.data import DataLoader
 from fteval.data.resumable import ResumableDataLoader
 from fteval.data.formatting import Template, flatten_batch, format_prompt, pad_batch, tokenize_example
 from fteval.data.safety import keyword_agreement
-from fteval.io import write_json_atomic
-from fteval.data.sources import DataSourceError, describe_source, load_records, require_columns
+from fteval.io import write_json_atomic, write_text_atomic
+from fteval.data.sources import DataSourceError, bundled_path, describe_source, load_records, require_columns
 
 log = logging.getLogger(__name__)
 
@@ -59,12 +59,17 @@ def normalise_text(text: str) -> str:
     return " ".join(text.split())
 
 
+SOURCE_ROW = "source_row"  # a row's 0-based position in its source file / dataset split
+
+
 def deduplicate(rows: list[dict], key_field: str) -> tuple[list[dict], dict]:
-    """Drop exact duplicate rows, then rows whose ``key_field`` repeats after normalisation (first kept)."""
+    """Drop exact duplicate rows, then rows whose ``key_field`` repeats after normalisation (first kept).
+
+    A ``source_row`` key (where each row came from) is not part of a row's content."""
     seen_exact, seen_norm, kept = set(), set(), []
     exact = near = 0
     for row in rows:
-        exact_key = json.dumps(row, sort_keys=True, default=str)
+        exact_key = json.dumps({k: v for k, v in row.items() if k != SOURCE_ROW}, sort_keys=True, default=str)
         if exact_key in seen_exact:
             exact += 1
             continue
@@ -204,6 +209,8 @@ class AlignmentDataModule(L.LightningDataModule):
         self.eval_records: list[dict] = []  # {"prompt", "text", "label", "axiom", "index"}
         self.eval_set: list[dict] = []
         self.statistics: dict = {}
+        self.provenance: list[dict] = []  # one entry per processed split (see _add_provenance)
+        self._processed: dict[tuple[str, str], str] = {}  # (kind, split) -> processed rows as JSON lines
 
     # ------------------------------------------------------------------ set-up
     def _tokenizer(self):
@@ -236,7 +243,8 @@ class AlignmentDataModule(L.LightningDataModule):
                 if not isinstance(row[col], str) or not row[col].strip():
                     raise DataSourceError(f"{name} row {i}: column {col!r} is empty or not text; every row needs it")
         raw = len(rows)
-        rows, dup = deduplicate([{k: r[k] for k in (self.prompt_field, self.response_field)} for r in rows], self.prompt_field)
+        rows, dup = deduplicate([{**{k: r[k] for k in (self.prompt_field, self.response_field)}, SOURCE_ROW: i}
+                                 for i, r in enumerate(rows)], self.prompt_field)
         overlap = 0
         if hp.eval_source:
             # Evaluation prompts are removed from training; an unreadable evaluation set must stop the run
@@ -265,7 +273,9 @@ class AlignmentDataModule(L.LightningDataModule):
         tok = self._tokenizer()
         too_long = 0
 
-        def encode(split_rows):
+        kept: dict[str, list[dict]] = {"train": [], "validation": []}
+
+        def encode(split_rows, split):
             nonlocal too_long
             out = []
             for r in split_rows:
@@ -274,9 +284,11 @@ class AlignmentDataModule(L.LightningDataModule):
                     too_long += 1
                 else:
                     out.append(ex)
+                    kept[split].append({SOURCE_ROW: r[SOURCE_ROW], "prompt": r[self.prompt_field],
+                                        "response": r[self.response_field]})
             return out
 
-        self.train_set, self.val_set = encode(train_rows), encode(val_rows)
+        self.train_set, self.val_set = encode(train_rows, "train"), encode(val_rows, "validation")
         if not self.train_set or not self.val_set:
             raise DataSourceError(
                 f"{name}: no example fits max_length={hp.max_length} in the "
@@ -298,6 +310,10 @@ class AlignmentDataModule(L.LightningDataModule):
             "response_tokens": _length_stats(resp_lens),
             "total_tokens": _length_stats([len(ex["input_ids"]) for ex in self.train_set]),
         }
+        for split, processed in kept.items():
+            self._add_provenance("alignment-instructions", split, hp.train_source, processed,
+                                 {"rows_read": raw, **dup, "removed_overlapping_eval_prompts": overlap,
+                                  "dropped_prompt_too_long": too_long, "split_seed": hp.seed})
 
     def _parse_label(self, value, name: str, i: int) -> int:
         v = str(value).strip().lower()
@@ -322,14 +338,14 @@ class AlignmentDataModule(L.LightningDataModule):
                 f"{sorted(rows[0])}. Fix: --data.eval_axiom_field null for a set without axioms (e.g. a CSV with "
                 "prompt,label), or name its category column"
             )
-        rows, dup = deduplicate(rows, hp.eval_text_field)
+        rows, dup = deduplicate([{**r, SOURCE_ROW: i} for i, r in enumerate(rows)], hp.eval_text_field)
         texts, labels, axioms = [], [], []
         for i, r in enumerate(rows):
             text = r[hp.eval_text_field]
             if not isinstance(text, str) or not text.strip():
-                raise DataSourceError(f"{name} row {i}: column {hp.eval_text_field!r} is empty; every prompt needs text")
+                raise DataSourceError(f"{name} row {r[SOURCE_ROW]}: column {hp.eval_text_field!r} is empty; every prompt needs text")
             texts.append(text)
-            labels.append(self._parse_label(r[hp.eval_label_field], name, i))
+            labels.append(self._parse_label(r[hp.eval_label_field], name, r[SOURCE_ROW]))
             axioms.append(str(r[hp.eval_axiom_field]) if hp.eval_axiom_field else "all")
         counts = Counter(labels)
         if counts[0] < 2 or counts[1] < 2:
@@ -344,7 +360,8 @@ class AlignmentDataModule(L.LightningDataModule):
         self.eval_records, self.eval_set = [], []
         for j, i in enumerate(idx):
             text = format_prompt(tok, texts[i], hp.template, hp.system_prompt)
-            rec = {"index": j, "prompt": texts[i], "text": text, "label": labels[i], "axiom": axioms[i]}
+            rec = {"index": j, "prompt": texts[i], "text": text, "label": labels[i], "axiom": axioms[i],
+                   SOURCE_ROW: rows[i][SOURCE_ROW]}
             self.eval_records.append(rec)
             ids = tok(text, add_special_tokens=False)["input_ids"]
             self.eval_set.append({"input_ids": ids, "safety_label": labels[i], "index": j})
@@ -364,6 +381,39 @@ class AlignmentDataModule(L.LightningDataModule):
             "prompt_tokens": _length_stats([len(e["input_ids"]) for e in self.eval_set]),
             "keyword_categoriser": keyword_agreement([texts[i] for i in idx], sel_labels),
         }
+        processed = [{"index": r["index"], SOURCE_ROW: r[SOURCE_ROW], "prompt": r["prompt"], "label": r["label"],
+                      "axiom": r["axiom"]} for r in self.eval_records]
+        self._add_provenance("accd", "evaluation", hp.eval_source, processed,
+                             {"rows_read": self.statistics["evaluation"]["rows_read"], **dup, "sampled_per_class": n,
+                              "sample_seed": hp.seed, "source_split": hp.eval_split})
+
+    # ------------------------------------------------------------ provenance
+    def _add_provenance(self, kind: str, split: str, source: str, processed: list[dict], details: dict) -> None:
+        """Describe one processed split: where it came from (file sha256 or hub id), its rows and their hash.
+
+        ``self.provenance`` holds one entry per split (the run logger stores them in the database's
+        ``datasets`` table); the processed rows themselves are written once per content hash under
+        ``<output_dir>/processed/`` when a loop asks for data (:meth:`write_statistics`), each row
+        with its ``source_row`` so any prompt can be traced back to its source.
+        """
+        import hashlib
+
+        path = bundled_path(kind) if source == "sample" else Path(source).expanduser()
+        file_sha = None
+        if path.is_file():
+            digest = hashlib.sha256()
+            with path.open("rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    digest.update(chunk)
+            file_sha = digest.hexdigest()
+        body = "".join(json.dumps(r, sort_keys=True, ensure_ascii=False) + "\n" for r in processed)
+        content_sha = hashlib.sha256(body.encode("utf-8")).hexdigest()
+        entry = {"name": kind, "split": split, "n_rows": len(processed), "source": describe_source(source, kind),
+                 "sha256": file_sha, "metadata": {**details, "content_sha256": content_sha,
+                                                  "processed_file": f"processed/{kind}-{split}-{content_sha[:12]}.jsonl"}}
+        self.provenance = [p for p in getattr(self, "provenance", []) if (p["name"], p["split"]) != (kind, split)]
+        self.provenance.append(entry)
+        self._processed[(kind, split)] = body
 
     # -------------------------------------------------------------- loaders
     def _collate(self, side: str):
@@ -444,5 +494,10 @@ class AlignmentDataModule(L.LightningDataModule):
             }
         path = Path(self.hparams.output_dir) / "data_statistics.json"
         write_json_atomic(path, stats)
+        for entry in self.provenance:  # each processed split once per content hash
+            target = Path(self.hparams.output_dir) / entry["metadata"]["processed_file"]
+            body = self._processed.get((entry["name"], entry["split"]))
+            if body is not None and not target.is_file():
+                write_text_atomic(target, body)
         return path
 
