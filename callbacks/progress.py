@@ -23,7 +23,8 @@ def _train_total(trainer) -> Union[int, float]:
     if trainer.max_epochs == -1 and trainer.max_steps is not None and trainer.max_steps > 0:
         remaining = (trainer.max_steps - trainer.global_step) * max(1, int(trainer.accumulate_grad_batches))
         # The bar counts from the start of the epoch; a resumed run starts part-way through it.
-        done = trainer.fit_loop.epoch_loop.batch_progress.current.completed
+        loop = getattr(trainer, "fit_loop", None)
+        done = loop.epoch_loop.batch_progress.current.completed if loop is not None else 0
         return min(trainer.num_training_batches, done + remaining)
     return trainer.num_training_batches
 

@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-TRAINER_COMMANDS = ("fit", "validate", "test", "predict")
+TRAINER_COMMANDS = ("fit", "validate", "test")
 
 
 def _commands() -> dict:
@@ -49,7 +49,6 @@ def _overview() -> str:
         "  fit        fine-tune (configs/qlora.yaml, configs/grit.yaml)",
         "  validate   validation loss of a model/checkpoint",
         "  test       AQI + behavioural evaluation (configs/aqi.yaml)",
-        "  predict    run the model over the evaluation prompts",
         "",
         "Tools:",
     ]
@@ -135,10 +134,14 @@ def main(argv: list[str] | None = None) -> None:
         if not argv or argv[0] in ("-h", "--help"):
             print(_overview())
             return
+        commands = _commands()
+        if argv[0] not in commands and not argv[0].startswith("-"):
+            raise ValueError(f"unknown command {argv[0]!r}; the commands are {', '.join([*TRAINER_COMMANDS, *commands])} "
+                             "(python -m fteval --help)")
         from jsonargparse import CLI
 
         # exit_on_error=False: a parse error raises instead of printing the whole usage first.
-        result = CLI(_commands(), args=argv, as_positional=True, exit_on_error=False)  # required arguments are positional
+        result = CLI(commands, args=argv, as_positional=True, exit_on_error=False)  # required arguments are positional
         if isinstance(result, int) and result != 0:
             sys.exit(result)
     except argparse.ArgumentError as exc:

@@ -1,4 +1,4 @@
-"""LightningCLI for the Trainer subcommands (fit, validate, test, predict).
+"""LightningCLI for the Trainer subcommands (fit, validate, test).
 
 Models are chosen by ``class_path`` in the config (QLoRAModule, GRITModule, AQIEvaluator); the data
 module is always :class:`fteval.data.AlignmentDataModule`, and its tokenizer follows the model's
@@ -26,6 +26,12 @@ from fteval.io import check_checkpoint_file
 
 
 class FTEvalCLI(LightningCLI):
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """fit, validate and test; no module defines a predict step (answers come from ``fteval test``'s
+        behaviour part and ``fteval bench generation``), so ``predict`` is not offered."""
+        return {k: v for k, v in LightningCLI.subcommands().items() if k != "predict"}
+
     def __init__(self, args=None, run: bool = True):
         super().__init__(
             model_class=L.LightningModule,

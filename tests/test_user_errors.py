@@ -215,3 +215,8 @@ def test_bad_fit_values_leave_nothing_behind(extra, expected, tmp_path, capsys, 
     err = _run(["fit", "--config", str(Path(__file__).parents[1] / "configs/grit.yaml"), *extra], capsys)
     assert expected in err
     assert list(tmp_path.iterdir()) == []  # no lightning_logs/, no output/ (statistics, database)
+
+
+def test_unknown_command_lists_the_commands(capsys):
+    err = _run(["predict", "--config", "qlora.yaml"], capsys)
+    assert "unknown command 'predict'" in err and "fit, validate, test" in err

@@ -8,10 +8,11 @@ from lightning.pytorch.callbacks import TQDMProgressBar
 from callbacks.progress import StepRichProgressBar, StepTQDMProgressBar, default_progress_bar
 
 
-def _trainer(**kw):
+def _trainer(done: int = 0, **kw):
     base = dict(max_epochs=-1, max_steps=30, global_step=0, accumulate_grad_batches=2, num_training_batches=200)
     base.update(kw)
-    return SimpleNamespace(**base)
+    progress = SimpleNamespace(current=SimpleNamespace(completed=done))  # batches of this epoch already run
+    return SimpleNamespace(fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(batch_progress=progress)), **base)
 
 
 @pytest.mark.parametrize("cls", [StepRichProgressBar, StepTQDMProgressBar])
@@ -21,6 +22,8 @@ def test_total_counts_micro_batches_left_under_max_steps(cls):
     assert bar.total_train_batches == 60  # 30 steps x 2 micro-batches (Lightning 2.6 shows 30)
     bar._trainer = _trainer(global_step=25)
     assert bar.total_train_batches == 10
+    bar._trainer = _trainer(global_step=4, done=8)  # resumed at step 4: the bar counts on from batch 8 to 60
+    assert bar.total_train_batches == 60
     bar._trainer = _trainer(num_training_batches=40)  # the epoch ends first
     assert bar.total_train_batches == 40
     bar._trainer = _trainer(max_epochs=3, max_steps=-1)  # epochs set the run: Lightning's count
