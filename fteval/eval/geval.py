@@ -20,16 +20,15 @@ position ids counted from each row's first real token, so a padded row scores as
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
-from importlib import resources
 from typing import Optional
 
 import torch
 from torch import nn
 
+from fteval.eval.prompt_files import load_prompt_file
 from fteval.data.formatting import Template, format_prompt, pad_batch
 
 __all__ = ["CRITERIA", "GEvalJudge", "GEvalScore", "load_geval_prompts", "score_token_ids"]
@@ -50,17 +49,8 @@ class GEvalScore:
 
 def load_geval_prompts(version: str = "v1") -> dict:
     """The judge prompt set ``geval_<version>.json`` shipped in ``fteval/eval/prompts``."""
-    folder = resources.files("fteval.eval").joinpath("prompts")
-    path = folder.joinpath(f"geval_{version}.json")
-    if not path.is_file():
-        known = sorted(p.name[len("geval_") : -len(".json")] for p in folder.iterdir() if p.name.startswith("geval_"))
-        raise ValueError(f"G-Eval prompts version {version!r} does not exist; available versions: {known}")
-    data = json.loads(path.read_text(encoding="utf-8"))
-    if data.get("version") != version:
-        raise ValueError(f"{path} declares version {data.get('version')!r}, not {version!r}; fix the file's version field")
-    for key in ("template", "answer_prefix", "criteria"):
-        if key not in data:
-            raise ValueError(f"{path} has no {key!r} field")
+    data = load_prompt_file("geval", version, ("template", "answer_prefix", "criteria"), "G-Eval prompts")
+    path = f"geval_{version}.json"
     for name, crit in data["criteria"].items():
         missing = [k for k in ("name", "definition", "steps") if k not in crit]
         if missing:

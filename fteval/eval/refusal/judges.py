@@ -19,15 +19,14 @@ field names it; an empty response is a full refusal for every judge (nothing to 
 from __future__ import annotations
 
 import abc
-import json
 import re
 from collections.abc import Sequence
-from importlib import resources
 from typing import Literal, Optional
 
 import numpy as np
 import torch
 
+from fteval.eval.prompt_files import load_prompt_file
 from fteval.backends.base import BackendConnectionError, BackendResponseError, BackendTimeoutError
 from fteval.eval.refusal.detector import COMPLY, FULL, PARTIAL, RefusalResult, classify_refusal, result_from_probs
 
@@ -39,17 +38,9 @@ _ANSWER = re.compile(r"^\s*(?:category\s*:?\s*)?([123])\s*\.?\s*$", re.IGNORECAS
 
 def load_judge_prompts(version: str = "v1") -> dict:
     """The judge prompt ``refusal_judge_<version>.json`` shipped in ``fteval/eval/prompts``."""
-    folder = resources.files("fteval.eval").joinpath("prompts")
-    path = folder.joinpath(f"refusal_judge_{version}.json")
-    if not path.is_file():
-        known = sorted(p.name[len("refusal_judge_"):-len(".json")] for p in folder.iterdir() if p.name.startswith("refusal_judge_"))
-        raise ValueError(f"refusal judge prompt version {version!r} does not exist; available versions: {known}")
-    data = json.loads(path.read_text(encoding="utf-8"))
-    if data.get("version") != version:
-        raise ValueError(f"{path} declares version {data.get('version')!r}, not {version!r}; fix its version field")
-    missing = [k for k in ("system", "template", "no_prompt", "answer_prefix", "labels") if k not in data]
-    if missing:
-        raise ValueError(f"{path} lacks {missing}")
+    data = load_prompt_file("refusal_judge", version, ("system", "template", "no_prompt", "answer_prefix", "labels"),
+                            "refusal judge prompt")
+    path = f"refusal_judge_{version}.json"
     if data["labels"] != {"1": COMPLY, "2": PARTIAL, "3": FULL}:
         raise ValueError(f"{path}: labels must map 1, 2, 3 to {COMPLY}, {PARTIAL}, {FULL}")
     return data
