@@ -175,7 +175,7 @@ def quantize_linear_layers(
     if device.type == "cpu":
         from fteval.models.loading import disable_cpu_inference_repacking
 
-        disable_cpu_inference_repacking(model)  # keeps the CPU training path correct (ARCHITECTURE.md)
+        disable_cpu_inference_repacking(model)  # keeps the CPU training path correct (docs/architecture.md)
     return len(names)
 
 

