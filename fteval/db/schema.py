@@ -9,7 +9,8 @@ same table names. Version 2 adds what the first users of the database needed:
   result came from can be looked up next to the experiments.
 
 Version 3 adds ``experiments.pid``, ``host`` and ``heartbeat_at``, so a run whose process died
-without recording a status is marked ``crashed`` when the next run starts.
+without recording a status is marked ``crashed`` when the next run starts, and
+``model_responses.refusal_judge`` (which judge labelled each response).
 
 Where the measured quantities vary by method or by stage, rows are long and narrow,
 ``(experiment_id, step, name, value)`` or ``(experiment_id, model, metric, value)``, so a
@@ -230,12 +231,13 @@ _V3 = (
     "ALTER TABLE experiments ADD COLUMN pid INTEGER",
     "ALTER TABLE experiments ADD COLUMN host TEXT",
     "ALTER TABLE experiments ADD COLUMN heartbeat_at TEXT",
+    "ALTER TABLE model_responses ADD COLUMN refusal_judge TEXT",  # which judge labelled the response
 )
 
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "initial schema: the spec's tables", _V1),
     Migration(2, "experiments.stage and the environment table", _V2),
-    Migration(3, "experiments.pid, host and heartbeat_at", _V3),
+    Migration(3, "experiments.pid, host and heartbeat_at; model_responses.refusal_judge", _V3),
 )
 LATEST_VERSION = MIGRATIONS[-1].version
 
