@@ -3,8 +3,10 @@
 Calibration (default): the Monte Carlo of :mod:`fteval.eval.calibration` over every
 distribution x prompts per class x hidden size, then the exact behaviour rows (Wilson interval,
 McNemar size). Prints one table (rate with its Wilson 95% interval) and a verdict line per
-criterion. The full default grid (3 x 2 x 2 settings, 500 replications) takes about 12 minutes on
-one CPU thread; ``--reps 100`` about 2.5.
+criterion. The full default grid (3 x 2 x 2 settings, 500 replications) took 2379 s of simulation
+on one thread of the shared 2-core development machine (docs/statistics.md); the settings with
+500 prompts per class at hidden size 4096 take three quarters of it. Settings are independent
+(setting i uses seed + i), so ``--distributions`` runs split over processes reproduce the table.
 
 Planning (``--plan RESULTS``): reads an ``aqi_results.json`` of ``fteval test`` and prints, for
 every compared pair, the prompts per class needed to detect each bounded-AQI change in

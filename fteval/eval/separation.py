@@ -34,8 +34,8 @@ maps above (their coverage is rho's).
 
 The jackknife counts U's second-order (degenerate) variance twice, which dominates when the
 hidden size is large and the separation small. For paired Deltas that excess is estimated from
-the two models' Gram matrices and removed (:func:`_standard_error`): measured coverage 0.95-0.97
-instead of 0.99-1.00. For a single model the excess is kept: rho's sampling distribution is then
+the two models' Gram matrices and removed (:func:`_standard_error`): measured coverage 0.93-0.97
+instead of 0.99. For a single model the excess is kept: rho's sampling distribution is then
 right-skewed, and the symmetric interval with the corrected variance covered only 0.92-0.94,
 the plain jackknife 0.95-0.99. Method choice and its measured coverage:
 :mod:`fteval.eval.calibration` and docs/statistics.md. Hand-written: no library has these
@@ -262,7 +262,7 @@ def _standard_error(values_loo: np.ndarray, inverse: np.ndarray, weights: tuple[
 
     For a degree-2 U-statistic the jackknife estimates the first-order variance correctly but
     the second-order (degenerate) part twice (Efron and Stein, Ann. Statist. 1981): in high hidden
-    sizes that part dominates and the plain jackknife interval over-covers (measured 0.99-1.00 for
+    sizes that part dominates and the plain jackknife interval over-covers (measured 0.99 for
     nominal 0.95). The part is estimated in closed form (:func:`_second_order_var`; ``weights`` =
     d score / d U of each model, ``moments`` from :func:`_second_order_moments`, ``None``: plain
     jackknife) and subtracted once, never below half the jackknife variance (its limit when the

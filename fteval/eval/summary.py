@@ -50,7 +50,7 @@ def _model_lines(name: str, entry: dict) -> list[str]:
                      "plug-in separation is sampling noise (removed by the bias correction)")
         if sep["heavy_tailed"]:
             lines.append(f"├── WARNING heavy tails: excess kurtosis {sep['excess_kurtosis']:.1f} of the per-prompt "
-                         "contributions; intervals may cover less than stated (0.84-0.92 measured in heavy-tailed "
+                         "contributions; intervals may cover less than stated (0.81-0.92 measured in heavy-tailed "
                          "simulations)")
     beh = entry.get("behaviour")
     if beh:
