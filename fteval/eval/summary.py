@@ -115,7 +115,7 @@ def format_summary(results: dict) -> str:
         lines += _pair_lines(comp) + [""]
     st = results.get("settings", {})
     sizes = st.get("family_size") or {}
-    if sizes:
+    if sizes and any(sizes.values()):
         lines.append(f"p-values {st.get('correction')}-adjusted within each family (AQI: {sizes.get('aqi', 0)} tests, "
                      f"behaviour: {sizes.get('behaviour', 0)} tests); ✓ = significant at "
                      f"{1 - st.get('confidence', 0.95):.2g} after adjustment. Intervals: {100 * st.get('confidence', 0.95):.0f}%, "
