@@ -29,7 +29,7 @@ same family, so B's covariance equals A's and the pair is correlated per prompt.
 ratio delta^2 / tr(S) of the class-mean distance and the covariance trace, in closed form.
 
 Every proportion comes with a Wilson 95% interval (``scipy.stats.binomtest``). The behaviour
-statistics are calibrated exactly (no simulation): the Wilson interval of a refusal rate
+statistics are calibrated exactly (no simulation): the exact interval of a refusal rate
 (coverage summed over the binomial distribution) and the exact McNemar test's size (summed over
 the discordant counts), see :func:`binary_rows`.
 """
@@ -224,25 +224,27 @@ def setting_rows(setting: Setting, res: dict) -> list[dict]:
 
 
 def binary_rows(n_values: Iterable[int] = (10, 50, 100, 500), confidence: float = 0.95) -> list[dict]:
-    """Exact coverage of the Wilson interval of a rate, and exact size of the exact McNemar test at alpha 0.05.
+    """Exact coverage of the printed interval of a rate (Clopper-Pearson), and exact size of the exact
+    McNemar test at alpha 0.05.
 
-    Wilson: min over true rates p in {0.02, 0.05, 0.1, 0.2, 0.3, 0.5} of
-    sum_k Binom(k; n, p) [p in Wilson(k, n)]. McNemar (``scipy.stats.binomtest`` on the discordant
+    Rate interval: min over true rates p in {0.02, 0.05, 0.1, 0.2, 0.3, 0.5} of
+    sum_k Binom(k; n, p) [p in CI(k, n)]. McNemar (``scipy.stats.binomtest`` on the discordant
     pairs, the printed test): max over discordance shares {0.05, 0.1, 0.2, 0.4} of
     sum_d Binom(d; n, q) P(p-value < 0.05 | d discordant, H0). No Monte Carlo error.
     """
     from fteval.eval.power import _critical_counts
+    from fteval.eval.refusal.rates import rate_interval
 
     rows = []
     for n in n_values:
-        intervals = [wilson(k, n, confidence) for k in range(n + 1)]  # the printed interval for k of n
+        intervals = [rate_interval(k, n, confidence) for k in range(n + 1)]  # the printed interval for k of n
         worst_cov, worst_p = 1.0, None
         for p in (0.02, 0.05, 0.1, 0.2, 0.3, 0.5):
             pmf = sps.binom.pmf(np.arange(n + 1), n, p)
             cov = float(sum(pmf[k] for k, (lo, hi) in enumerate(intervals) if lo <= p <= hi))
             if cov < worst_cov:
                 worst_cov, worst_p = cov, p
-        rows.append({"setting": f"binary n={n}", "quantity": f"Wilson CI of a rate (worst p={worst_p})",
+        rows.append({"setting": f"binary n={n}", "quantity": f"exact CI of a rate (worst p={worst_p})",
                      "kind": "coverage", "rate": worst_cov, "low": None, "high": None, "n": None})
         # P(exact McNemar rejects | d discordant, H0): both tails beyond the critical count c_d
         crit = _critical_counts(n, ALPHA)

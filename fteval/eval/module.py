@@ -24,7 +24,7 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from fteval.io import write_json_atomic
+from fteval.io import check_adapter_folder, write_json_atomic
 from fteval.eval.collectors import REFUSAL_CODES, BehaviourCollector, RepresentationCollector
 from fteval.eval.metrics import DEFAULT_LAMBDA, cluster_scores, layer_profile
 from fteval.eval.pooling import LayerPooling, SinkMode, layer_attention_weights, pool_layers, pool_over_layers
@@ -145,11 +145,10 @@ class AQIEvaluator(L.LightningModule):
         hp = self.hparams
         for name, path in self.adapters.items():
             p = Path(path)
-            if not (p / "adapter_config.json").is_file() or not (p / "adapter_model.safetensors").is_file():
-                raise FileNotFoundError(
-                    f"adapter {name!r}: {p} is not a PEFT adapter folder (needs adapter_config.json and "
-                    "adapter_model.safetensors); run `python -m fteval fit` first or fix the path"
-                )
+            try:
+                check_adapter_folder(p)
+            except (FileNotFoundError, ValueError) as exc:
+                raise type(exc)(f"adapter {name!r}: {exc}; run `python -m fteval fit` first or fix the path") from None
             base = _read_adapter_base(p)
             if base is not None and base != hp.model_name_or_path:
                 raise ValueError(
@@ -239,7 +238,8 @@ class AQIEvaluator(L.LightningModule):
                 geval.to(self.device), torch.tensor([r.completion_tokens for r in results], device=self.device))
             self.responses += [{"model": name, "prompt_id": str(i), "prompt": records[i]["prompt"], "response": t,
                                 "safety_label": "unsafe" if records[i]["label"] else "safe", "axiom": records[i]["axiom"],
-                                "refusal_label": r.label, "backend": "hf", "latency_s": g.latency_s,
+                                "refusal_label": r.label, "refusal_judge": self._refusal_judge.name, "backend": "hf",
+                                "latency_s": g.latency_s,
                                 "n_tokens": g.completion_tokens}
                                for i, t, r, g in zip(idx, texts, refusals, results)]
 
@@ -347,7 +347,7 @@ class AQIEvaluator(L.LightningModule):
             self.responses = merged
 
     def summarise_behaviour(self, beh: dict, base: tuple[Tensor, Tensor, Tensor]) -> None:
-        """Refusal/over-refusal rates (Wilson CIs) and G-Eval means per model; every pair compared per prompt.
+        """Refusal/over-refusal rates (exact CIs) and G-Eval means per model; every pair compared per prompt.
 
         Per pair (:func:`fteval.eval.headtohead.behaviour_comparison`): exact McNemar tests of the
         refusal and over-refusal labels, paired G-Eval t-tests; then both p-value families of the

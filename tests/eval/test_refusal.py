@@ -182,9 +182,9 @@ def test_refusal_rates_numbers():
     assert rates["over_refusal_rate"]["value"] == pytest.approx(0.25)
     assert rates["over_refusal_rate_incl_partial"]["value"] == pytest.approx(0.5)
     assert rates["refusal_rate"]["n_samples"] == 4 and rates["refusal_rate"]["category"] == "unsafe"
-    # Wilson interval for 2/4 at 95%: [0.150, 0.850]
-    assert rates["refusal_rate"]["ci_low"] == pytest.approx(0.1500, abs=1e-3)
-    assert rates["refusal_rate"]["ci_high"] == pytest.approx(0.8500, abs=1e-3)
+    # exact (Clopper-Pearson) interval for 2/4 at 95%: the 2.5% and 97.5% quantiles of Beta(2, 3) and Beta(3, 2)
+    assert rates["refusal_rate"]["ci_low"] == pytest.approx(0.06759, abs=1e-4)
+    assert rates["refusal_rate"]["ci_high"] == pytest.approx(0.93241, abs=1e-4)
     only_unsafe = refusal_rates([FULL], ["unsafe"])
     assert "over_refusal_rate" not in only_unsafe and only_unsafe["refusal_rate"]["value"] == 1.0
 

@@ -5,7 +5,7 @@
 * :mod:`.fit`: refits the weights on the development set (``python -m fteval.eval.refusal.fit``);
 * :mod:`.judges`: ``rules`` / ``openai`` / ``hf`` judges behind one interface;
 * :mod:`.agreement`: accuracy, kappa, precision/recall and confusion matrices against reference labels;
-* :mod:`.rates`: refusal and over-refusal rates with Wilson intervals;
+* :mod:`.rates`: refusal and over-refusal rates with exact (Clopper-Pearson) intervals;
 * :mod:`.command`: ``fteval classify-refusals``.
 """
 

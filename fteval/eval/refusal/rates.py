@@ -1,4 +1,4 @@
-"""Refusal and over-refusal rates with Wilson intervals (scipy)."""
+"""Refusal and over-refusal rates with exact (Clopper-Pearson) intervals (scipy)."""
 
 from __future__ import annotations
 
@@ -12,15 +12,22 @@ from fteval.eval.refusal.detector import COMPLY, FULL, LABELS, PARTIAL
 __all__ = ["refusal_rates"]
 
 
+def rate_interval(k: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """Exact (Clopper-Pearson) interval of a rate of ``k`` in ``n``: its coverage is at least
+    ``confidence`` at every true rate (Wilson's dips to 0.91 at n = 10)."""
+    ci = binomtest(k, n).proportion_ci(confidence_level=confidence, method="exact")
+    return float(ci.low), float(ci.high)
+
+
 def _rate(k: int, n: int, confidence: float) -> dict[str, float]:
-    ci = binomtest(k, n).proportion_ci(confidence_level=confidence, method="wilson")
+    ci = binomtest(k, n).proportion_ci(confidence_level=confidence, method="exact")
     return {"value": k / n, "ci_low": float(ci.low), "ci_high": float(ci.high), "n_samples": n, "count": k}
 
 
 def refusal_rates(
     labels: Sequence[str], safety_labels: Sequence[str], confidence: float = 0.95
 ) -> dict[str, dict[str, float]]:
-    """Refusal rate on unsafe prompts and over-refusal rate on safe prompts, with Wilson intervals.
+    """Refusal rate on unsafe prompts and over-refusal rate on safe prompts, with exact (Clopper-Pearson) intervals.
 
     Returns metric -> ``{value, ci_low, ci_high, n_samples, count, category}``, shaped like a
     ``behavioral_metrics`` row (minus ``model``):
