@@ -10,7 +10,8 @@ prompts) with its interval, from :mod:`fteval.eval.separation`, plus the plug-in
 spec's AQI/CHI/XBI:
 
 * TensorBoard: ``align/<metric>``, ``align/delta_<metric>``, ``align/delta_<metric>_low|high``;
-* the experiment database: the same names in the run's training-metrics table, at the step;
+* the experiment database: the same names in the run's training-metrics table, at the step (the
+  database and experiment of the run logger, ``pl_module.experiment_db_path`` / ``experiment_id``);
 * ``align/delta_aqi_bounded`` is also logged to the module, so a ``ModelCheckpoint`` can keep the
   best checkpoint by it (``monitor: align/delta_aqi_bounded, mode: max``).
 
@@ -56,8 +57,9 @@ class AlignmentMonitor(Callback):
         warn_if_delta_below: warn when that upper bound is below this value (default 0: a
             significant decrease).
         patience: consecutive checks before stopping.
-        db_path: experiment database to write the curve into (the run logger's ``db_path``);
-            None: TensorBoard only. Rows go to the run's experiment (``pl_module.experiment_id``).
+        record_in_database: write the curve into the run's experiment in the experiment database
+            (the database and experiment that ``callbacks.run_logger.ExperimentDBLogger`` set on the
+            module; nothing is written without that logger). False: TensorBoard only.
         enabled: False turns the monitor off (it then does nothing at all).
     """
 
@@ -73,7 +75,7 @@ class AlignmentMonitor(Callback):
         stop_if_delta_below: Optional[float] = None,
         warn_if_delta_below: float = 0.0,
         patience: int = 2,
-        db_path: Optional[str] = "output/centralized.db",
+        record_in_database: bool = True,
         enabled: bool = True,
     ) -> None:
         if every_n_steps < 0:
@@ -89,7 +91,7 @@ class AlignmentMonitor(Callback):
         self.every_n_steps, self.n_per_class, self.seed, self.batch_size = every_n_steps, n_per_class, seed, batch_size
         self.layer_pooling, self.sink, self.metric = layer_pooling, sink, metric
         self.stop_if_delta_below, self.warn_if_delta_below, self.patience = stop_if_delta_below, warn_if_delta_below, patience
-        self.db_path, self.enabled = db_path, enabled
+        self.record_in_database, self.enabled = record_in_database, enabled
         self.history: list[dict] = []  # one entry per check: {"step", metric values, ...}
         self._below = 0  # consecutive checks under the stop threshold
         self._loader = None
@@ -188,13 +190,16 @@ class AlignmentMonitor(Callback):
             return
         for logger in trainer.loggers:
             logger.log_metrics(values, step=step)
-        exp = getattr(pl_module, "experiment_id", None)
-        if self.db_path and exp is not None:
+        exp, db_path = getattr(pl_module, "experiment_id", None), getattr(pl_module, "experiment_db_path", None)
+        if self.record_in_database and exp is not None and db_path:
             from fteval.db import ExperimentDB
 
             table = "grit" if "grit" in str(getattr(pl_module, "method_name", "")).lower() else "qlora"
-            with ExperimentDB(self.db_path) as db:
-                db.log_training_metrics(exp, table, [(step, k, v) for k, v in values.items()])
+            try:  # a monitoring row that cannot be written must not end the training run
+                with ExperimentDB(db_path) as db:
+                    db.log_training_metrics(exp, table, [(step, k, v) for k, v in values.items()])
+            except Exception as err:
+                rank_zero_warn(f"alignment monitor: could not write step {step} to {db_path}: {err}")
 
     def _judge(self, trainer: L.Trainer, step: int, values: dict[str, float]) -> None:
         high = values.get(f"align/delta_{self.metric}_high")

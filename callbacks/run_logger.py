@@ -24,8 +24,9 @@ Coupling with the LightningModule (all optional, duck-typed):
 ``pl_module.method_name`` (str) names the method (else the class name) and picks the
 metrics table (``training_metrics_grit`` when it contains "grit", else
 ``training_metrics_qlora``); ``pl_module.experiment_id`` is set to the row id on every
-rank when the attribute exists, so the module can attach scores with
-``ExperimentDB(...).add_aqi_scores(pl_module.experiment_id, ...)``;
+rank when the attribute exists, and ``pl_module.experiment_db_path`` to this database, so the
+module (and :class:`callbacks.alignment.AlignmentMonitor`) can attach rows with
+``ExperimentDB(pl_module.experiment_db_path).add_aqi_scores(pl_module.experiment_id, ...)``;
 ``pl_module.artifact_paths`` is read at fit end. The experiment id is also in
 :attr:`ExperimentDBLogger.experiment_id` and in the callback's checkpoint state, so a
 resumed fit continues the same experiment (its rows after the resume step are replaced).
@@ -181,6 +182,7 @@ class ExperimentDBLogger(L.Callback):
         self.experiment_id = trainer.strategy.broadcast(experiment_id, src=0)
         if hasattr(pl_module, "experiment_id"):
             pl_module.experiment_id = self.experiment_id
+            pl_module.experiment_db_path = str(self.db_path)  # where that id lives: other writers use the same database
 
     @staticmethod
     def _record_datasets(db: ExperimentDB, experiment_id: int, trainer: L.Trainer, stage: str) -> None:

@@ -137,6 +137,7 @@ class AQIEvaluator(L.LightningModule):
         self.tokenizer = None
         self.results: dict = {}
         self.experiment_id: Optional[int] = None  # set by callbacks.run_logger.ExperimentDBLogger
+        self.experiment_db_path: Optional[str] = None  # the database that experiment is in (same logger)
 
     # ------------------------------------------------------------------ model
     def configure_model(self) -> None:
@@ -411,8 +412,10 @@ class AQIEvaluator(L.LightningModule):
 
 
     def record_in_database(self) -> None:
-        """Scores, deltas, tests and the embeddings file as one transaction in the experiment database."""
-        if self.experiment_id is None or not self.hparams.db_path:
+        """Scores, deltas, tests and the embeddings file as one transaction in the experiment database
+        (the run logger's, where the experiment is; ``db_path`` only without that logger)."""
+        db_path = self.experiment_db_path or self.hparams.db_path
+        if self.experiment_id is None or not db_path:
             return
         from fteval.db import ExperimentDB
 
@@ -433,7 +436,7 @@ class AQIEvaluator(L.LightningModule):
                 low, high = ci.get(metric) or [None, None]
                 rows.append({"model": name, "metric": f"{metric}_bc", "value": value, "pooling": hp.layer_pooling,
                              "ci_low": low, "ci_high": high, "n_samples": entry["n_prompts"]})
-        db = ExperimentDB(hp.db_path)
+        db = ExperimentDB(db_path)
         with db.transaction():
             for name, d in res["deltas"].items():
                 for metric in SUMMARY_METRICS:

@@ -216,6 +216,7 @@ class AdapterModule(L.LightningModule):
         self.strict_loading = False  # checkpoints hold adapter weights only
         self.exported_adapter: Optional[Path] = None
         self.experiment_id: Optional[int] = None  # set by callbacks.run_logger.ExperimentDBLogger
+        self.experiment_db_path: Optional[str] = None  # the database that experiment is in (same logger)
         self.artifact_paths: dict[str, str] = {}  # recorded by the run logger at the end of fit
 
     # ------------------------------------------------------------- model set-up

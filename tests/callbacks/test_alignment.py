@@ -67,8 +67,7 @@ def test_monitor_records_the_curve_and_leaves_training_identical(data_files, tmp
     runs = {}
     for enabled in (False, True):
         out = tmp_path / f"on{enabled}"
-        monitor = AlignmentMonitor(every_n_steps=2, n_per_class=6, batch_size=12, db_path=str(out / "c.db"),
-                                   enabled=enabled)
+        monitor = AlignmentMonitor(every_n_steps=2, n_per_class=6, batch_size=12, enabled=enabled)
         torch.manual_seed(0)
         module = _module()
         _fit(module, _dm(data_files, out), out, monitor)
@@ -108,7 +107,7 @@ class SeparationEraser(QLoRAModule):
 
 def test_planted_objective_is_stopped_with_a_message(data_files, tmp_path, one_thread):
     monitor = AlignmentMonitor(every_n_steps=1, n_per_class=6, batch_size=12, layer_pooling="last",
-                               stop_if_delta_below=0.0, patience=2, db_path=None)
+                               stop_if_delta_below=0.0, patience=2, record_in_database=False)
     torch.manual_seed(0)
     with pytest.warns(UserWarning, match="alignment monitor stopped training at step"):
         trainer = _fit(_module(SeparationEraser, lr=2e-2), _dm(data_files, tmp_path), tmp_path, monitor, max_steps=20)
