@@ -447,7 +447,7 @@ def _category(name: str) -> str:
 
 
 def _top_ops(prof, active_steps: int, device: torch.device, top: int = 20) -> dict:
-    """Top ``top`` kernels/ops by self device time (CUDA) or self CPU time, and time per category."""
+    """Top ``top`` kernels/ops by self CUDA time or self CPU time, and time per category."""
     on_device = device.type == "cuda"
 
     def self_us(ev) -> float:
@@ -457,7 +457,7 @@ def _top_ops(prof, active_steps: int, device: torch.device, top: int = 20) -> di
         return float(ev.self_cpu_time_total)
 
     events = [ev for ev in prof.key_averages() if self_us(ev) > 0]
-    if on_device:  # kernels only: their self device time is the GPU's busy time
+    if on_device:  # kernels only: their self CUDA time is the GPU's busy time
         # (not user annotations such as Lightning's "Optimizer.step#AdamW.step" range, which the profiler
         # also places on the GPU timeline, spanning the whole step)
         kernels = [ev for ev in events if getattr(ev, "device_type", None) is not None and "CUDA" in str(ev.device_type)
