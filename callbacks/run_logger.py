@@ -155,8 +155,8 @@ class ExperimentDBLogger(L.Callback):
             db = self._open()
             restored = self._restored_id if stage == "fit" else None
             self._restored_id = None
-            db.mark_dead_runs()  # rows left 'running' by processes that died -> 'crashed'
             if restored is not None and db.rows("experiments", id=restored):
+                db.mark_dead_runs()  # rows left 'running' by dead processes -> 'crashed' (create_experiment does it otherwise)
                 with db.transaction():  # resume: same row, drop rows the interrupted run logged past the checkpoint
                     db.finish_experiment(restored, "running")
                     db.truncate_training_metrics(restored, self._table_method, trainer.global_step)
