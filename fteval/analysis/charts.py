@@ -11,7 +11,7 @@ import numpy as np
 from fteval.analysis.runs import RunSummary, smooth
 from fteval.db.export import _atomic_write
 
-__all__ = ["matplotlib_available", "loss_curves_png", "efficiency_png", "effective_rank_png"]
+__all__ = ["matplotlib_available", "loss_curves_png", "efficiency_png", "effective_rank_png", "alignment_png"]
 
 _DPI = 110
 
@@ -108,4 +108,41 @@ def effective_rank_png(runs: list[RunSummary], path: Path) -> Optional[Path]:
     ax.set_title("GRIT effective rank per module")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def alignment_png(curves: dict, methods: dict[str, str], path: Path) -> Optional[Path]:
+    """Delta bounded AQI (tuned - base) per monitor check with its 95% band, one panel per method side by side.
+
+    ``curves``: ``{run label: (checks, choice)}`` of :func:`fteval.analysis.alignment_curve.run_alignment`;
+    ``methods``: run label -> method. The chosen checkpoint of each run is circled. None without curves.
+    """
+    if not curves:
+        return None
+    plt = _pyplot()
+    panels = sorted({methods[label] for label in curves}, key=lambda m: (m != "qlora", m))  # QLoRA, then GRIT
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.8), sharey=True, squeeze=False)
+    labels = list(methods)
+    for ax, method in zip(axes[0], panels):
+        for label, (checks, choice) in curves.items():
+            if methods[label] != method:
+                continue
+            c = f"C{labels.index(label)}"  # the run's colour in the other charts
+            steps = [k.step for k in checks]
+            ax.plot(steps, [k.delta for k in checks], color=c, marker="o", linewidth=2, label=label)
+            banded = [k for k in checks if k.delta_low is not None and k.delta_high is not None]
+            if banded:
+                ax.fill_between([k.step for k in banded], [k.delta_low for k in banded], [k.delta_high for k in banded],
+                                color=c, alpha=0.18, linewidth=0)
+            if choice is not None:
+                ax.plot([choice.check.step], [choice.check.delta], marker="o", markersize=12, fillstyle="none",
+                        color="black", linestyle="none", label=f"{label} chosen step {choice.check.step}")
+        ax.axhline(0.0, color="grey", linestyle=":", linewidth=1)
+        ax.set_title(method.upper())
+        ax.set_xlabel("optimizer step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0][0].set_ylabel("Delta AQI (bounded), tuned - base")
+    fig.suptitle("Alignment over training (95% intervals)", fontsize=11)
+    fig.tight_layout()
     return _save(fig, path)

@@ -7,7 +7,13 @@ tests the differences between methods (:func:`training_tests`), and writes:
   plus per-method means) and ``statistical_tests`` rows (``details.analysis`` =
   ``training_comparison``), replacing those of an earlier ``compare`` in the same transaction;
 * ``<output_dir>/comparison.md`` and PNG charts (``loss_curves.png``, ``efficiency.png``,
-  ``effective_rank.png`` for GRIT), each written atomically.
+  ``effective_rank.png`` for GRIT, ``alignment_over_training.png`` when the alignment monitor
+  ran), each written atomically.
+
+Checkpoint quality: for every run whose ``AlignmentMonitor`` recorded a curve, the checkpoint with
+the best loss/alignment trade-off (:mod:`fteval.analysis.alignment_curve` states the rule), stored
+as ``checkpoint_step`` rows (details: the check's loss, Delta and interval, the checkpoint file and
+the reason).
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import numpy as np
 from scipy import stats as sps
 
 from fteval.analysis import charts
+from fteval.analysis.alignment_curve import CheckpointChoice, run_alignment
 from fteval.analysis.runs import RunSummary, common_threshold, load_runs, open_database, steps_to_threshold
 from fteval.db import ExperimentDB
 from fteval.db.export import _atomic_write
@@ -230,7 +237,18 @@ def _method_rows(runs: list[RunSummary]) -> list[dict[str, Any]]:
     return rows
 
 
-def _replace_rows(db: ExperimentDB, runs: list[RunSummary], threshold: float, tests: list[TrainingTest]) -> int:
+def _choice_rows(choice: CheckpointChoice) -> list[dict[str, Any]]:
+    c = choice.check
+    return [{"subject": choice.run, "metric": "checkpoint_step", "value": float(c.step),
+             "details": {"method": choice.method, "unit": "optimizer step", "rule": "best loss/alignment trade-off",
+                         "reason": choice.reason, "smoothed_loss": c.loss, "delta_aqi_bounded": c.delta,
+                         "delta_ci": [c.delta_low, c.delta_high], "checkpoint": c.checkpoint, "n_checks": choice.n_checks,
+                         "first_eroded_step": choice.first_eroded_step,
+                         "lowest_delta": {"step": choice.lowest.step, "delta": choice.lowest.delta}}}]
+
+
+def _replace_rows(db: ExperimentDB, runs: list[RunSummary], threshold: float, tests: list[TrainingTest],
+                  choices: Optional[list[CheckpointChoice]] = None) -> int:
     n = 0
     with db.transaction():
         db.conn.execute("DELETE FROM comparative_analysis WHERE analysis = ?", (ANALYSIS,))
@@ -238,6 +256,9 @@ def _replace_rows(db: ExperimentDB, runs: list[RunSummary], threshold: float, te
         for run in runs:
             n += db.add_comparative_analysis(ANALYSIS, _run_rows(run, threshold), experiment_id=run.id)
         n += db.add_comparative_analysis(ANALYSIS, _method_rows(runs))
+        by_label = {r.label: r for r in runs}
+        for choice in choices or []:
+            n += db.add_comparative_analysis(ANALYSIS, _choice_rows(choice), experiment_id=by_label[choice.run].id)
         for t in tests:
             db.add_statistical_test(
                 t.test, t.metric, statistic=t.statistic, p_value=t.p_value, p_adjusted=t.p_adjusted,
@@ -248,9 +269,34 @@ def _replace_rows(db: ExperimentDB, runs: list[RunSummary], threshold: float, te
     return n
 
 
+def _ci_text(v: float, low: Optional[float], high: Optional[float]) -> str:
+    return f"{v:+.4f}" + (f" [{low:+.4f}, {high:+.4f}]" if low is not None and high is not None else "")
+
+
+def alignment_markdown(curves: dict) -> list[str]:
+    """The "Alignment over training" section of ``comparison.md`` (empty list without monitor data)."""
+    if not curves:
+        return []
+    lines = ["## Alignment over training", "",
+             "Delta = bias-corrected bounded AQI of the tuned model minus the base model on the monitor's prompts "
+             "(same prompts at every check), 95% interval in brackets. A check *eroded* alignment when its whole "
+             "interval is below 0. Chosen checkpoint: the lowest smoothed loss among the saved checkpoints that did "
+             "not erode alignment (docs/training.md, \"Alignment over training\").", "",
+             "| run | checks | first Delta | last Delta | lowest Delta (step) | first eroded step | chosen step | "
+             "its loss | its Delta | checkpoint | why |", "|" + "---|" * 11]
+    for label, (checks, choice) in curves.items():
+        first, last, c = checks[0], checks[-1], choice.check
+        lines.append(f"| {label} | {len(checks)} | {_ci_text(first.delta, first.delta_low, first.delta_high)} | "
+                     f"{_ci_text(last.delta, last.delta_low, last.delta_high)} | "
+                     f"{choice.lowest.delta:+.4f} ({choice.lowest.step}) | {choice.first_eroded_step or 'none'} | "
+                     f"{c.step} | {_fmt(c.loss)} | {_ci_text(c.delta, c.delta_low, c.delta_high)} | "
+                     f"{Path(c.checkpoint).name if c.checkpoint else 'not saved'} | {choice.reason} |")
+    return lines + [""]
+
+
 def comparison_markdown(runs: list[RunSummary], threshold: float, tests: list[TrainingTest], charts_written: list[str],
-                        db_path: Path) -> str:
-    """The ``comparison.md`` text: a run table, method means, the tests and the definitions."""
+                        db_path: Path, curves: Optional[dict] = None) -> str:
+    """The ``comparison.md`` text: a run table, method means, the tests, the alignment curve and the definitions."""
     lines = ["# Training comparison (m04)", "", f"Source: `{db_path}`, {len(runs)} training run(s).", ""]
     headers = ["figure"] + [r.label for r in runs]
     lines += ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
@@ -287,6 +333,7 @@ def comparison_markdown(runs: list[RunSummary], threshold: float, tests: list[Tr
                   "read them as descriptive; several seeds per method give the sound across-run test.", ""]
     else:
         lines += ["No test: fewer than two methods (or runs) with enough matched steps.", ""]
+    lines += alignment_markdown(curves or {})
     if charts_written:
         lines += ["## Charts", ""] + [f"![{Path(c).stem}]({Path(c).name})" for c in charts_written] + [""]
     else:
@@ -330,6 +377,7 @@ def compare(
         for run in runs:
             run.steps_to_threshold = steps_to_threshold(*run.loss, threshold)
         tests = training_tests(runs)
+        curves = run_alignment(db, runs)
         output_dir = Path(output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
         written: list[str] = []
@@ -339,8 +387,13 @@ def compare(
             rank_png = charts.effective_rank_png(runs, output_dir / "effective_rank.png")
             if rank_png is not None:
                 written.append(str(rank_png))
-        n_rows = _replace_rows(db, runs, threshold, tests)
-        text = comparison_markdown(runs, threshold, tests, written, Path(db_path))
+            align_png = charts.alignment_png(curves, {r.label: r.method for r in runs},
+                                             output_dir / "alignment_over_training.png")
+            if align_png is not None:
+                written.append(str(align_png))
+        choices = [choice for _, choice in curves.values() if choice is not None]
+        n_rows = _replace_rows(db, runs, threshold, tests, choices)
+        text = comparison_markdown(runs, threshold, tests, written, Path(db_path), curves)
         md = output_dir / "comparison.md"
         _atomic_write(md, lambda tmp: tmp.write_text(text, encoding="utf-8"))
     finally:
