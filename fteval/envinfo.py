@@ -12,16 +12,16 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
-import json
 import os
 import platform
 import subprocess
 import sys
-import tempfile
 from collections.abc import Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Optional
+
+from fteval.io import write_json_atomic
 
 __all__ = [
     "PACKAGES",
@@ -32,7 +32,6 @@ __all__ = [
     "hf_token_source",
     "load_config",
     "package_versions",
-    "write_json_atomic",
 ]
 
 # Distributions whose versions go into every manifest and experiment row (None = not installed).
@@ -151,20 +150,6 @@ def collect_manifest() -> dict[str, Any]:
         "hf_token_present": source is not None,
         "hf_token_source": source,
     }
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write ``obj`` as indented JSON to ``path`` through a temporary file and ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(obj, fh, indent=2, sort_keys=True)
-            fh.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # -- --check -----------------------------------------------------------------------------------
@@ -341,7 +326,7 @@ def env(
         manifest["check"] = {"config": str(check), "ok": not reasons, "reasons": reasons}
     with ExperimentDB(db_path) as db:  # opened first: a bad database path fails before any file is written
         manifest_path = output_dir / "manifest.json"
-        write_json_atomic(manifest_path, manifest)
+        write_json_atomic(manifest_path, manifest, canonical=True)
         db.add_environment(manifest)
     _print_summary(manifest, manifest_path, db_path)
     if check is not None:

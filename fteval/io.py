@@ -7,8 +7,9 @@ import json
 import os
 import shutil
 import tempfile
+import uuid
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 
 # Lists the entries fteval wrote into a folder, so that a later overwrite removes exactly those.
@@ -80,32 +81,56 @@ def atomic_directory(target: Path, overwrite: bool = True) -> Iterator[Path]:
         raise
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write UTF-8 text to a temp file in the same folder and rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def _temporary_file_beside(path: Path) -> Path:
+    """Create an empty, uniquely named hidden file in ``path``'s folder (same file system: the rename is atomic).
+
+    Created with mode 0o666 less the umask, as a plain write would create ``path`` itself.
+    """
+    while True:
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return tmp
+        except FileExistsError:
+            continue
 
 
-def write_json_atomic(path: Path, payload: dict) -> None:
-    """Write JSON to a temp file in the same folder and rename it into place."""
+def write_atomic(path: Path, write: Callable[[Path], Any]) -> Path:
+    """Let ``write(tmp)`` write a temporary file beside ``path``, then rename it over ``path``.
+
+    Readers see the old file or the complete new one, never a part; on any error the temporary file
+    is removed and ``path`` is left as it was. Missing parent folders are created. Returns ``path``.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    tmp = _temporary_file_beside(path)
     try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(payload, fh, indent=2, default=str)
+        write(tmp)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+    return path
+
+
+def write_text_atomic(path: Path, text: str) -> Path:
+    """Write UTF-8 text to ``path`` atomically (:func:`write_atomic`)."""
+    return write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def write_json_atomic(path: Path, payload: Any, *, canonical: bool = False) -> Path:
+    """Write ``payload`` as JSON indented by 2 to ``path`` atomically (:func:`write_atomic`).
+
+    Default: keys in insertion order, values JSON has no type for written as ``str(value)``, no
+    final newline (results files). ``canonical=True``: keys sorted, a final newline, and a value
+    JSON has no type for raises ``TypeError`` before anything is written (the environment manifest
+    and the benchmark files, which are compared between machines and runs).
+    """
+    if canonical:
+        text = json.dumps(payload, indent=2, sort_keys=True) + "\n"
+    else:
+        text = json.dumps(payload, indent=2, default=str)
+    return write_text_atomic(path, text)
 
 
 def check_adapter_folder(path: Path) -> dict:

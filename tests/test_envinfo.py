@@ -19,8 +19,8 @@ from fteval.envinfo import (
     git_commit,
     hf_token_source,
     load_config,
-    write_json_atomic,
 )
+from fteval.io import write_atomic, write_json_atomic
 
 
 def _manifest(cuda: bool = True, bf16: bool = True, bnb: str | None = "0.50.2", bnb_cuda: bool = True,
@@ -156,11 +156,21 @@ def test_load_config_errors(tmp_path):
 
 def test_write_json_atomic_keeps_old_file_on_failure(tmp_path):
     target = tmp_path / "m.json"
-    write_json_atomic(target, {"a": 1})
+    write_json_atomic(target, {"a": 1}, canonical=True)
     with pytest.raises(TypeError):
-        write_json_atomic(target, {"a": object()})
+        write_json_atomic(target, {"a": object()}, canonical=True)
     assert json.loads(target.read_text()) == {"a": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["m.json"]
+
+    def half_written(tmp):
+        tmp.write_text('{"a": ')
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        write_atomic(target, half_written)
+    assert json.loads(target.read_text()) == {"a": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["m.json"]
+    assert target.read_text() == '{\n  "a": 1\n}\n'  # canonical: sorted keys, final newline
 
 
 @pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")

@@ -9,7 +9,7 @@ from typing import Optional
 import numpy as np
 
 from fteval.analysis.runs import RunSummary, smooth
-from fteval.db.export import _atomic_write
+from fteval.io import write_atomic
 
 __all__ = ["matplotlib_available", "loss_curves_png", "efficiency_png", "effective_rank_png", "alignment_png"]
 
@@ -36,7 +36,7 @@ def _pyplot():
 def _save(fig, path: Path) -> Path:
     plt = _pyplot()
     try:
-        _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=_DPI, bbox_inches="tight"))
+        write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=_DPI, bbox_inches="tight"))
     finally:
         plt.close(fig)
     return path

@@ -31,8 +31,8 @@ from fteval.analysis import charts
 from fteval.analysis.alignment_curve import CheckpointChoice, run_alignment
 from fteval.analysis.runs import RunSummary, common_threshold, load_runs, open_database, steps_to_threshold
 from fteval.db import ExperimentDB
-from fteval.db.export import _atomic_write
 from fteval.eval.stats import correct_pvalues
+from fteval.io import write_text_atomic
 
 __all__ = ["compare", "TrainingTest", "training_tests", "ANALYSIS", "RUN_FIGURES"]
 
@@ -395,7 +395,7 @@ def compare(
         n_rows = _replace_rows(db, runs, threshold, tests, choices)
         text = comparison_markdown(runs, threshold, tests, written, Path(db_path), curves)
         md = output_dir / "comparison.md"
-        _atomic_write(md, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+        write_text_atomic(md, text)
     finally:
         db.close()
     print(text)

@@ -115,7 +115,8 @@ def bench_generation(
     """
     import torch
 
-    from fteval.envinfo import collect_manifest, write_json_atomic
+    from fteval.envinfo import collect_manifest
+    from fteval.io import write_json_atomic
 
     unknown = [b for b in backends if b not in BACKENDS]
     if unknown or not backends:
@@ -158,7 +159,7 @@ def bench_generation(
         "skipped": skipped,
         "machine": collect_manifest(),
     }
-    write_json_atomic(Path(output), report)
+    write_json_atomic(Path(output), report, canonical=True)
     print(f"\nwrote {output}")
     if db is not None and results:
         from fteval.db import ExperimentDB

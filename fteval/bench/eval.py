@@ -271,9 +271,9 @@ def bench_eval(
         "aqi_target_met_gpu": (gpu["aqi_plus_bootstrap_s"] < AQI_TARGET_S) if gpu else None,
         "extraction": extraction,
     }
-    from fteval.envinfo import write_json_atomic
+    from fteval.io import write_json_atomic
 
-    write_json_atomic(Path(output), result)
+    write_json_atomic(Path(output), result, canonical=True)
     table = []
     for r in stats_rows:
         row = {"device": r["device"], "error": r.get("error")}

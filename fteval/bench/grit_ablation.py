@@ -27,7 +27,7 @@ import torch
 import yaml
 
 from fteval.bench.common import format_table, machine_info
-from fteval.io import write_json_atomic
+from fteval.io import write_json_atomic, write_text_atomic
 
 __all__ = ["VARIANTS", "bench_grit_ablation"]
 
@@ -129,7 +129,7 @@ def _fit(name: str, change: str, cfg: dict, out: Path) -> dict:
 
     out.mkdir(parents=True, exist_ok=True)
     path = out / "config.yaml"
-    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    write_text_atomic(path, yaml.safe_dump(cfg, sort_keys=False))
     t0 = time.perf_counter()
     cli = FTEvalCLI(args=["--config", str(path)], run=False)
     trace = _LossTrace()
@@ -170,12 +170,12 @@ def _evaluate(aqi_base: dict, rows: list[dict], settings: dict, out: Path) -> di
                            "enable_model_summary": False, "default_root_dir": str(out)})
     model = cfg["model"]["init_args"]
     model.update({"model_name_or_path": settings["model_name_or_path"],
-                  "adapters": {r["variant"]: r["adapter"] for r in rows}, "behaviour": False, "db_path": None,
+                  "adapters": {r["variant"]: r["adapter"] for r in rows}, "behaviour": False,
                   "save_embeddings": False, "results_dir": str(out), "n_bootstrap": settings["n_bootstrap"]})
     cfg.setdefault("data", {}).update({"n_per_class": settings["n_per_class"]})
     out.mkdir(parents=True, exist_ok=True)
     path = out / "config.yaml"
-    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    write_text_atomic(path, yaml.safe_dump(cfg, sort_keys=False))
     cli = FTEvalCLI(args=["--config", str(path)], run=False)
     cli.trainer.test(cli.model, datamodule=cli.datamodule)
     return cli.model.results

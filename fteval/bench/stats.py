@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Optional
 
 from fteval.bench.common import format_table
+from fteval.io import write_json_atomic
 
 __all__ = ["bench_stats"]
 
@@ -133,6 +134,5 @@ def bench_stats(
           f"PASS: every Gaussian interval covers >= {COVERAGE_TARGET} and no null rejection rate exceeds 0.05 "
           "beyond its binomial error.")
     if output:
-        Path(output).parent.mkdir(parents=True, exist_ok=True)
-        Path(output).write_text(json.dumps({"reps": reps, "seed": seed, "rows": rows}, indent=2))
+        write_json_atomic(Path(output), {"reps": reps, "seed": seed, "rows": rows})
     return 1 if verdicts else 0

@@ -63,6 +63,7 @@ from fteval.bench.common import (
     synchronize,
     timing_summary,
 )
+from fteval.io import write_json_atomic
 from fteval.models.base import DEFAULT_TARGETS
 from fteval.models.base import compile_blocks as _compile_blocks
 from fteval.models.fused_loss import fused_causal_lm_loss
@@ -817,10 +818,9 @@ def bench_train(
                     method, bm, int(batch_sizes[0]), seq_len, max_pos, granularity, Path(tmp),
                     gradient_checkpointing=bool(gradient_checkpointing[0]), compile_blocks=bool(compile_blocks[0]),
                     gc_freeze=gc_freeze, fused_loss=fused_loss[0], activation_offload=bool(activation_offload[0])))
-        from fteval.envinfo import write_json_atomic
-
         write_json_atomic(Path(output), {"benchmark": "train-longest-sequence", "machine": machine_info(),
-                                         "model_config": model_config, "quantization": quantization, "results": longest})
+                                         "model_config": model_config, "quantization": quantization, "results": longest},
+                          canonical=True)
         print(format_table(longest, (("method", "method", ""), ("batch_size", "batch", "d"),
                                      ("longest_seq_len", "longest sequence", ",d"), ("first_failure", "first failure", ""),
                                      ("peak_mem_gib", "peak GiB", ".1f"), ("tokens_per_s", "tokens/s", ",.0f"),
@@ -895,9 +895,7 @@ def bench_train(
         "comparisons": comparisons,
         "profile": prof,
     }
-    from fteval.envinfo import write_json_atomic
-
-    write_json_atomic(Path(output), result)
+    write_json_atomic(Path(output), result, canonical=True)
     print()
     print(f"model {model_config} ({bm.n_params / 1e9:.3g}B params, {quantization}, {bm.attn_implementation}) on "
           f"{_device_name(device)}; {flops['total'] / 1e9:.2f} GFLOP/token; MFU vs {peak_tflops:g} TFLOP/s")

@@ -15,7 +15,6 @@ concurrent writers wait instead of failing, and the pending migrations applied i
 
 from __future__ import annotations
 
-import os
 import sqlite3
 import time
 from datetime import datetime, timezone
@@ -23,6 +22,7 @@ from pathlib import Path
 from typing import Optional
 
 from fteval.db.schema import LATEST_VERSION, MIGRATIONS, SCHEMA_VERSION_DDL
+from fteval.io import write_atomic
 
 __all__ = ["DatabaseFileError", "SQLITE_MAGIC", "inspect_file", "open_readonly", "open_and_migrate", "utc_now"]
 
@@ -105,14 +105,15 @@ def _backup(conn: sqlite3.Connection, path: Path, version: int) -> Path:
     target = path.with_name(f"{path.name}.bak-v{version}")
     if target.exists():  # an earlier backup of the same version is kept as it is
         target = path.with_name(f"{path.name}.bak-v{version}-{datetime.now():%Y%m%d-%H%M%S-%f}")
-    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
-    dst = sqlite3.connect(tmp)
-    try:
-        conn.backup(dst)
-    finally:
-        dst.close()
-    os.replace(tmp, target)
-    return target
+
+    def copy(tmp: Path) -> None:
+        dst = sqlite3.connect(tmp)
+        try:
+            conn.backup(dst)
+        finally:
+            dst.close()
+
+    return write_atomic(target, copy)
 
 
 def _current_version(conn: sqlite3.Connection) -> int:

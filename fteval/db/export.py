@@ -5,28 +5,17 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
-import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from fteval.db.connection import inspect_file, open_readonly
+from fteval.io import write_atomic, write_text_atomic
 
 __all__ = ["export", "EXPORT_FORMATS"]
 
 EXPORT_FORMATS = ("csv", "json", "parquet")
 
-
-def _atomic_write(target: Path, write: Callable[[Path], None]) -> None:
-    """Write through a temporary file in the same folder, then rename over ``target``."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+_atomic_write = write_atomic  # TEMPORARY alias until report.py imports fteval.io
 
 
 def _csv_text(columns: list[str], rows: list[tuple[Any, ...]]) -> str:
@@ -82,18 +71,18 @@ def export(
             rows = [tuple(r) for r in cur.fetchall()]
             if "csv" in formats:
                 text = _csv_text(columns, rows)
-                _atomic_write(output_dir / f"{table}.csv", lambda p: p.write_text(text, encoding="utf-8"))
+                write_text_atomic(output_dir / f"{table}.csv", text)
             if "json" in formats:
                 records = [dict(zip(columns, r)) for r in rows]
                 text_json = json.dumps(records, indent=1, ensure_ascii=False)
-                _atomic_write(output_dir / f"{table}.json", lambda p: p.write_text(text_json, encoding="utf-8"))
+                write_text_atomic(output_dir / f"{table}.json", text_json)
             if "parquet" in formats:
                 import pyarrow as pa
                 import pyarrow.parquet as pq
 
                 arrow = pa.Table.from_pylist([dict(zip(columns, r)) for r in rows]) if rows else pa.table(
                     {c: pa.array([], pa.null()) for c in columns})
-                _atomic_write(output_dir / f"{table}.parquet", lambda p: pq.write_table(arrow, p))
+                write_atomic(output_dir / f"{table}.parquet", lambda p: pq.write_table(arrow, p))
             summary.append((table, len(rows)))
     finally:
         conn.close()

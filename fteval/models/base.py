@@ -8,7 +8,6 @@ Subclasses implement :meth:`AdapterModule.attach_adapters` and :meth:`AdapterMod
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import shutil
@@ -19,6 +18,7 @@ import lightning as L
 import torch
 from lightning.pytorch.cli import OptimizerCallable
 
+from fteval.io import write_json_atomic
 from fteval.models.fused_loss import FusedLoss, fused_causal_lm_loss
 from fteval.models.loading import Quantization, load_causal_lm
 from fteval.models.offload import offload_activations
@@ -418,6 +418,6 @@ class AdapterModule(L.LightningModule):
         hp = {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.hparams.items()}
         meta = {**self._identity(), "hparams": hp, "attn_implementation": self.attn_implementation,
                 "global_step": self.trainer.global_step}
-        (out / "fteval_run.json").write_text(json.dumps(meta, indent=2, default=str))
+        write_json_atomic(out / "fteval_run.json", meta)
         if log_dir and (Path(log_dir) / "config.yaml").is_file():
             shutil.copyfile(Path(log_dir) / "config.yaml", out / "fteval_config.yaml")

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import sys
-import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Optional
@@ -15,6 +13,7 @@ from fteval.eval.refusal.agreement import agreement, format_agreement, parse_ref
 from fteval.eval.refusal.detector import LABELS
 from fteval.eval.refusal.judges import JudgeName, make_judge
 from fteval.eval.refusal.rates import refusal_rates
+from fteval.io import write_atomic
 
 __all__ = ["classify_refusals"]
 
@@ -62,11 +61,11 @@ def _read_table(path: Path) -> tuple[list[dict], list[int], list[str], str]:
     raise ValueError(f"{path}: unsupported file type {path.suffix!r}; use a .csv or .jsonl file")
 
 
-def _write_atomically(path: Path, rows: list[dict], columns: list[str], kind: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="", encoding="utf-8") as fh:
+def _write_rows(path: Path, rows: list[dict], columns: list[str], kind: str) -> None:
+    """The labelled rows as CSV (``columns``, in order) or JSON lines, written atomically."""
+
+    def write(tmp: Path) -> None:
+        with tmp.open("w", newline="", encoding="utf-8") as fh:
             if kind == "csv":
                 writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
                 writer.writeheader()
@@ -74,10 +73,8 @@ def _write_atomically(path: Path, rows: list[dict], columns: list[str], kind: st
             else:
                 for row in rows:
                     fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+    write_atomic(path, write)
 
 
 def _where(spec: Optional[str], rows: list[dict], places: list[tuple[int, int]], columns: list[str], file: Path):
@@ -203,7 +200,7 @@ def classify_refusals(
         row["refusal_label"], row["refusal_score"] = res.label, res.score
         row["refusal_cues"], row["refusal_judge"] = ";".join(res.cues), res.judge
     new_columns = columns + [c for c in OUTPUT_COLUMNS if c not in columns]
-    _write_atomically(output, rows, new_columns, out_kind)
+    _write_rows(output, rows, new_columns, out_kind)
 
     labels = [r.label for r in results]
     counts = Counter(labels)

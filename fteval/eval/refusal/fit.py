@@ -32,6 +32,7 @@ from sklearn.preprocessing import StandardScaler
 from fteval.eval.refusal.agreement import agreement, parse_reference
 from fteval.eval.refusal.detector import DETECTOR_VERSION, MODEL_CLASSES, Detector, result_from_probs, weights_path
 from fteval.eval.refusal.features import FEATURE_NAMES, featurise
+from fteval.io import write_text_atomic
 
 __all__ = ["DEV_SET", "evaluate", "fit_detector", "load_dev_set", "main"]
 
@@ -170,7 +171,7 @@ def main(data: Path = DEV_SET, output: Optional[Path] = None, check: bool = Fals
                    for k in ("mean", "scale", "coef", "intercept")) and shipped["threshold"] == payload["threshold"]
         print("shipped weights match the refit" if same else "shipped weights DIFFER from the refit")
         return 0 if same else 1
-    path.write_text(json.dumps(payload, indent=1) + "\n", encoding="utf-8")
+    write_text_atomic(path, json.dumps(payload, indent=1) + "\n")
     print(f"wrote {path}")
     return 0
 
