@@ -7,7 +7,8 @@ plotting library for the browser. The script draws SVG charts from the JSON in
 Common keys: ``id``, ``kind``, ``title``, ``xlabel``, ``ylabel``, ``width``/``height`` (SVG units,
 default 860 x 360), ``small`` (three to a row), ``integerX`` (integer x ticks).
 
-* ``line``: series of ``{x, y}`` points (optional ``dash``, ``markers``, horizontal ``hlines``);
+* ``line``: series of ``{x, y}`` points (optional ``dash``, ``markers``, horizontal ``hlines``;
+  points with ``lo``/``hi`` get error bars, or a shaded band when the series sets ``band``);
   drag a rectangle to zoom, mouse wheel zooms the x axis, double-click or "reset" restores;
 * ``bars``: categories with a value and an optional ``[low, high]`` interval (error bar);
 * ``scatter``: labelled points with optional intervals and a ``frontier`` polyline; zoom as ``line``.
@@ -161,13 +162,21 @@ JS = r"""
       screen = [];
       (spec.series || []).forEach(function (s, i) {
         var c = s.color || COLORS[i % COLORS.length];
+        if (spec.kind === "line" && s.band) {  // the [lo, hi] interval as a shaded area instead of error bars
+          var bp = s.points.filter(function (p) { return p.lo !== undefined && p.lo !== null; });
+          if (bp.length > 1) {
+            var up = bp.map(function (p, j) { return (j ? "L" : "M") + sx(p.x).toFixed(1) + "," + sy(p.hi).toFixed(1); });
+            var down = bp.slice().reverse().map(function (p) { return "L" + sx(p.x).toFixed(1) + "," + sy(p.lo).toFixed(1); });
+            el("path", {d: up.join("") + down.join("") + "Z", fill: c, opacity: 0.15, stroke: "none"}, plot);
+          }
+        }
         if (spec.kind === "line" && s.points.length > 1) {
           var d = s.points.map(function (p, j) { return (j ? "L" : "M") + sx(p.x).toFixed(1) + "," + sy(p.y).toFixed(1); }).join("");
           el("path", {d: d, fill: "none", stroke: c, "stroke-width": s.width || 2, "stroke-dasharray": s.dash ? "6 4" : null,
                       opacity: s.opacity || 1}, plot);
         }
         s.points.forEach(function (p) {
-          if (p.lo !== undefined && p.lo !== null) {
+          if (p.lo !== undefined && p.lo !== null && !(s.band && s.points.length > 1)) {
             el("line", {x1: sx(p.x), x2: sx(p.x), y1: sy(p.lo), y2: sy(p.hi), stroke: c, "stroke-width": 1.5}, plot);
           }
           if (spec.kind === "scatter" || s.markers) {

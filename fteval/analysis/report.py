@@ -23,6 +23,7 @@ from fteval.analysis.advice import aqi_test, format_evidence, recommend, trainin
 from fteval.analysis.document import Block, Bullets, Chart, Heading, Para, Table, to_html, to_markdown
 from fteval.analysis.runs import open_database, smooth
 from fteval.analysis.synthesis import ALPHA, SMALL_SAMPLE, SOURCE, Synthesis, gather
+from fteval.analysis.guidance import alignment_over_training, guidance_blocks
 from fteval.db import TABLES, ExperimentDB, export
 from fteval.db.export import _atomic_write
 
@@ -359,8 +360,8 @@ def _limitations(s: Synthesis) -> list[Block]:
 
 def build_blocks(s: Synthesis, export_files: list[str]) -> list[Block]:
     """Every section of the report, in order, from a gathered :class:`Synthesis` (``recommendations`` filled)."""
-    blocks = _summary(s) + _training(s) + _alignment(s) + _behaviour(s) + _inference(s) + _statistics(s) + _cost(s)
-    blocks += _limitations(s)
+    blocks = _summary(s) + _training(s) + _alignment(s) + alignment_over_training(s) + _behaviour(s) + _inference(s)
+    blocks += _statistics(s) + _cost(s) + guidance_blocks(s) + _limitations(s)
     blocks += [Heading(2, "Data export", "data"),
                Para("Every table of the experiment database, as CSV and JSON (fteval db export), after this report's rows "
                     "were written: " + ", ".join(f"[{Path(f).name}](data/{Path(f).name})" for f in export_files) + ".")]

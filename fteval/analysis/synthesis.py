@@ -8,6 +8,8 @@ Pure data, no rendering (``report.py`` renders). Sources:
   set form the layer profile);
 * behaviour: the latest experiment with ``behavioral_metrics`` (refusal, over-refusal, G-Eval);
 * inference: every ``inference_benchmarks`` row;
+* alignment over training: the alignment monitor's curve of each run and the checkpoint
+  ``fteval compare`` would choose (:mod:`fteval.analysis.alignment_curve`);
 * statistics: every ``statistical_tests`` row (AQI tests of the test run, training tests of
   ``fteval compare``; the training tests are computed here, unstored, when compare never ran).
 
@@ -24,6 +26,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Optional
 
+from fteval.analysis.alignment_curve import run_alignment
 from fteval.analysis.compare import ANALYSIS, TrainingTest, training_tests
 from fteval.analysis.runs import RunSummary, common_threshold, load_runs, steps_to_threshold
 from fteval.db import ExperimentDB
@@ -97,6 +100,8 @@ class Synthesis:
     pareto: list[ParetoPoint] = field(default_factory=list)
     recommendations: list[Recommendation] = field(default_factory=list)
     adapter_runs: dict[str, RunSummary] = field(default_factory=dict)  # eval label -> training run
+    alignment: dict[str, tuple] = field(default_factory=dict)  # run label -> (checks, choice), alignment_curve.run_alignment
+    run_configs: dict[str, dict[str, Any]] = field(default_factory=dict)  # run label -> its experiment's config
 
 
 # ------------------------------------------------------------------------------- gathering
@@ -244,6 +249,8 @@ def gather(db: ExperimentDB, price_per_hour: float) -> Synthesis:
     s = Synthesis(db.path, float(price_per_hour), runs, threshold, [] if stored else training_tests(runs), bool(stored),
                   evaluation, n_evals, behavioral, benchmarks, tests)
     s.adapter_runs = _adapter_runs(evaluation, runs)
+    s.alignment = run_alignment(db, runs)
+    s.run_configs = {r.label: db.experiment(r.id).get("config") or {} for r in runs}
     s.costs = _costs(s)
     s.pareto = _pareto(s)
     return s

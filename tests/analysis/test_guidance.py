@@ -1,0 +1,102 @@
+"""The report's generated sections: the adapter to ship, monitoring thresholds, scaling and cost, open questions."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from fteval.analysis.document import Bullets, Para, Table
+from fteval.analysis.guidance import POWER_FACTOR, monitoring, open_questions, scaling, shipped_adapter
+from fteval.analysis.report import report
+from fteval.analysis.synthesis import gather
+from fteval.db import ExperimentDB
+
+
+def _with_tests(db_path, tests: dict[tuple[str, str], tuple[float, float, float]]):
+    """Store bounded-AQI pair tests ``{(a, b): (Delta, p_adjusted, se)}`` under the evaluation and gather."""
+    with ExperimentDB(db_path) as db:
+        eid = next(e["id"] for e in db.rows("experiments") if e["method"] == "aqi_eval")
+        with db.transaction():
+            for (a, b), (delta, p_adj, se) in tests.items():
+                db.add_statistical_test("paired_jackknife", "aqi_bounded", statistic=delta, p_value=p_adj / 3,
+                                        p_adjusted=p_adj, correction="holm", group_a=a, group_b=b, n=40,
+                                        ci_low=delta - 1.96 * se, ci_high=delta + 1.96 * se,
+                                        details={"family": "aqi", "se": se}, experiment_id=eid)
+        return gather(db, 2.5)
+
+
+def test_an_adapter_that_erodes_alignment_is_not_shipped(run_db):
+    s = _with_tests(run_db, {("qlora", "baseline"): (-0.002, 0.6, 0.004), ("grit", "baseline"): (-0.05, 0.01, 0.01),
+                             ("grit", "qlora"): (-0.048, 0.02, 0.01)})
+    best, why = shipped_adapter(s)
+    assert best == "qlora" and "grit excluded" in why
+
+
+def test_a_significant_head_to_head_decides(run_db):
+    s = _with_tests(run_db, {("qlora", "baseline"): (-0.01, 0.3, 0.01), ("grit", "baseline"): (0.01, 0.3, 0.01),
+                             ("grit", "qlora"): (0.02, 0.004, 0.005)})
+    best, why = shipped_adapter(s)
+    assert best == "grit" and "higher than qlora's by 0.0200" in why
+
+
+def test_without_a_significant_difference_the_task_loss_decides(run_db):
+    s = _with_tests(run_db, {("qlora", "baseline"): (-0.01, 0.3, 0.01), ("grit", "baseline"): (0.0, 0.9, 0.01),
+                             ("grit", "qlora"): (0.01, 0.3, 0.01)})
+    best, why = shipped_adapter(s)
+    loss = {m: (r.final_val_loss if math.isfinite(r.final_val_loss) else r.final_train_loss_smoothed)
+            for m, r in s.adapter_runs.items()}
+    assert best == min(loss, key=loss.get) and "task loss decides" in why
+
+
+def test_when_every_adapter_erodes_alignment_none_is_shipped(run_db):
+    s = _with_tests(run_db, {("qlora", "baseline"): (-0.04, 0.01, 0.01), ("grit", "baseline"): (-0.05, 0.01, 0.01)})
+    best, why = shipped_adapter(s)
+    assert best is None and "ship the baseline" in why
+
+
+def test_thresholds_and_questions_come_from_the_run(run_db):
+    s = _with_tests(run_db, {("qlora", "baseline"): (-0.01, 0.3, 0.01), ("grit", "baseline"): (-0.02, 0.4, 0.02),
+                             ("grit", "qlora"): (-0.01, 0.5, 0.008)})
+    best, _ = shipped_adapter(s)
+    assert best == "qlora"  # the lower task loss in the recorded run
+    text = " ".join(" ".join(b.items) for b in monitoring(s) if isinstance(b, Bullets))
+    row = s.evaluation.scores["qlora"].get("aqi_bounded_bc") or s.evaluation.scores["qlora"]["aqi_bounded"]
+    assert f"less than **{row['ci_low']:.4g}**" in text
+    assert f"stop_if_delta_below: {-POWER_FACTOR * 0.01:.4f}" in text
+    questions = " ".join(" ".join(b.items) for b in open_questions(s) if isinstance(b, Bullets))
+    per_class = s.evaluation.n_prompts / 2
+    need = math.ceil(per_class * (POWER_FACTOR * 0.008 / 0.01) ** 2)
+    assert f"about {need} prompts per class would detect 0.0100" in questions
+    assert "One training run per method" in questions
+
+
+def test_scaling_turns_fit_time_into_cost_per_1k_examples(run_db):
+    with ExperimentDB(run_db) as db:  # the recorded runs predate the CLI section of the stored config: add it
+        for e in db.rows("experiments"):
+            if e["method"] in ("qlora", "grit"):
+                config = {**e["config"], "cli": {"data": {"batch_size": 3}}}
+                db.conn.execute("UPDATE experiments SET config_json = ? WHERE id = ?", (json.dumps(config), e["id"]))
+        db.conn.commit()
+    s = _with_tests(run_db, {("grit", "qlora"): (0.001, 0.8, 0.01)})
+    blocks = scaling(s)
+    table = next(b for b in blocks if isinstance(b, Table))
+    assert [row[0] for row in table.rows] == [r.label for r in s.runs]
+    for run, row in zip(s.runs, table.rows):
+        eps = 3 * (s.run_configs[run.label]["trainer"].get("accumulate_grad_batches") or 1)
+        hours = run.fit_seconds / 3600 / (run.n_steps * eps) * 1000
+        assert float(row[3]) == pytest.approx(1e6 / run.tokens_per_s / 3600, rel=1e-3)
+        assert row[4] == str(eps) and float(row[5]) == pytest.approx(hours, rel=1e-3)
+        assert float(row[6]) == pytest.approx(hours * 2.5, rel=1e-3)
+    roi = next(b.text for b in blocks if isinstance(b, Para) and b.text.startswith("GRIT costs"))
+    assert "not significant" in roi
+
+
+def test_report_has_the_generated_sections(run_db, tmp_path):
+    assert report(run_db, tmp_path / "m07") == 0
+    md = (tmp_path / "m07" / "report.md").read_text()
+    for heading in ("## Deployment guidance", "## Monitoring and QA", "## Scaling and cost", "## Open questions",
+                    "## Alignment over training"):
+        assert heading in md
+    assert "vllm serve" in md and "--lora-modules" in md and "llama-server" in md
