@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 from typing import Any, Optional
 
+from fteval.analysis.document import format_number as _f  # short: used inside many f-strings
 from fteval.analysis.synthesis import ALPHA, SMALL_SAMPLE, Recommendation, Synthesis
 
 __all__ = ["aqi_test", "recommend", "training_test_rows", "confidence", "format_evidence"]
@@ -55,10 +56,6 @@ def format_evidence(item: dict[str, Any]) -> str:
     """``text [table #id, table #id]`` for the report tables."""
     refs = ", ".join(f"{r['table']} #{r['id']}" for r in item.get("refs") or [])
     return item["text"] + (f" [{refs}]" if refs else "")
-
-
-def _f(v: Any, digits: int = 4) -> str:
-    return "n/a" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.{digits}g}"
 
 
 def _one_run_per_method(s: Synthesis) -> bool:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -28,6 +29,7 @@ import numpy as np
 from scipy import stats as sps
 
 from fteval.analysis import charts
+from fteval.analysis.document import format_number
 from fteval.analysis.alignment_curve import CheckpointChoice, run_alignment
 from fteval.analysis.runs import RunSummary, common_threshold, load_runs, open_database, steps_to_threshold
 from fteval.db import ExperimentDB
@@ -188,13 +190,13 @@ def training_tests(runs: list[RunSummary], correction: str = "holm") -> list[Tra
 
 # ----------------------------------------------------------------------------- output
 def _fmt(value: Any, unit: str = "") -> str:
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return "n/a"
-    if unit == "bytes":
-        return f"{value / 2**20:.2f} MiB"
-    if isinstance(value, (int, np.integer)) or (isinstance(value, float) and value.is_integer() and abs(value) >= 100):
-        return f"{int(value):,}"
-    return f"{value:.4g}"
+    """:func:`format_number`, with byte counts in MiB and whole floats of 100 or more (step counts) as integers."""
+    if isinstance(value, numbers.Real) and math.isfinite(value):
+        if unit == "bytes":
+            return f"{value / 2**20:.2f} MiB"
+        if isinstance(value, float) and value.is_integer() and abs(value) >= 100:
+            value = int(value)
+    return format_number(value)
 
 
 def _run_rows(run: RunSummary, threshold: float) -> list[dict[str, Any]]:

@@ -15,13 +15,27 @@ from __future__ import annotations
 import html
 import json
 import math
+import numbers
 import re
 from dataclasses import dataclass
 from typing import Any, Union
 
 from fteval.analysis.assets import CSS, JS
 
-__all__ = ["Heading", "Para", "Bullets", "Table", "Chart", "Block", "to_markdown", "to_html"]
+__all__ = ["Heading", "Para", "Bullets", "Table", "Chart", "Block", "format_number", "to_markdown", "to_html"]
+
+
+def format_number(value: Any, digits: int = 4) -> str:
+    """A number as the report and the comparison print it.
+
+    'n/a' for None, NaN and inf; integers of 1000 or more with thousands separators (1,234,567);
+    everything else to ``digits`` significant digits.
+    """
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "n/a"
+    if isinstance(value, numbers.Integral) and abs(value) >= 1000:
+        return f"{int(value):,}"
+    return f"{value:.{digits}g}"
 
 
 @dataclass
