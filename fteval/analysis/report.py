@@ -21,24 +21,17 @@ from typing import Any, Optional
 
 from fteval.analysis.advice import aqi_test, format_evidence, recommend, training_test_rows
 from fteval.analysis.document import Block, Bullets, Chart, Heading, Para, Table, to_html, to_markdown
+from fteval.analysis.document import format_number as _f  # short: used inside many f-strings
 from fteval.analysis.runs import open_database, smooth
 from fteval.analysis.synthesis import ALPHA, SMALL_SAMPLE, SOURCE, Synthesis, gather
 from fteval.analysis.guidance import alignment_over_training, guidance_blocks
 from fteval.db import TABLES, ExperimentDB, export
-from fteval.db.export import _atomic_write
+from fteval.io import write_text_atomic
 
 __all__ = ["report", "build_blocks", "TITLE"]
 
 TITLE = "fteval results synthesis: baseline vs QLoRA vs GRIT"
 _AQI_COLUMNS = ("aqi", "aqi_bounded", "xbi", "chi", "db", "dunn")
-
-
-def _f(v: Any, digits: int = 4) -> str:
-    if v is None or (isinstance(v, float) and not math.isfinite(v)):
-        return "n/a"
-    if isinstance(v, int) and abs(v) >= 1000:
-        return f"{v:,}"
-    return f"{v:.{digits}g}"
 
 
 def _ci(row: Optional[dict[str, Any]]) -> str:
@@ -48,10 +41,6 @@ def _ci(row: Optional[dict[str, Any]]) -> str:
     if row.get("ci_low") is not None and row.get("ci_high") is not None:
         text += f" [{_f(row['ci_low'])}, {_f(row['ci_high'])}]"
     return text
-
-
-def _p(v: Optional[float]) -> str:
-    return "n/a" if v is None or not math.isfinite(v) else f"{v:.3g}"
 
 
 def _hours_word(s: Synthesis) -> str:
@@ -72,7 +61,7 @@ def _summary(s: Synthesis) -> list[Block]:
         if ma and mb:
             (slow, fast, ratio) = (t["group_a"], t["group_b"], ma / mb) if ma >= mb else (t["group_b"], t["group_a"], mb / ma)
             items.append(f"Time per step: {slow} takes {ratio:.3g}x the time of {fast} "
-                         f"({t['test']} over steps, p_adjusted {_p(t['p_adjusted'])}).")
+                         f"({t['test']} over steps, p_adjusted {_f(t['p_adjusted'], 3)}).")
     for run in s.runs:
         if run.effective_rank_mean is not None and run.trainable_params:
             extra = (f"; effective parameters {_f(run.effective_params)} of {_f(run.trainable_params)} stored "
@@ -84,7 +73,7 @@ def _summary(s: Synthesis) -> list[Block]:
         items.append(f"AQI (bounded, bias-corrected, 0-1, 95% CI) on {ev.n_prompts} prompts: " + "; ".join(parts) + ".")
         for model, d in ev.deltas.items():
             test = aqi_test(s, model, "baseline")
-            sig = "" if test is None else (f" ({test['test']} p_adjusted {_p(test['p_adjusted'])}: "
+            sig = "" if test is None else (f" ({test['test']} p_adjusted {_f(test['p_adjusted'], 3)}: "
                                            f"{'significant' if (test['p_adjusted'] or 1) < ALPHA else 'not significant'})")
             items.append(f"Delta-AQI {model} - baseline: {_ci(d.get('aqi'))}; bounded {_ci(d.get('aqi_bounded'))}{sig}.")
     else:
@@ -192,7 +181,7 @@ def _alignment(s: Synthesis) -> list[Block]:
         drows = []
         for m, d in ev.deltas.items():
             p = d.get("aqi", {}).get("p_value") if d.get("aqi") else None
-            drows.append([m, _ci(d.get("aqi")), _p(p), _ci(d.get("aqi_bounded")), _ci(d.get("xbi")), _ci(d.get("chi"))])
+            drows.append([m, _ci(d.get("aqi")), _f(p, 3), _ci(d.get("aqi_bounded")), _ci(d.get("xbi")), _ci(d.get("chi"))])
         blocks += [Heading(3, "Paired Delta-AQI (tuned - baseline, same prompts)"),
                    Table(["adapter", "Delta AQI", "p (bootstrap, unadjusted)", "Delta AQI (bounded)", "Delta XBI", "Delta CHI"],
                          drows, (1, 2, 3, 4, 5))]
@@ -260,7 +249,7 @@ def _statistics(s: Synthesis) -> list[Block]:
         effect = f"{_f(t['effect_size'])} ({t['effect_size_name']})" if t.get("effect_size") is not None else "n/a"
         ci = f"[{_f(t['ci_low'])}, {_f(t['ci_high'])}]" if t.get("ci_low") is not None else ""
         rows.append([source, t["test"], t["metric"], f"{t['group_a']} vs {t['group_b']}", where, _f(t["statistic"]),
-                     _p(t["p_value"]), _p(t["p_adjusted"]), t.get("correction") or "none", sig, effect, ci, _f(t["n"])])
+                     _f(t["p_value"], 3), _f(t["p_adjusted"], 3), t.get("correction") or "none", sig, effect, ci, _f(t["n"])])
     if not rows:
         return blocks + [Para("No statistical test in the database.")]
     blocks.append(Table(["source", "test", "metric", "groups", "window", "statistic", "p", "p adjusted", "correction",
@@ -420,8 +409,8 @@ def report(
     finally:
         db.close()
     output_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_write(output_dir / "report.md", lambda tmp: tmp.write_text(md, encoding="utf-8"))
-    _atomic_write(output_dir / "report.html", lambda tmp: tmp.write_text(page, encoding="utf-8"))
+    write_text_atomic(output_dir / "report.md", md)
+    write_text_atomic(output_dir / "report.html", page)
     export(db_path, output_dir / "data", ["csv", "json"])
     print(f"[fteval] report written: {output_dir / 'report.md'}, {output_dir / 'report.html'} "
           f"({len(s.recommendations)} recommendations, {len(s.costs)} cost lines); data export in {output_dir / 'data'}")

@@ -15,8 +15,6 @@ __all__ = ["export", "EXPORT_FORMATS"]
 
 EXPORT_FORMATS = ("csv", "json", "parquet")
 
-_atomic_write = write_atomic  # TEMPORARY alias until report.py imports fteval.io
-
 
 def _csv_text(columns: list[str], rows: list[tuple[Any, ...]]) -> str:
     buf = io.StringIO()
