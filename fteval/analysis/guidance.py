@@ -16,6 +16,7 @@ from typing import Any, Optional
 from fteval.analysis.advice import aqi_test
 from fteval.backends.base import BASELINE
 from fteval.analysis.document import Block, Bullets, Chart, Heading, Para, Table
+from fteval.analysis.document import format_number as _f  # short: used inside many f-strings
 from fteval.analysis.runs import RunSummary
 from fteval.analysis.synthesis import ALPHA, SMALL_SAMPLE, Synthesis
 from fteval.models.loading import EMBEDDED_NAME, default_cache_dir, is_embedded
@@ -24,10 +25,6 @@ __all__ = ["guidance_blocks", "alignment_over_training", "deployment", "monitori
            "shipped_adapter", "POWER_FACTOR"]
 
 POWER_FACTOR = 2.8016  # z(0.975) + z(0.80): the smallest true Delta detected 4 times in 5 is this x its standard error
-
-
-def _f(v: Any, digits: int = 4) -> str:
-    return "n/a" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.{digits}g}"
 
 
 def _signed(v: Optional[float]) -> str:
