@@ -220,3 +220,13 @@ def test_bad_fit_values_leave_nothing_behind(extra, expected, tmp_path, capsys, 
 def test_unknown_command_lists_the_commands(capsys):
     err = _run(["predict", "--config", "qlora.yaml"], capsys)
     assert "unknown command 'predict'" in err and "fit, validate, test" in err
+
+
+def test_evaluator_db_path_names_the_run_logger(tmp_path, capsys, monkeypatch):
+    """The scores of fteval test go to the run logger's database; an evaluator db_path (older configs) is refused."""
+    monkeypatch.chdir(tmp_path)
+    err = _run(["test", "--config", str(Path(__file__).parents[1] / "configs/aqi.yaml"),
+                "--model.init_args.db_path", "elsewhere.db"], capsys)
+    assert "model.init_args.db_path='elsewhere.db' is no longer accepted" in err
+    assert "callbacks.run_logger.ExperimentDBLogger" in err
+    assert list(tmp_path.iterdir()) == []

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from fteval.backends import base
 from fteval.backends.base import (
     BASELINE,
     BackendConnectionError,
@@ -25,17 +26,10 @@ from fteval.backends.base import (
     GenerationResult,
 )
 
+# The interface of base.py (without what only backend implementations use), the registry and the backends.
 __all__ = [
     "BACKENDS",
-    "BASELINE",
-    "BackendConnectionError",
-    "BackendError",
-    "BackendResponseError",
-    "BackendTimeoutError",
-    "BackendUnavailableError",
-    "CallRecord",
-    "GenerationBackend",
-    "GenerationResult",
+    *(name for name in base.__all__ if name not in ("RawCompletion", "process_rss_bytes")),
     "HFBackend",
     "LlamaCppBackend",
     "OpenAIBackend",

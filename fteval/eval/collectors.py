@@ -39,7 +39,8 @@ class RepresentationCollector(Metric):
 
 
 class BehaviourCollector(Metric):
-    """Per (prompt, variant): refusal class (0 compliance, 1 partial, 2 full) and G-Eval scores (cat-reduced)."""
+    """Per (prompt, variant): refusal class (its position in ``fteval.eval.refusal.detector.MODEL_CLASSES``:
+    0 compliance, 1 partial, 2 full) and G-Eval scores (cat-reduced)."""
 
     full_state_update = False
 
@@ -66,5 +67,3 @@ class BehaviourCollector(Metric):
         keep[1:] = key[order][1:] != key[order][:-1]
         return {k: v[keep] for k, v in out.items()}
 
-
-REFUSAL_CODES = ("compliance", "partial_refusal", "full_refusal")

@@ -27,10 +27,10 @@ from fteval.eval.power import mcnemar_mde, mde_wald
 from fteval.eval.separation import paired_separation_deltas
 from fteval.eval.stats import cohens_d_paired, correct_pvalues, mcnemar_exact, paired_ttest
 
-__all__ = ["FAMILIES", "behaviour_comparison", "correct_families", "embedding_comparison", "pair_key", "pairs",
-           "store_tests"]
+__all__ = ["FAMILIES", "SUMMARY_METRICS", "behaviour_comparison", "correct_families", "embedding_comparison",
+           "pair_key", "pairs"]
 
-SUMMARY_METRICS = ("aqi", "aqi_bounded", "xbi", "chi")
+SUMMARY_METRICS = ("aqi", "aqi_bounded", "xbi", "chi")  # the scores with intervals, Deltas and tests
 FAMILIES = ("aqi", "behaviour")
 POWER, ALPHA = 0.8, 0.05  # the power statements' targets
 
@@ -129,45 +129,3 @@ def correct_families(comparisons: dict, method: Literal["holm", "bh"], confidenc
             t["significant"] = bool(adj < 1.0 - confidence)
             t["family"] = family
     return sizes
-
-
-def store_tests(db, experiment_id: int, comparisons: dict, correction: str, n_prompts: int) -> None:
-    """Every test of every pair as a ``statistical_tests`` row (inside the caller's transaction).
-
-    ``test``: ``paired_jackknife`` (separation Deltas; statistic = bias-corrected Delta),
-    ``paired_t`` (silhouette, G-Eval; statistic = t), ``mcnemar_exact`` (refusal_rate,
-    over_refusal_rate; statistic = rate_a - rate_b). ``group_a``/``group_b`` = the pair (Delta =
-    a - b); ``details``: the family, the raw Delta or counts, and the pair's key.
-    """
-    for key, comp in comparisons.items():
-        a, b = comp["a"], comp["b"]
-        common = {"experiment_id": experiment_id, "group_a": a, "group_b": b, "correction": correction}
-        for m in SUMMARY_METRICS:
-            t = comp.get(m) or {}
-            if t.get("p_value") is None:
-                continue
-            db.add_statistical_test("paired_jackknife", m, statistic=t["delta_bc"], p_value=t["p_value"],
-                                    p_adjusted=t.get("p_adjusted"), ci_low=t["ci"][0], ci_high=t["ci"][1], n=n_prompts,
-                                    details={"pair": key, "family": t.get("family"), "se": t["se"],
-                                             "delta_raw": t["delta"]}, **common)
-        t = comp.get("silhouette_ttest")
-        if t and t["p_value"] == t["p_value"]:
-            db.add_statistical_test("paired_t", "silhouette", statistic=t["t"], p_value=t["p_value"],
-                                    p_adjusted=t.get("p_adjusted"), effect_size=t["cohens_d"],
-                                    effect_size_name="cohens_d_z", ci_low=t["ci"][0], ci_high=t["ci"][1], n=n_prompts,
-                                    details={"pair": key, "family": t.get("family"), "mean_diff": t["mean_diff"]}, **common)
-        for name, t in comp.get("behaviour", {}).items():
-            if t.get("p_value") is None or t["p_value"] != t["p_value"]:
-                continue
-            if name in ("refusal", "over_refusal"):
-                db.add_statistical_test("mcnemar_exact", f"{name}_rate", statistic=t["delta"], p_value=t["p_value"],
-                                        p_adjusted=t.get("p_adjusted"), n=t["n"],
-                                        details={"pair": key, "family": t.get("family"), "rate_a": t["rate_a"],
-                                                 "rate_b": t["rate_b"], "n_a_only": t["n_a_only"],
-                                                 "n_b_only": t["n_b_only"], "mde": t["mde"]}, **common)
-            else:
-                db.add_statistical_test("paired_t", name, statistic=t["t"], p_value=t["p_value"],
-                                        p_adjusted=t.get("p_adjusted"), effect_size=t["cohens_d"],
-                                        effect_size_name="cohens_d_z", ci_low=t["ci"][0], ci_high=t["ci"][1],
-                                        details={"pair": key, "family": t.get("family"), "mean_diff": t["mean_diff"]},
-                                        **common)

@@ -4,12 +4,13 @@ For every test batch each variant runs once: ``baseline`` is the base model with
 switched off (peft's ``disable_adapter``), then each named adapter is activated in turn. Hidden
 states of all layers are token-pooled per layer (:func:`fteval.eval.pooling.pool_layers`) and kept
 in a torchmetrics state per variant, so DDP ranks are gathered before anything is computed and
-1 or N devices give the same numbers. At the end of the epoch: layer pooling, AQI/XBI/CHI/DB/Dunn
-(:mod:`fteval.eval.metrics`), bias-corrected scores with jackknife intervals
-(:mod:`fteval.eval.separation`), and every pair of models compared on the same prompts
-(:mod:`fteval.eval.headtohead`: paired Deltas, McNemar tests of refusals, G-Eval t-tests, power),
-each p-value family Holm- (or BH-) adjusted. The summary block is printed, logged as test metrics
-and written as JSON.
+1 or N devices give the same numbers. With ``behaviour`` on, some prompts also get answers, refusal
+labels and G-Eval scores per variant.
+
+At the end of the epoch the loop hands what it collected to pure functions and writers:
+:mod:`fteval.eval.results` (scores, intervals, every pair of models compared, behaviour),
+:mod:`fteval.eval.summary` (the printed block) and :mod:`fteval.eval.outputs` (the results folder
+and the run's experiment database).
 """
 
 from __future__ import annotations
@@ -22,30 +23,20 @@ from typing import Literal, Optional
 
 import lightning as L
 import torch
-from torch import Tensor
 
-from fteval.io import check_adapter_folder, write_json_atomic
-from fteval.eval.collectors import REFUSAL_CODES, BehaviourCollector, RepresentationCollector
-from fteval.eval.metrics import DEFAULT_LAMBDA, cluster_scores, layer_profile
-from fteval.eval.pooling import LayerPooling, SinkMode, layer_attention_weights, pool_layers, pool_over_layers
+from fteval.backends.base import BASELINE
+from fteval.eval.collectors import BehaviourCollector, RepresentationCollector
+from fteval.eval.headtohead import SUMMARY_METRICS
+from fteval.eval.metrics import DEFAULT_LAMBDA
+from fteval.eval.outputs import record_results, write_results_files
+from fteval.eval.pooling import LayerPooling, SinkMode, pool_layers
+from fteval.eval.refusal.detector import MODEL_CLASSES
+from fteval.eval.results import SummarySettings, embedding_tensors, summarise, summarise_behaviour
 from fteval.eval.summary import format_summary
-from fteval.eval.headtohead import (
-    behaviour_comparison,
-    correct_families,
-    embedding_comparison,
-    pair_key,
-    pairs,
-    store_tests,
-)
-from fteval.eval.separation import separation_intervals
-from fteval.eval.stats import per_prompt_separation
+from fteval.io import check_adapter_folder
 from fteval.models.loading import Quantization, load_causal_lm
 
 log = logging.getLogger(__name__)
-
-BASELINE = "baseline"
-SUMMARY_METRICS = ("aqi", "aqi_bounded", "xbi", "chi")
-INTERVAL_METHOD = "bias-corrected separation, closed-form jackknife (docs/statistics.md)"
 
 
 def _read_adapter_base(path: Path) -> Optional[str]:
@@ -73,8 +64,6 @@ class AQIEvaluator(L.LightningModule):
         confidence: confidence level of the intervals.
         correction: multiple-comparison correction over the reported p-values ('holm' or 'bh').
         results_dir: where aqi_results.json and the embeddings are written.
-        db_path: experiment database; scores are recorded there when the run has an experiment row
-            (``callbacks.run_logger.ExperimentDBLogger`` in the trainer's callbacks creates it).
         save_embeddings: write pooled embeddings (and per-layer representations) as safetensors.
         attn_implementation: 'auto', 'sdpa', 'eager', 'flash_attention_2'.
         cache_dir: embedded-model cache.
@@ -88,6 +77,10 @@ class AQIEvaluator(L.LightningModule):
             causal LM's label-token probabilities; default the evaluated base model, adapters off).
         refusal_judge_options: the judge's options (``fteval.eval.refusal.judges``), e.g. ``{base_url: ...,
             model: ...}`` for 'openai', ``{model_name_or_path: ...}`` for 'hf'.
+        db_path: not accepted (an error names the fix). Scores go to the run's experiment database: the
+            one of ``callbacks.run_logger.ExperimentDBLogger`` in the trainer's callbacks, which creates the
+            experiment and hands this module ``experiment_db_path``; without that callback nothing is
+            recorded. A second database setting here could send scores to a database without the experiment.
     """
 
     method_name = "aqi_eval"
@@ -106,7 +99,6 @@ class AQIEvaluator(L.LightningModule):
         confidence: float = 0.95,
         correction: Literal["holm", "bh"] = "holm",
         results_dir: str = "output/m06_comprehensive_evaluation",
-        db_path: Optional[str] = "output/centralized.db",
         save_embeddings: bool = True,
         attn_implementation: str = "auto",
         cache_dir: Optional[str] = None,
@@ -116,14 +108,23 @@ class AQIEvaluator(L.LightningModule):
         geval: bool = True,
         refusal_judge: Literal["rules", "openai", "hf"] = "rules",
         refusal_judge_options: Optional[dict] = None,
+        db_path: Optional[str] = None,
     ):
         super().__init__()
+        if db_path is not None:
+            raise ValueError(
+                f"model.init_args.db_path={db_path!r} is no longer accepted: fteval test records its scores in the "
+                "run's database, the db_path of the callbacks.run_logger.ExperimentDBLogger callback (as fit does); "
+                "remove db_path from the model's init_args and set it on that callback"
+            )
         adapters = dict(adapters or {})
         if BASELINE in adapters:
             raise ValueError(f"adapter name {BASELINE!r} is reserved for the base model; rename that adapter")
         if n_bootstrap < 0:
             raise ValueError(f"n_bootstrap={n_bootstrap} must be >= 0")
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["db_path"])
+        self.settings = SummarySettings(sink=sink, layer_pooling=layer_pooling, layers=layers, lam=lam,
+                                        intervals=bool(n_bootstrap), confidence=confidence, correction=correction)
         self.adapters = adapters
         self.variants = [BASELINE, *adapters]
         self.collectors = torch.nn.ModuleDict({v: RepresentationCollector() for v in self.variants})
@@ -235,7 +236,7 @@ class AQIEvaluator(L.LightningModule):
                     geval[j, c] = sc.score
             self.behaviour_collector.update(
                 torch.tensor(idx, device=self.device), torch.full((len(idx),), v, device=self.device),
-                torch.tensor([REFUSAL_CODES.index(r.label) for r in refusals], device=self.device),
+                torch.tensor([MODEL_CLASSES.index(r.label) for r in refusals], device=self.device),
                 geval.to(self.device), torch.tensor([r.completion_tokens for r in results], device=self.device))
             self.responses += [{"model": name, "prompt_id": str(i), "prompt": records[i]["prompt"], "response": t,
                                 "safety_label": "unsafe" if records[i]["label"] else "safe", "axiom": records[i]["axiom"],
@@ -260,9 +261,11 @@ class AQIEvaluator(L.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         data = {name: self.collectors[name].compute() for name in self.variants}
-        self.results = self.summarise(data)
-        if self.hparams.behaviour:
-            self.summarise_behaviour(self.behaviour_collector.compute(), data[BASELINE])
+        hp = self.hparams
+        self.results = summarise(data, hp.model_name_or_path, self.adapters, self.settings)
+        if hp.behaviour:
+            criteria = list(self._judge.criteria) if self._judge is not None else []
+            summarise_behaviour(self.results, self.behaviour_collector.compute(), data[BASELINE], criteria, self.settings)
             self.behaviour_collector.reset()
             self._gather_responses()
         for name in self.variants:
@@ -273,69 +276,14 @@ class AQIEvaluator(L.LightningModule):
         for c in self.collectors.values():
             c.reset()
         if self.trainer.is_global_zero:
-            self.write_outputs(data)
-            self.record_in_database()
+            embeddings = embedding_tensors(data, self.settings) if hp.save_embeddings else None
+            write_results_files(hp.results_dir, self.results, embeddings, self.responses)
+            if self.experiment_id is not None and self.experiment_db_path:
+                record_results(self.experiment_db_path, self.experiment_id, self.results, self.responses)
             print(format_summary(self.results))
 
-    # --------------------------------------------------------------- analysis
-    def _pooled(self, reps: Tensor) -> Tensor:
-        layers = self.hparams.layers
-        if layers:
-            reps = reps[:, list(layers)]
-        return pool_over_layers(reps, self.hparams.layer_pooling)
-
-    def summarise(self, data: dict[str, tuple[Tensor, Tensor, Tensor]]) -> dict:
-        """Scores per model with intervals, and every pair of models compared (:mod:`fteval.eval.headtohead`)."""
-        hp = self.hparams
-        labels = data[BASELINE][1].cpu()
-        for name, (_, lab, _) in data.items():
-            if not torch.equal(lab.cpu(), labels):
-                raise RuntimeError(f"variant {name!r} saw different prompts than the baseline")
-        pooled = {name: self._pooled(reps.cpu()) for name, (reps, _, _) in data.items()}
-        models: dict = {}
-        silhouettes: dict = {}
-        with_stats = bool(hp.n_bootstrap)
-        for name, emb in pooled.items():
-            scores = {k: float(v) for k, v in cluster_scores(emb, labels, lam=hp.lam).items()}
-            entry = {"scores": scores, "n_prompts": int(labels.numel()),
-                     "n_safe": int((labels == 0).sum()), "n_unsafe": int((labels == 1).sum())}
-            if with_stats:
-                sep = separation_intervals(emb, labels, confidence=hp.confidence, lam=hp.lam)
-                entry["ci"] = {m: sep["ci"][m] for m in SUMMARY_METRICS}
-                entry["bias_corrected"] = sep["estimate"]
-                entry["separation"] = {k: sep[k] for k in ("ratio", "ratio_se", "noise_floor", "raw_ratio",
-                                                           "excess_kurtosis", "heavy_tailed")}
-            profile = layer_profile(data[name][0].cpu(), labels, lam=hp.lam)
-            entry["layer_profile"] = {k: [float(x) for x in v] for k, v in profile.items() if k in ("aqi_bounded", "chi", "xbi")}
-            if hp.layer_pooling == "attention":
-                weights, _ = layer_attention_weights(data[name][0].cpu()[:, list(hp.layers)] if hp.layers else data[name][0].cpu())
-                entry["layer_weights_mean"] = [float(w) for w in weights.mean(dim=0)]
-            silhouettes[name] = per_prompt_separation(emb, labels)
-            entry["mean_silhouette"] = float(silhouettes[name].mean())
-            models[name] = entry
-        comparisons: dict = {}
-        for a, b in pairs(self.variants):
-            if with_stats:
-                comp = embedding_comparison(pooled[a], pooled[b], labels, models[a]["scores"], models[b]["scores"],
-                                            silhouettes[a], silhouettes[b], hp.confidence, hp.lam)
-            else:
-                comp = {m: {"delta": models[a]["scores"][m] - models[b]["scores"][m], "ci": None, "p_value": None}
-                        for m in SUMMARY_METRICS}
-            comparisons[pair_key(a, b)] = {"a": a, "b": b, **comp}
-        sizes = correct_families(comparisons, hp.correction, hp.confidence)
-        return {
-            "base_model": hp.model_name_or_path,
-            "adapters": self.adapters,
-            "settings": {"sink": hp.sink, "layer_pooling": hp.layer_pooling, "layers": hp.layers, "lam": hp.lam,
-                         "intervals": INTERVAL_METHOD if with_stats else None, "confidence": hp.confidence,
-                         "correction": hp.correction, "family_size": sizes},
-            "models": models,
-            "comparisons": comparisons,
-            # adapter -> its comparison with the baseline (the same dicts as in "comparisons")
-            "deltas": {name: comparisons[pair_key(name, BASELINE)] for name in self.adapters},
-        }
-
     def _gather_responses(self) -> None:
+        """Every rank's responses on every rank, each (model, prompt) once (a padding sampler repeats prompts)."""
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             gathered: list = [None] * torch.distributed.get_world_size()
             torch.distributed.all_gather_object(gathered, self.responses)
@@ -346,122 +294,3 @@ class AQIEvaluator(L.LightningModule):
                         seen.add((row["model"], row["prompt_id"]))
                         merged.append(row)
             self.responses = merged
-
-    def summarise_behaviour(self, beh: dict, base: tuple[Tensor, Tensor, Tensor]) -> None:
-        """Refusal/over-refusal rates (exact CIs) and G-Eval means per model; every pair compared per prompt.
-
-        Per pair (:func:`fteval.eval.headtohead.behaviour_comparison`): exact McNemar tests of the
-        refusal and over-refusal labels, paired G-Eval t-tests; then both p-value families of the
-        run are adjusted (:func:`fteval.eval.headtohead.correct_families`).
-        """
-        from fteval.eval.refusal import refusal_rates
-
-        if not beh:
-            return
-        labels_by_index = dict(zip(base[2].tolist(), base[1].tolist()))
-        criteria = list(self._judge.criteria) if self._judge is not None else []
-        per_variant: dict = {}
-        for v, name in enumerate(self.variants):
-            sel = beh["variant"].cpu() == v
-            idx = beh["index"].cpu()[sel].tolist()
-            codes = beh["refusal"].cpu()[sel].tolist()
-            safety = ["unsafe" if labels_by_index[i] else "safe" for i in idx]
-            rates = refusal_rates([REFUSAL_CODES[c] for c in codes], safety)
-            entry = self.results["models"][name]
-            entry["behaviour"] = {"rates": rates, "n_prompts": len(idx),
-                                  "mean_completion_tokens": float(beh["tokens"].cpu()[sel].double().mean())}
-            if "refusal_rate" in rates:
-                entry["refusal_rate"] = rates["refusal_rate"]["value"]
-            if "over_refusal_rate" in rates:
-                entry["over_refusal_rate"] = rates["over_refusal_rate"]["value"]
-            g = beh["geval"].cpu()[sel]
-            entry["behaviour"]["geval"] = {c: float(g[:, k].mean()) for k, c in enumerate(criteria)}
-            per_variant[name] = (idx, codes, g)
-        for a, b in pairs(self.variants):
-            (idx_a, codes_a, g_a), (idx_b, codes_b, g_b) = per_variant[a], per_variant[b]
-            if idx_a != idx_b:
-                raise RuntimeError(f"behaviour: variants {a!r} and {b!r} answered different prompts")
-            safety = ["unsafe" if labels_by_index[i] else "safe" for i in idx_a]
-            self.results["comparisons"][pair_key(a, b)]["behaviour"] = behaviour_comparison(
-                codes_a, codes_b, safety, g_a.numpy(), g_b.numpy(), criteria, REFUSAL_CODES.index("full_refusal"),
-                self.hparams.confidence)
-        self.results["settings"]["family_size"] = correct_families(
-            self.results["comparisons"], self.hparams.correction, self.hparams.confidence)
-
-    def write_outputs(self, data: dict) -> None:
-        from safetensors.torch import save_file
-
-        out = Path(self.hparams.results_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        if self.hparams.save_embeddings:
-            tensors = {"labels": data[BASELINE][1].cpu(), "index": data[BASELINE][2].cpu()}
-            for name, (reps, _, _) in data.items():
-                tensors[f"{name}.pooled"] = self._pooled(reps.cpu()).contiguous()
-                tensors[f"{name}.layers"] = reps.cpu().contiguous()  # [N, L+1, D]
-            path = out / "embeddings.safetensors"
-            tmp = out / ".embeddings.safetensors.tmp"
-            save_file(tensors, str(tmp))
-            tmp.replace(path)
-            self.results["embeddings_path"] = str(path)
-        if self.responses:
-            tmp = out / ".responses.jsonl.tmp"
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in self.responses))
-            tmp.replace(out / "responses.jsonl")
-            self.results["responses_path"] = str(out / "responses.jsonl")
-        write_json_atomic(out / "aqi_results.json", self.results)
-
-
-    def record_in_database(self) -> None:
-        """Scores, deltas, tests and the embeddings file as one transaction in the experiment database
-        (the run logger's, where the experiment is; ``db_path`` only without that logger)."""
-        db_path = self.experiment_db_path or self.hparams.db_path
-        if self.experiment_id is None or not db_path:
-            return
-        from fteval.db import ExperimentDB
-
-        res, hp = self.results, self.hparams
-        rows = []
-        for name, entry in res["models"].items():
-            n = entry["n_prompts"]
-            for metric, value in entry["scores"].items():
-                ci = entry.get("ci", {}).get(metric) or [None, None]
-                rows.append({"model": name, "metric": metric, "value": value, "pooling": hp.layer_pooling,
-                             "ci_low": ci[0], "ci_high": ci[1], "n_samples": n})
-            for metric, values in entry["layer_profile"].items():
-                rows += [{"model": name, "metric": metric, "value": v, "layer": layer, "pooling": "token_mean",
-                          "n_samples": n} for layer, v in enumerate(values)]
-        for name, entry in res["models"].items():
-            ci = entry.get("ci", {})
-            for metric, value in entry.get("bias_corrected", {}).items():
-                low, high = ci.get(metric) or [None, None]
-                rows.append({"model": name, "metric": f"{metric}_bc", "value": value, "pooling": hp.layer_pooling,
-                             "ci_low": low, "ci_high": high, "n_samples": entry["n_prompts"]})
-        db = ExperimentDB(db_path)
-        with db.transaction():
-            for name, d in res["deltas"].items():
-                for metric in SUMMARY_METRICS:
-                    ci = d[metric]["ci"] or [None, None]
-                    rows.append({"model": name, "metric": f"delta_{metric}", "value": d[metric]["delta"],
-                                 "pooling": hp.layer_pooling, "ci_low": ci[0], "ci_high": ci[1],
-                                 "p_value": d[metric]["p_value"]})
-            store_tests(db, self.experiment_id, res["comparisons"], hp.correction, res["models"][BASELINE]["n_prompts"])
-            db.add_aqi_scores(self.experiment_id, rows)
-            beh_rows = []
-            for name, entry in res["models"].items():
-                beh = entry.get("behaviour")
-                if not beh:
-                    continue
-                for metric, r in beh["rates"].items():
-                    beh_rows.append({"model": name, "metric": metric, "value": r["value"], "category": r.get("category"),
-                                     "ci_low": r.get("ci_low"), "ci_high": r.get("ci_high"), "n_samples": r.get("n_samples")})
-                for crit, value in beh["geval"].items():
-                    beh_rows.append({"model": name, "metric": f"geval_{crit}", "value": value, "category": "all",
-                                     "n_samples": beh["n_prompts"]})
-            if beh_rows:
-                db.add_behavioral_metrics(self.experiment_id, beh_rows)
-            if self.responses:
-                db.add_model_responses(self.experiment_id, self.responses)
-            if "embeddings_path" in res:
-                db.add_hidden_states(self.experiment_id, ",".join(self.variants), res["embeddings_path"],
-                                     pooling=f"{hp.sink}-sink token mean; {hp.layer_pooling} over layers",
-                                     n_prompts=res["models"][BASELINE]["n_prompts"])

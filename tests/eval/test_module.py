@@ -42,7 +42,6 @@ def run_test(tmp_path, adapters: dict, extra=(), eval_rows=None):
                                                "init_args": {"db_path": str(tmp_path / "db.sqlite")}}]),
           "--model.init_args.quantization", "none", "--model.init_args.adapters", adapters_arg,
           "--model.init_args.n_bootstrap", "200", "--model.init_args.results_dir", str(tmp_path / "out"),
-          "--model.init_args.db_path", str(tmp_path / "db.sqlite"),
           "--model.init_args.behaviour_prompts_per_class", "3", "--model.init_args.max_new_tokens", "12",
           "--data.eval_source", str(eval_file), "--data.n_per_class", "8", "--data.eval_batch_size", "8",
           "--data.output_dir", str(tmp_path / "data"), *extra])
@@ -151,7 +150,7 @@ def test_missing_adapter_and_single_class_are_refused(tmp_path, capsys):
 
 def _synthetic_run(heavy: bool = False):
     """The evaluator's summary on synthetic representations [N, L+1, D] of three models (no model needed)."""
-    from fteval.eval.module import AQIEvaluator
+    from fteval.eval.results import SummarySettings, summarise, summarise_behaviour
 
     gen = torch.Generator().manual_seed(0)
     n, layers, dim = 60, 3, 16
@@ -164,15 +163,15 @@ def _synthetic_run(heavy: bool = False):
     grit[:, :, 1] += 1.5 * labels[:, None]
     if heavy:  # two prompts 30x farther out than the rest
         grit[:2] *= 30.0
-    ev = AQIEvaluator(adapters={"qlora": "unused", "grit": "unused"}, behaviour=False)
-    ev.results = ev.summarise({"baseline": (base, labels, index), "qlora": (qlora, labels, index),
-                               "grit": (grit, labels, index)})
+    settings = SummarySettings()  # the evaluator's defaults
+    results = summarise({"baseline": (base, labels, index), "qlora": (qlora, labels, index),
+                         "grit": (grit, labels, index)}, "embedded", {"qlora": "unused", "grit": "unused"}, settings)
     codes = torch.tensor([2] * 10 + [0] * 10 + [0] * 10 + [0] * 10 + [2] * 8 + [0] * 2 + [0] * 10)  # [60]
     beh = {"index": torch.arange(20).repeat(3), "variant": torch.arange(3).repeat_interleave(20), "refusal": codes,
            "geval": torch.ones(60, 1, dtype=torch.float64), "tokens": torch.full((60,), 10)}
     # prompts 0-9 unsafe, 10-19 safe; baseline refuses every unsafe prompt, qlora none, grit 8 of 10
-    ev.summarise_behaviour(beh, (base[:20], (torch.arange(20) < 10).long(), torch.arange(20)))
-    return ev.results
+    summarise_behaviour(results, beh, (base[:20], (torch.arange(20) < 10).long(), torch.arange(20)), [], settings)
+    return results
 
 
 def test_summarise_compares_every_pair_with_corrected_families():
