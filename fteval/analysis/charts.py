@@ -33,6 +33,15 @@ def _pyplot():
     return plt
 
 
+def _label(ax, xlabel: str, ylabel: str, title: str) -> None:
+    """The line charts' axis labels, title, light grid and small legend."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+
+
 def _save(fig, path: Path) -> Path:
     plt = _pyplot()
     try:
@@ -57,11 +66,7 @@ def loss_curves_png(runs: list[RunSummary], path: Path, threshold: Optional[floa
             ax.plot(vs, vl, color=c, linestyle="--", marker="o", label=f"{run.label} validation")
     if threshold is not None and math.isfinite(threshold):
         ax.axhline(threshold, color="grey", linestyle=":", linewidth=1, label=f"threshold {threshold:.4g}")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss (response tokens, nats)")
-    ax.set_title("Training and validation loss")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    _label(ax, "optimizer step", "loss (response tokens, nats)", "Training and validation loss")
     return _save(fig, path)
 
 
@@ -103,11 +108,7 @@ def effective_rank_png(runs: list[RunSummary], path: Path) -> Optional[Path]:
                 linestyle="-", color=f"C{i}", label=f"{run.label} effective rank")
         ax.plot(np.arange(len(entries)), [e.get("r", math.nan) for e in entries], linestyle=":", color=f"C{i}",
                 label=f"{run.label} LoRA rank r")
-    ax.set_xlabel("adapted module (model order)")
-    ax.set_ylabel("rank")
-    ax.set_title("GRIT effective rank per module")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    _label(ax, "adapted module (model order)", "rank", "GRIT effective rank per module")
     return _save(fig, path)
 
 

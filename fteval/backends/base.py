@@ -18,7 +18,7 @@ from __future__ import annotations
 import abc
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Optional
 
 __all__ = [
@@ -76,9 +76,6 @@ class GenerationResult:
     backend: str = ""
     finish_reason: Optional[str] = None  # "stop" (EOS), "length" (max_new_tokens), or the server's reason
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
 
 @dataclass(frozen=True)
 class CallRecord:
@@ -99,9 +96,6 @@ class CallRecord:
     tokens_per_s: float
     memory_bytes: Optional[int]
     memory_kind: str
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,10 @@
 """``fteval bench eval``: the evaluation side's speed: AQI statistics and hidden-state extraction.
 
 1. AQI metrics and the paired bootstrap on synthetic embeddings (``n_prompts`` x ``embed_dim``,
-   half safe, half unsafe, a baseline and a "tuned" matrix): the metric and resampling functions
-   of :mod:`fteval.eval.metrics` and :mod:`fteval.eval.stats`, timed one by one, on CPU tensors
-   and, when a GPU is present, on CUDA tensors (the statistics code runs on either device; the
-   evaluator currently hands it CPU tensors). Each stage runs once untimed (cold: imports,
+   half safe, half unsafe, a baseline and a "tuned" matrix): the metric and resampling functions of
+   :mod:`fteval.eval.metrics`, :mod:`fteval.eval.bootstrap` and :mod:`fteval.eval.stats`, timed one by
+   one, on CPU tensors and, when a GPU is present, on CUDA tensors (the statistics code runs on either
+   device; the evaluator currently hands it CPU tensors). Each stage runs once untimed (cold: imports,
    CUDA context), then ``repeats`` times; the median is reported.
    ``aqi_plus_bootstrap_s`` = ``cluster_scores`` of both models + ``paired_bootstrap_deltas``
    (the issue's "AQI metrics + 1000-resample bootstrap", target < 5 s on the GPU);
@@ -82,7 +82,8 @@ def _timed(fn: Callable[[], Any], device: torch.device, repeats: int) -> dict[st
 
 def _stats_bench(base, tuned, labels, n_resamples: int, device: torch.device, repeats: int, seed: int) -> dict:
     from fteval.eval.metrics import cluster_scores
-    from fteval.eval.stats import bootstrap_cis, paired_bootstrap_deltas, per_prompt_separation
+    from fteval.eval.bootstrap import bootstrap_cis, paired_bootstrap_deltas
+    from fteval.eval.stats import per_prompt_separation
 
     b, t, y = base.to(device), tuned.to(device), labels.to(device)
     stages = {

@@ -20,7 +20,7 @@ position ids counted from each row's first real token, so a padded row scores as
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Optional
@@ -208,9 +208,3 @@ class GEvalJudge:
             GEvalScore(score=float(v), probs=tuple(float(x) for x in p), mass=float(m))  # type: ignore[arg-type]
             for v, p, m in zip(values, probs, mass)
         ]
-
-    def score_all(
-        self, prompts: Sequence[str], responses: Sequence[str], criteria: Optional[Iterable[str]] = None
-    ) -> dict[str, list[GEvalScore]]:
-        """Scores on several criteria (default: all in the prompt set): criterion -> list."""
-        return {c: self.score(prompts, responses, c) for c in (criteria or self.criteria)}

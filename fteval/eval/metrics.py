@@ -10,7 +10,7 @@ One implementation per formula:
 
 * :func:`scores_from_stats` turns per-class sufficient statistics (counts, centroids, within-class
   sums of squares) into XBI, CHI, eta^2 and the two AQIs. :func:`cluster_scores` feeds it the
-  statistics of one embedding matrix; the vectorised bootstrap in :mod:`fteval.eval.stats` feeds it
+  statistics of one embedding matrix; the vectorised bootstrap in :mod:`fteval.eval.bootstrap` feeds it
   the statistics of 1000 weighted resamples at once. Calinski-Harabasz is written here in this
   sufficient-statistic form because torchmetrics' ``calinski_harabasz_score`` cannot take sample
   weights or a batch of resamples; the tests pin it to torchmetrics and scikit-learn.

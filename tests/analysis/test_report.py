@@ -255,7 +255,7 @@ def test_loss_chart_zooms_and_shows_hover_values(rendered, tmp_path):
 def test_head_to_head_recommendation_from_stored_pair_tests(run_db, tmp_path):
     """The pair tests fteval test stores (here: of a summary of synthetic representations, written by the same
     store_tests) give a "Head to head: GRIT vs QLORA" row citing them, and the Delta rows come from the jackknife."""
-    from fteval.eval.headtohead import store_tests
+    from fteval.eval.outputs import store_tests
     from tests.eval.test_module import _synthetic_run
 
     res = _synthetic_run()

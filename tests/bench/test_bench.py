@@ -269,7 +269,7 @@ def test_bench_train_rejects_bad_input(tmp_path, kwargs, match):
 
 
 def test_bench_eval_small(tmp_path):
-    from fteval.eval.stats import paired_bootstrap_delta
+    from fteval.eval.bootstrap import paired_bootstrap_deltas
 
     out = tmp_path / "eval.json"
     rc = bench_eval(embed_dim=32, n_prompts=40, n_resamples=20, extraction_model="tiny", n_extract=6,
@@ -282,7 +282,7 @@ def test_bench_eval_small(tmp_path):
         assert cpu[stage]["median_s"] > 0
     assert cpu["aqi_plus_bootstrap_s"] == pytest.approx(cpu["cluster_scores_x2"]["median_s"] + cpu["paired_bootstrap"]["median_s"])
     base, tuned, labels = synthetic_embeddings(40, 32, 0)
-    expected = paired_bootstrap_delta(base, tuned, labels, 20, 0).delta
+    expected = paired_bootstrap_deltas(base, tuned, labels, 20, 0)["aqi"].delta
     assert cpu["check_delta_aqi"] == pytest.approx(expected) and expected > 0  # tuned is the better separated
     ex = data["extraction"]
     assert ex["prompts_per_s"] > 0 and ex["n_prompts"] == 6 and ex["mean_prompt_tokens"] == 8
