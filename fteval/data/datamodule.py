@@ -8,21 +8,19 @@ One DataModule serves every LightningModule in fteval:
   formatted with the same standard prompt template for every model (AQI and behaviour).
 
 Data statistics (counts, token lengths, balance, duplicates removed, cross-dataset overlap,
-keyword-categoriser agreement) are written to ``<output_dir>/data_statistics.json``.
+keyword-categoriser agreement) are written to ``<output_dir>/data_statistics.json``. The row-level
+steps (de-duplication, the balanced sample, length summaries) are :mod:`fteval.data.sampling`.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import re
-import unicodedata
 from collections import Counter
 from pathlib import Path
 from typing import Literal, Optional
 
 import lightning as L
-import numpy as np
 import torch
 from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader
@@ -30,6 +28,7 @@ from torch.utils.data import DataLoader
 from fteval.data.resumable import ResumableDataLoader
 from fteval.data.formatting import Template, flatten_batch, format_prompt, pad_batch, tokenize_example
 from fteval.data.safety import keyword_agreement
+from fteval.data.sampling import SOURCE_ROW, balanced_stratified_sample, deduplicate, length_stats, normalise_text
 from fteval.io import write_json_atomic, write_text_atomic
 from fteval.data.sources import DataSourceError, bundled_path, describe_source, load_records, require_columns
 
@@ -41,84 +40,6 @@ TRAIN_PRESETS = {
     "instruction": ("Prompt", "Instruction generated"),
     "accepted": ("Prompt", "Accepted Response"),
 }
-AXIOMS = (
-    "Civility & Tolerance",
-    "Duty & Accountability",
-    "Empathy & Helpfulness",
-    "Information Seeking",
-    "Justice & Rights",
-    "Well-being & Peace",
-    "Wisdom & Knowledge",
-)
-
-
-def normalise_text(text: str) -> str:
-    """Case-, whitespace- and punctuation-insensitive key used for near-duplicate detection."""
-    text = unicodedata.normalize("NFKC", str(text)).casefold()
-    text = re.sub(r"[^\w\s]", "", text)
-    return " ".join(text.split())
-
-
-SOURCE_ROW = "source_row"  # a row's 0-based position in its source file / dataset split
-
-
-def deduplicate(rows: list[dict], key_field: str) -> tuple[list[dict], dict]:
-    """Drop exact duplicate rows, then rows whose ``key_field`` repeats after normalisation (first kept).
-
-    A ``source_row`` key (where each row came from) is not part of a row's content."""
-    seen_exact, seen_norm, kept = set(), set(), []
-    exact = near = 0
-    for row in rows:
-        exact_key = json.dumps({k: v for k, v in row.items() if k != SOURCE_ROW}, sort_keys=True, default=str)
-        if exact_key in seen_exact:
-            exact += 1
-            continue
-        seen_exact.add(exact_key)
-        norm = normalise_text(row[key_field])
-        if norm in seen_norm:
-            near += 1
-            continue
-        seen_norm.add(norm)
-        kept.append(row)
-    return kept, {"exact_duplicates_removed": exact, "normalised_duplicates_removed": near}
-
-
-def balanced_stratified_sample(
-    labels: list[int], strata: list[str], n_per_class: int, seed: int
-) -> tuple[list[int], int]:
-    """Indices of a class-balanced sample, stratified by ``strata`` within each class.
-
-    Each class gets ``min(n_per_class, size of the smaller class)`` rows so the sample stays
-    balanced; within a class rows are drawn in proportion to their stratum (sklearn's
-    ``train_test_split(stratify=...)``). Returns (sorted indices, per-class count).
-    """
-    labels_arr = np.asarray(labels)
-    by_class = {c: np.flatnonzero(labels_arr == c) for c in (0, 1)}
-    n = min(n_per_class, *(len(v) for v in by_class.values()))
-    chosen: list[int] = []
-    for c, idx in by_class.items():
-        if n >= len(idx):
-            chosen.extend(idx.tolist())
-            continue
-        sub_strata = [strata[i] for i in idx]
-        counts = Counter(sub_strata)
-        stratify = sub_strata if min(counts.values()) >= 2 and n >= len(counts) else None
-        take, _ = train_test_split(idx, train_size=n, stratify=stratify, random_state=seed)
-        chosen.extend(np.asarray(take).tolist())
-    return sorted(chosen), n
-
-
-def _length_stats(lengths: list[int]) -> dict:
-    if not lengths:
-        return {}
-    a = np.asarray(lengths)
-    return {
-        "min": int(a.min()),
-        "mean": round(float(a.mean()), 2),
-        "p50": float(np.percentile(a, 50)),
-        "p95": float(np.percentile(a, 95)),
-        "max": int(a.max()),
-    }
 
 
 class AlignmentDataModule(L.LightningDataModule):
@@ -306,9 +227,9 @@ class AlignmentDataModule(L.LightningDataModule):
             "train_examples": len(self.train_set),
             "val_examples": len(self.val_set),
             "split_seed": hp.seed,
-            "prompt_tokens": _length_stats(prompt_lens),
-            "response_tokens": _length_stats(resp_lens),
-            "total_tokens": _length_stats([len(ex["input_ids"]) for ex in self.train_set]),
+            "prompt_tokens": length_stats(prompt_lens),
+            "response_tokens": length_stats(resp_lens),
+            "total_tokens": length_stats([len(ex["input_ids"]) for ex in self.train_set]),
         }
         for split, processed in kept.items():
             self._add_provenance("alignment-instructions", split, hp.train_source, processed,
@@ -378,7 +299,7 @@ class AlignmentDataModule(L.LightningDataModule):
                      "unsafe": sum(1 for i in idx if axioms[i] == ax and labels[i] == 1)}
                 for ax in sorted({axioms[i] for i in idx})
             },
-            "prompt_tokens": _length_stats([len(e["input_ids"]) for e in self.eval_set]),
+            "prompt_tokens": length_stats([len(e["input_ids"]) for e in self.eval_set]),
             "keyword_categoriser": keyword_agreement([texts[i] for i in idx], sel_labels),
         }
         processed = [{"index": r["index"], SOURCE_ROW: r[SOURCE_ROW], "prompt": r["prompt"], "label": r["label"],
@@ -398,14 +319,10 @@ class AlignmentDataModule(L.LightningDataModule):
         """
         import hashlib
 
+        from fteval.db.values import path_digest
+
         path = bundled_path(kind) if source == "sample" else Path(source).expanduser()
-        file_sha = None
-        if path.is_file():
-            digest = hashlib.sha256()
-            with path.open("rb") as fh:
-                for chunk in iter(lambda: fh.read(1 << 20), b""):
-                    digest.update(chunk)
-            file_sha = digest.hexdigest()
+        file_sha = path_digest(path)[1] if path.is_file() else None
         body = "".join(json.dumps(r, sort_keys=True, ensure_ascii=False) + "\n" for r in processed)
         content_sha = hashlib.sha256(body.encode("utf-8")).hexdigest()
         entry = {"name": kind, "split": split, "n_rows": len(processed), "source": describe_source(source, kind),

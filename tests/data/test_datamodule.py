@@ -4,7 +4,7 @@ from collections import Counter
 import pytest
 
 from fteval.data import AlignmentDataModule
-from fteval.data.datamodule import balanced_stratified_sample, deduplicate, normalise_text
+from fteval.data.sampling import balanced_stratified_sample, deduplicate, normalise_text
 from fteval.data.sources import DataSourceError, bundled_path, load_records
 from tests.conftest import accd_rows, alignment_rows, write_jsonl
 
