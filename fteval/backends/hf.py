@@ -39,7 +39,7 @@ def is_peft_model(model: nn.Module) -> bool:
 
 
 def _grit_layers(model: nn.Module) -> list[nn.Module]:
-    from fteval.models.grit_layer import GritLoraLinear
+    from fteval.grit import GritLoraLinear
 
     return [m for m in model.modules() if isinstance(m, GritLoraLinear)]
 

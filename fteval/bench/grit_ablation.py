@@ -114,7 +114,7 @@ def _adapter_effective_rank(adapter: Path) -> float:
     """Mean numerical rank of B A over the layers of a saved PEFT adapter."""
     from safetensors.torch import load_file
 
-    from fteval.models.grit_layer import adapter_rank
+    from fteval.grit import adapter_rank
 
     tensors = load_file(str(adapter / "adapter_model.safetensors"))
     ranks = [adapter_rank(A, tensors[key.replace("lora_A", "lora_B")])

@@ -218,7 +218,7 @@ def strip_adapters(model: nn.Module) -> int:
     """
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    from fteval.models.grit_layer import GritLoraLinear
+    from fteval.grit import GritLoraLinear
 
     names = [n for n, m in model.named_modules() if n and isinstance(m, (BaseTunerLayer, GritLoraLinear))]
     done: list[str] = []

@@ -1,18 +1,19 @@
 """GRITModule: LoRA with K-FAC natural-gradient preconditioning and Fisher-guided reprojection (GRIT, arXiv 2601.00231).
 
 The module owns the model: a (4-bit or full-precision) base with fteval's own LoRA layers
-(:class:`fteval.models.grit_layer.GritLoraLinear`). The GRIT work itself runs in callbacks, listed
-in the trainer's callbacks in this order (configs/grit.yaml; equations and defaults in docs/grit.md):
+(:class:`fteval.grit.GritLoraLinear`). GRIT's arithmetic is :mod:`fteval.grit` (the order of one
+optimizer step is in its docstring; equations and defaults in docs/grit.md); the trainer's
+callbacks run it, in any order (configs/grit.yaml):
 
-* :class:`callbacks.regularisers.GeometryRegulariser` adds the gradients of the geometry penalties;
-* :class:`callbacks.kfac.KFACPreconditioner` (required) collects rank-space K-FAC statistics,
-  clips and preconditions the adapter gradients in ``on_before_optimizer_step`` (after AMP
-  unscaling, before the optimizer step);
+* :class:`callbacks.kfac.KFACPreconditioner` (required) attaches the rank-space K-FAC statistics
+  to the layers and, between backward and the optimizer step, adds the geometry penalties'
+  gradients, clips and preconditions the adapter gradients;
+* :class:`callbacks.regularisers.GeometryRegulariser` supplies those penalties;
 * :class:`callbacks.reprojection.NeuralReprojection` projects the adapters onto the top
   eigenvectors of those statistics every N optimizer steps.
 
 At the end of fit the adapter is exported as a standard PEFT LoRA folder, with the K-FAC factors,
-their eigenbases and the effective rank per layer beside it.
+their eigenbases and the effective rank per layer beside it, all read from the layers.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ from pathlib import Path
 
 import torch
 
+from fteval.grit import export_grit_adapter, grit_layers, inject_grit_layers, kept_ranks, save_kfac_artifacts
 from fteval.models.base import AdapterModule
-from fteval.models.grit_layer import export_grit_adapter, grit_layers, inject_grit_layers, save_kfac_artifacts
 
 
 class GRITModule(AdapterModule):
@@ -37,19 +38,13 @@ class GRITModule(AdapterModule):
         return model
 
     def on_fit_start(self) -> None:
-        from callbacks.kfac import KFACPreconditioner  # callbacks import fteval.models: import here, not at the top
-
-        names = [type(cb).__name__ for cb in self.trainer.callbacks]
-        if not any(isinstance(cb, KFACPreconditioner) for cb in self.trainer.callbacks):
+        # Lightning runs the callbacks' on_fit_start first: by now the K-FAC callback has attached its statistics.
+        if not any(layer.recorder is not None for layer in grit_layers(self.model).values()):
+            names = [type(cb).__name__ for cb in self.trainer.callbacks]
             raise ValueError(
                 "GRITModule needs callbacks.kfac.KFACPreconditioner in trainer.callbacks (configs/grit.yaml has it; "
                 f"set its enabled: false for a plain-LoRA ablation); the trainer has {names}"
             )
-
-    def _reprojection(self):
-        from callbacks.reprojection import NeuralReprojection
-
-        return next((cb for cb in self.trainer.callbacks if isinstance(cb, NeuralReprojection)), None)
 
     def export_adapter(self, output_dir: Path) -> Path:
         """PEFT folder (adapter_config.json + adapter_model.safetensors) plus kfac_factors.safetensors and effective_rank.json."""
@@ -57,7 +52,6 @@ class GRITModule(AdapterModule):
         out = export_grit_adapter(self.model, output_dir, base_model_name_or_path=hp.model_name_or_path,
                                   target_modules=list(hp.target_modules), r=hp.r, alpha=hp.alpha,
                                   dropout=hp.dropout, use_rslora=hp.use_rslora)
-        reproj = self._reprojection() if self._trainer is not None else None
-        ranks = reproj.effective_ranks() if reproj is not None else None
+        ranks = kept_ranks(grit_layers(self))  # the reprojection's k, by the layers' paths under this module
         save_kfac_artifacts(grit_layers(self.model), out, effective_ranks=ranks or None)
         return out

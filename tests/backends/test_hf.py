@@ -94,7 +94,7 @@ def test_adapter_variants_from_folder(tmp_path, backend, batch):
 
 
 def test_loaded_peft_model_and_grit_layers(backend, batch):
-    from fteval.models.grit_layer import inject_grit_layers
+    from fteval.grit import inject_grit_layers
 
     peft_model = _random_lora(load_causal_lm("embedded").model)
     hf = HFBackend(peft_model, backend.tokenizer, max_new_tokens=NEW)

@@ -99,7 +99,7 @@ def test_random_nf4_model_quantises_all_projections_but_lm_head():
 def test_strip_adapters_restores_the_bare_base():
     from peft import LoraConfig, get_peft_model
 
-    from fteval.models.grit_layer import inject_grit_layers
+    from fteval.grit import inject_grit_layers
 
     bm = build_random_model("tiny", quantization="nf4")
     before = [type(m).__name__ for m in bm.model.modules()]

@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader
 from callbacks.kfac import KFACPreconditioner
 from callbacks.regularisers import GeometryRegulariser
 from callbacks.reprojection import NeuralReprojection
-from fteval.models.grit_layer import GritLoraLinear
+from fteval.grit import GritLoraLinear
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

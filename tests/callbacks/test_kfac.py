@@ -1,5 +1,6 @@
-"""K-FAC preconditioner: exact maths against a dense solve, hook ordering through a real Trainer,
-token masking, gradient checkpointing, resume, DDP all-reduce."""
+"""K-FAC preconditioner: exact maths against a dense solve, hook placement through a real Trainer,
+token masking, gradient checkpointing, resume, DDP all-reduce. Tests that need no Trainer use the
+plain-torch :class:`fteval.grit.KFAC` that the callback adds its hooks to."""
 
 from __future__ import annotations
 
@@ -17,9 +18,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from callbacks.kfac import KFACPreconditioner, damped_cholesky, token_mask_from_batch
+from callbacks.kfac import KFACPreconditioner
 from callbacks.reprojection import NeuralReprojection
-from fteval.models.grit_layer import GritLoraLinear, grit_layers, inject_grit_layers
+from fteval.grit import KFAC, GritLoraLinear, damped_cholesky, grit_layers, inject_grit_layers, token_mask_from_batch
 
 REPO = Path(__file__).resolve().parents[2]
 TARGETS = ["q_proj", "v_proj", "up_proj"]
@@ -272,13 +273,13 @@ def test_gradient_clipping_sees_preconditioned_gradient():
 
 
 # --------------------------------------------------------------------------- statistics
-def _stats_after_one_pass(model: nn.Module, batch: dict[str, torch.Tensor]) -> KFACPreconditioner:
-    cb = KFACPreconditioner(min_samples=1)
+def _stats_after_one_pass(model: nn.Module, batch: dict[str, torch.Tensor]) -> KFAC:
+    cb = KFAC(min_samples=1)
     cb.attach(model)
     model.train()
     cb.begin_micro_batch(token_mask_from_batch(batch))
     model(**batch).loss.backward()
-    cb.flush()  # hooks defer their statistics to one batched matmul per step
+    cb.flush()  # the layers' tensors wait for one batched matmul per step
     return cb
 
 
@@ -357,7 +358,7 @@ def test_no_statistics_in_eval_or_no_grad():
     torch.manual_seed(0)
     model = tiny_llama()
     layers = inject_grit_layers(model, ["q_proj"], r=4, alpha=8, dropout=0.0)
-    cb = KFACPreconditioner(min_samples=1)
+    cb = KFAC(min_samples=1)
     cb.attach(model)
     model.eval()
     cb.begin_micro_batch(None)
@@ -368,7 +369,7 @@ def test_no_statistics_in_eval_or_no_grad():
     cb.flush()
     assert all(int(l.stats.cnt_a) == 0 for l in layers.values())
     cb.detach()
-    model(**lm_batch()).loss.backward()  # hooks removed
+    model(**lm_batch()).loss.backward()  # no longer recorded
     cb.flush()
     assert all(int(l.stats.cnt_a) == 0 for l in layers.values())
 
@@ -381,7 +382,7 @@ def test_ema_after_first_refresh_and_update_freq(factor_average):
     layer = GritLoraLinear(nn.Linear(6, 4), r=2, alpha=2.0)
     with torch.no_grad():
         layer.lora_B.weight.copy_(torch.randn(4, 2, generator=g))
-    cb = KFACPreconditioner(min_samples=1, update_freq=3, ema_decay=0.5, factor_average=factor_average)
+    cb = KFAC(min_samples=1, update_freq=3, ema_decay=0.5, factor_average=factor_average)
     cb.attach(layer)
     xs = [torch.randn(5, 6, generator=g) for _ in range(4)]
     expected, seen = None, []
@@ -399,8 +400,7 @@ def test_ema_after_first_refresh_and_update_freq(factor_average):
         # fp32 Gram sums of 5 tokens and <= 4 folds: round-off <= ~16 eps of the factor's largest entry
         atol = 16 * 2.0**-24 * float(expected.abs().max())
         torch.testing.assert_close(layer.stats.S_a.double(), expected, rtol=0.0, atol=atol)
-        group, row = cb._where[""]
-        assert group.refreshed_at[row][0] == (0 if step < 3 else 3)
+        assert cb.state_dict()["layers"][""]["a"]["refreshed_at"] == (0 if step < 3 else 3)
         layer.lora_A.weight.grad = layer.lora_B.weight.grad = None
 
 
@@ -445,16 +445,17 @@ def test_state_dict_round_trip_keeps_factors_and_cache():
     state = cb.state_dict()
     assert state["step"] == 2 and len(state["layers"]) == 6
     other = TinyGrit("adamw")
-    cb2 = KFACPreconditioner(min_samples=1, update_freq=5)
+    cb2 = KFAC(min_samples=1, update_freq=5)
     cb2.load_state_dict(state)
     assert cb2.state_dict()["step"] == 2  # pending state survives a save before attach
     cb2.attach(other)
+    restored = cb2.state_dict()["layers"]
     for name, layer in grit_layers(other).items():
         ref = grit_layers(module)[name].stats
         assert torch.equal(layer.stats.S_a, ref.S_a) and layer.stats.n_g == ref.n_g
-        (g2, i2), (g1, i1) = cb2._where[name], cb._where[name]
-        assert g1.has_chol[i1][0] and torch.equal(g2.chol[i2, 0], g1.chol[i1, 0])
-    bad = KFACPreconditioner()
+        chol = state["layers"][name]["a"]["chol"]
+        assert chol is not None and torch.equal(restored[name]["a"]["chol"], chol)
+    bad = KFAC()
     bad.attach(TinyGrit().model.model.layers[0])  # fewer layers than saved
     with pytest.raises(ValueError, match="same target_modules"):
         bad.load_state_dict(state)
@@ -479,6 +480,8 @@ def test_state_dict_round_trip_keeps_factors_and_cache():
 def test_invalid_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         KFACPreconditioner(**kwargs)
+    with pytest.raises(ValueError, match=match):
+        KFAC(**kwargs)
 
 
 def test_model_without_grit_layers_is_rejected():
@@ -492,14 +495,13 @@ DDP_WORKER = textwrap.dedent(
     import os, sys, torch, torch.distributed as dist
     from torch import nn
     sys.path.insert(0, os.environ["REPO"])
-    from callbacks.kfac import KFACPreconditioner
-    from fteval.models.grit_layer import GritLoraLinear
+    from fteval.grit import KFAC, GritLoraLinear, Reprojection
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     torch.manual_seed(0)
     layer = GritLoraLinear(nn.Linear(6, 4), r=3, alpha=3.0)
     nn.init.normal_(layer.lora_B.weight)
-    cb = KFACPreconditioner(min_samples=1, update_freq=1)
+    cb = KFAC(min_samples=1, update_freq=1)
     cb.attach(layer)
     xs = [torch.randn(7, 6, generator=torch.Generator().manual_seed(10 + i)) for i in range(2)]
     cb.begin_micro_batch(None)
@@ -512,8 +514,7 @@ DDP_WORKER = textwrap.dedent(
     gathered = [torch.zeros(3, 3) for _ in range(2)]
     dist.all_gather(gathered, layer.stats.S_g)
     ok = ok and torch.equal(gathered[0], gathered[1])
-    from callbacks.reprojection import NeuralReprojection
-    ok = ok and NeuralReprojection(top_k=2, min_samples=1).reproject(layer) == 1  # broadcasts the projections
+    ok = ok and Reprojection(top_k=2, min_samples=1).reproject(layer) == 1  # broadcasts the projections
     A = [torch.zeros(3, 6) for _ in range(2)]
     dist.all_gather(A, layer.lora_A.weight.detach().contiguous())
     ok = ok and torch.equal(A[0], A[1]) and torch.linalg.matrix_rank(A[0]).item() == 2
@@ -543,7 +544,7 @@ def test_amp_loss_scale_and_lora_scaling_are_divided_out():
         layer = GritLoraLinear(nn.Linear(6, 4), r=2, alpha=alpha)
         with torch.no_grad():
             layer.lora_B.weight.copy_(torch.arange(8.0).reshape(4, 2) / 8)
-        cb = KFACPreconditioner(min_samples=1)
+        cb = KFAC(min_samples=1)
         cb.attach(layer)
         cb.begin_micro_batch(None, grad_scale=loss_scale)
         x = torch.randn(5, 6, generator=torch.Generator().manual_seed(1))
@@ -574,7 +575,7 @@ def test_non_finite_statistics_are_dropped_with_a_warning():
     model = nn.Sequential(*layers)
     for layer in layers:
         nn.init.normal_(layer.lora_B.weight)
-    cb = KFACPreconditioner(min_samples=1, update_freq=100)
+    cb = KFAC(min_samples=1, update_freq=100)
     cb.attach(model)
     cb.begin_micro_batch(None)
     model(torch.randn(5, 6)).pow(2).sum().backward()

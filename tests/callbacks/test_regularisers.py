@@ -1,7 +1,8 @@
 """GRIT's geometry regularisers: exact gradients against float64 references, warm-up, the reference's
-default weights, order and errors.
+default weights and errors. Tests that need no Trainer use the plain-torch
+:class:`fteval.grit.GeometryPenalties` that the callback adds its hooks to.
 
-Tolerances: the callback computes in fp32 (unit round-off eps = 2^-24). An entry of a product
+Tolerances: the penalties are computed in fp32 (unit round-off eps = 2^-24). An entry of a product
 X Y with inner dimension r carries at most ~r eps (|X| |Y|) of round-off (the standard bound),
 and a difference X - P X one more eps |X|; the checks allow 4 times that bound, computed from
 the operands, so they hold on any CPU, thread count or BLAS path.
@@ -16,7 +17,7 @@ from torch import nn
 from callbacks.kfac import KFACPreconditioner
 from callbacks.regularisers import GeometryRegulariser
 from callbacks.reprojection import NeuralReprojection
-from fteval.models.grit_layer import GritLoraLinear
+from fteval.grit import KFAC, GeometryPenalties, GritLoraLinear, Reprojection
 from tests.callbacks.test_reprojection import TinyGrit, fit
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -24,11 +25,11 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 EPS32 = 2.0**-24
 
 
-def layer_with_stats(seed: int = 0) -> tuple[GritLoraLinear, KFACPreconditioner]:
+def layer_with_stats(seed: int = 0) -> tuple[GritLoraLinear, KFAC]:
     torch.manual_seed(seed)
     layer = GritLoraLinear(nn.Linear(7, 5), r=3, alpha=6.0)
     nn.init.normal_(layer.lora_B.weight)
-    cb = KFACPreconditioner(min_samples=1, update_freq=100)
+    cb = KFAC(min_samples=1, update_freq=100)
     cb.attach(layer)
     cb.begin_micro_batch(None)
     layer(torch.randn(9, 7)).pow(2).sum().backward()
@@ -38,8 +39,8 @@ def layer_with_stats(seed: int = 0) -> tuple[GritLoraLinear, KFACPreconditioner]
 
 def test_curvature_gradient_equals_autograd_of_the_penalty():
     layer, _ = layer_with_stats()
-    reg = GeometryRegulariser(curvature_weight=0.3, reprojection_weight=0.0)
-    reg._layers = {"": layer}
+    reg = GeometryPenalties(curvature_weight=0.3, reprojection_weight=0.0)
+    reg.attach(layer)
     before = layer.lora_B.weight.grad.clone()
     a_before = layer.lora_A.weight.grad.clone()
     values = reg.apply(step=0)
@@ -51,18 +52,18 @@ def test_curvature_gradient_equals_autograd_of_the_penalty():
     (g,) = torch.autograd.grad(0.3 * penalty, B)
     bound = 0.3 * s2 * (B.detach().abs() @ S_a.abs())  # |B| |S_a|: the scale of each entry's round-off
     r = S_a.shape[0]
-    # the callback's grad is before + g in fp32: one more rounding of the sum
+    # the new grad is before + g in fp32: one more rounding of the sum
     atol = 4 * r * EPS32 * float(bound.max()) + 4 * EPS32 * float((before.abs() + g.abs()).max())
     torch.testing.assert_close((layer.lora_B.weight.grad - before).double(), g, rtol=0.0, atol=atol)
     assert torch.equal(layer.lora_A.weight.grad, a_before)  # curvature acts on B only
     # the penalty's fp32 sum over out x r terms: ~(out r) eps relative
     assert float(values["grit/reg_curvature"]) == pytest.approx(0.3 * float(penalty.detach()), rel=4 * B.numel() * EPS32)
-    assert "grit/reg_reprojection" not in values  # no reprojection callback: no subspaces
+    assert "grit/reg_reprojection" not in values  # no reprojection yet: no subspaces
 
 
 def test_reprojection_gradient_pulls_towards_the_kept_subspace():
     layer, _ = layer_with_stats(1)
-    reproj = NeuralReprojection(top_k=2, min_samples=1)
+    reproj = Reprojection(top_k=2, min_samples=1)
     assert reproj.reproject(layer) == 1
     ((V_a, V_g),) = reproj.subspaces().values()
     assert V_a.shape == V_g.shape == (3, 2)
@@ -71,12 +72,12 @@ def test_reprojection_gradient_pulls_towards_the_kept_subspace():
         layer.lora_B.weight.add_(0.1 * torch.randn_like(layer.lora_B.weight))
     layer.lora_A.weight.grad = torch.zeros_like(layer.lora_A.weight)
     layer.lora_B.weight.grad = torch.zeros_like(layer.lora_B.weight)
-    reg = GeometryRegulariser(curvature_weight=0.0, reprojection_weight=2.0)
-    reg._layers, reg._reprojection = {"": layer}, reproj
-    values = reg.apply(step=5, period=reproj.period)
+    reg = GeometryPenalties(curvature_weight=0.0, reprojection_weight=2.0)
+    reg.attach(layer)  # the subspaces are read from the layer, where the reprojection left them
+    values = reg.apply(step=5)
     A = layer.lora_A.weight.detach().double().requires_grad_()
     B = layer.lora_B.weight.detach().double().requires_grad_()
-    V_a, V_g = V_a.double(), V_g.double()  # the subspaces the callback used (fp32 eigh), exactly
+    V_a, V_g = V_a.double(), V_g.double()  # the subspaces the penalty used (fp32 eigh), exactly
     P_a, P_g = V_a @ V_a.T, V_g @ V_g.T
     eye = torch.eye(3, dtype=torch.float64)
     penalty = 0.5 * (((eye - P_a) @ A).pow(2).sum() + (B @ (eye - P_g)).pow(2).sum())
@@ -94,10 +95,10 @@ def test_reprojection_gradient_pulls_towards_the_kept_subspace():
 
 
 def test_warmup_ramps_linearly_and_zero_weights_change_nothing():
-    reg = GeometryRegulariser(curvature_weight=1.0, warmup_steps=4)
+    reg = GeometryPenalties(curvature_weight=1.0, warmup_steps=4)
     assert [reg.ramp(s) for s in (0, 1, 2, 4, 9)] == [0.0, 0.25, 0.5, 1.0, 1.0]
     layer, _ = layer_with_stats(2)
-    reg._layers = {"": layer}
+    reg.attach(layer)
     grads = (layer.lora_A.weight.grad.clone(), layer.lora_B.weight.grad.clone())
     reg.apply(step=0)  # ramp 0: nothing added
     assert torch.equal(layer.lora_A.weight.grad, grads[0]) and torch.equal(layer.lora_B.weight.grad, grads[1])
@@ -142,10 +143,14 @@ def test_fit_with_regularisers_differs_from_fit_without():
 def test_bad_settings_are_refused(kwargs, match):
     with pytest.raises(ValueError, match=match):
         GeometryRegulariser(**kwargs)
+    with pytest.raises(ValueError, match=match):
+        GeometryPenalties(**kwargs)
 
 
-def test_wrong_order_or_missing_partner_callbacks_are_refused():
-    with pytest.raises(ValueError, match="must come before callbacks.kfac.KFACPreconditioner"):
-        fit(TinyGrit(), [KFACPreconditioner(min_samples=1), GeometryRegulariser(curvature_weight=1.0)], steps=1)
+def test_missing_partner_callbacks_are_refused():
+    with pytest.raises(ValueError, match="needs callbacks.kfac.KFACPreconditioner"):
+        fit(TinyGrit(), [GeometryRegulariser(curvature_weight=1.0), NeuralReprojection()], steps=1)
     with pytest.raises(ValueError, match="NeuralReprojection"):
         fit(TinyGrit(), [GeometryRegulariser(reprojection_weight=1.0), KFACPreconditioner(min_samples=1)], steps=1)
+    with pytest.raises(ValueError, match="no GRIT layers"):
+        GeometryPenalties().attach(nn.Linear(2, 2))

@@ -1,5 +1,6 @@
 """Neural reprojection: subspace projection of A, B and the optimizer's first moment, rank choice,
-gradient-accumulation safety, state and errors."""
+gradient-accumulation safety, state and errors. Tests that need no Trainer use the plain-torch
+:class:`fteval.grit.Reprojection` that the callback adds its hooks to."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from callbacks.kfac import KFACPreconditioner
 from callbacks.reprojection import NeuralReprojection
-from fteval.models.grit_layer import GritLoraLinear, RankSpaceStats, grit_layers, inject_grit_layers
+from fteval.grit import GritLoraLinear, RankSpaceStats, Reprojection, grit_layers, inject_grit_layers
 
 R = 6
 
@@ -110,7 +111,7 @@ def test_direct_reprojection_projects_exp_avg_and_keeps_exp_avg_sq():
     A0 = layer.lora_A.weight.detach().clone()
     sq = {p: opt.state[p]["exp_avg_sq"].clone() for p in (layer.lora_A.weight, layer.lora_B.weight)}
     m_A0 = opt.state[layer.lora_A.weight]["exp_avg"].clone()
-    cb = NeuralReprojection(top_k=2, min_samples=10, project_moments=True)
+    cb = Reprojection(top_k=2, min_samples=10, project_moments=True)
     assert cb.reproject(layer, [opt]) == 1
     V = Q[:, :2].double()  # eigenvectors of the two largest eigenvalues (gap 4 - 1 = 3 of 9: well separated)
     tol = 16 * 4 * EPS32  # fp32 projection of an r = 4 factor, relative to the largest entry (see RESIDUAL_TOL)
@@ -135,7 +136,7 @@ def test_first_moment_is_left_alone_by_default():
     layer(torch.randn(3, 10)).pow(2).sum().backward()
     opt.step()
     m0 = {p: opt.state[p]["exp_avg"].clone() for p in (layer.lora_A.weight, layer.lora_B.weight)}
-    cb = NeuralReprojection(top_k=2, min_samples=10)
+    cb = Reprojection(top_k=2, min_samples=10)
     assert not cb.project_moments and cb.reproject(layer, [opt]) == 1
     for p, ref in m0.items():
         assert torch.equal(opt.state[p]["exp_avg"], ref)
@@ -150,7 +151,7 @@ def test_dynamic_rank_defaults_are_the_references():
     layer.stats = RankSpaceStats(3, "cpu")
     layer.stats.S_a = torch.diag(torch.tensor([1.0, 0.0, 0.0]))
     layer.stats.n_a = 1000
-    cb = NeuralReprojection(dynamic_rank=True, min_samples=1)
+    cb = Reprojection(dynamic_rank=True, min_samples=1)
     cb.reproject(layer)
     assert cb.effective_ranks() == {"": 3}
 
@@ -162,7 +163,7 @@ def test_dynamic_rank_from_energy():
     layer.stats.S_a = torch.diag(torch.tensor([0.5, 6.0, 3.0, 0.3, 0.2]))  # trace 10: top-2 hold 0.9
     layer.stats.n_a = 100
     for threshold, min_rank, expected in ((0.9, 1, 2), (0.91, 1, 3), (0.5, 1, 1), (0.5, 3, 3), (1.0, 1, 5)):
-        cb = NeuralReprojection(dynamic_rank=True, energy_threshold=threshold, min_rank=min_rank, min_samples=1)
+        cb = Reprojection(dynamic_rank=True, energy_threshold=threshold, min_rank=min_rank, min_samples=1)
         cb.reproject(layer)
         assert cb.effective_ranks() == {"": expected}, (threshold, min_rank)
 
@@ -195,23 +196,29 @@ def test_not_ready_layers_are_left_alone():
     layer.stats.S_a = torch.eye(4)
     layer.stats.n_a = 5
     A0 = layer.lora_A.weight.detach().clone()
-    cb = NeuralReprojection(top_k=2, min_samples=6)
+    cb = Reprojection(top_k=2, min_samples=6)
     assert cb.reproject(layer) == 0
     assert torch.equal(layer.lora_A.weight, A0) and cb.effective_ranks() == {"": 4}
 
 
 def test_state_dict_round_trip():
-    cb = NeuralReprojection(top_k=2, min_samples=1)
+    """The kept subspaces live on the layers; a state loaded before attaching is restored onto them."""
+    cb = Reprojection(top_k=2, min_samples=1)
     layer = GritLoraLinear(nn.Linear(10, 7), r=4, alpha=4.0)
     layer.stats = RankSpaceStats(4, "cpu")
     layer.stats.S_a = torch.diag(torch.tensor([4.0, 3.0, 2.0, 1.0]))
     layer.stats.n_a = 10
     cb.reproject(layer)
     cb.period = 3
-    other = NeuralReprojection()
+    assert layer.subspace.rank == 2 and layer.subspace.basis["V_a"].shape == (4, 2)
+    other = Reprojection()
     other.load_state_dict(cb.state_dict())
-    assert other.period == 3 and other.effective_ranks() == {"": 2}
+    assert other.period == 3 and other.state_dict()["ranks"] == {"": 2}  # held until attached
+    fresh = GritLoraLinear(nn.Linear(10, 7), r=4, alpha=4.0)
+    other.attach(fresh)
+    assert other.effective_ranks() == {"": 2} and fresh.subspace.rank == 2
     assert torch.equal(other.state_dict()["bases"][""]["V_a"], cb.state_dict()["bases"][""]["V_a"])
+    assert Reprojection().attach(GritLoraLinear(nn.Linear(10, 7), r=4, alpha=4.0))[""].subspace.rank == 4
 
 
 def test_requires_kfac_statistics():
@@ -233,3 +240,5 @@ def test_requires_kfac_statistics():
 def test_invalid_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         NeuralReprojection(**kwargs)
+    with pytest.raises(ValueError, match=match):
+        Reprojection(**kwargs)

@@ -10,7 +10,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from callbacks.kfac import KFACPreconditioner, token_mask_from_batch
 from fteval.data.formatting import flatten_batch, pad_batch
 from fteval.models.base import sequences_in_batch
-from fteval.models.grit_layer import inject_grit_layers
+from fteval.grit import inject_grit_layers
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 

@@ -9,7 +9,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from callbacks.kfac import KFACPreconditioner
 from fteval.models.base import compile_blocks, transformer_blocks
-from fteval.models.grit_layer import inject_grit_layers
+from fteval.grit import inject_grit_layers
 from fteval.models.qlora import QLoRAModule
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]

@@ -11,7 +11,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from fteval.data.formatting import flatten_batch, pad_batch
 from fteval.models.fused_loss import causal_lm_parts, chunked_linear_cross_entropy, fused_causal_lm_loss
-from fteval.models.grit_layer import inject_grit_layers
+from fteval.grit import inject_grit_layers
 from tests.data.test_padding_free import examples
 
 

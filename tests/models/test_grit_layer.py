@@ -11,7 +11,8 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from fteval.models.grit_layer import (
+from fteval.grit import (
+    FactorGroup,
     GritLoraLinear,
     RankSpaceStats,
     energy_rank,
@@ -258,15 +259,23 @@ def test_export_rejects_inconsistent_arguments(tmp_path):
 
 
 # --------------------------------------------------------------------------- statistics and artifacts
-def test_rank_space_stats_running_mean_then_ema_and_state():
-    st = RankSpaceStats(2, "cpu", ema_decay=0.9)
+def test_factor_group_running_mean_then_ema_and_state():
+    """The arithmetic training runs: FactorGroup.accumulate adds a step's Gram sums, fold merges them."""
+    layer = GritLoraLinear(nn.Linear(6, 4), r=2, alpha=2.0)
+    group = FactorGroup([""], [layer], rank=2, ema_decay=0.9)
+    st, row = layer.stats, torch.tensor([0])
     g = torch.Generator().manual_seed(3)
     u1, u2, u3 = torch.randn(5, 2, generator=g), torch.randn(3, 2, generator=g), torch.randn(4, 2, generator=g)
     mask = torch.tensor([True, False, True, True, False])
-    st.add_a(u1, mask)
-    st.fold()
-    st.add_a(u2)
-    st.fold()
+
+    def add(side, u, mask=None):  # one step's tensors of the single layer, [1, tokens, r]
+        weights, count = (None, None) if mask is None else (mask.float(), mask.sum())
+        group.accumulate(row, side, u[None], weights, count, 1.0)
+
+    add(0, u1, mask)
+    group.fold(st.ema_decay)
+    add(0, u2)
+    group.fold(st.ema_decay)
     both = torch.cat([u1[mask], u2])
     # fp32 Grams of <= 6 tokens and two folds: round-off <= ~16 eps of |u|^T |u| (see tests/callbacks/test_kfac.py)
     tol = 16 * 6 * EPS32 * float(torch.cat([both, u3]).abs().pow(2).sum(0).max())
@@ -274,13 +283,14 @@ def test_rank_space_stats_running_mean_then_ema_and_state():
     torch.testing.assert_close(st.S_a.double(), bd.T @ bd / 6, rtol=0.0, atol=tol)  # token-weighted running mean
     assert st.n_a == 6 and float(st.sum_a.abs().max()) == 0.0
     st.ema_a = True
-    st.add_a(u3)
-    st.fold()
+    group.sync_ema()  # the refresh that first uses a side switches it to the EMA this way
+    add(0, u3)
+    group.fold(st.ema_decay)
     u3d = u3.double()
     torch.testing.assert_close(st.S_a.double(), 0.9 * bd.T @ bd / 6 + 0.1 * u3d.T @ u3d / 4, rtol=0.0, atol=tol)
-    st.add_g(torch.full((2, 2), float("inf")))
-    st.fold()  # an overflow step is dropped
-    assert st.n_g == 0 and float(st.S_g.abs().max()) == 0.0
+    add(1, torch.full((2, 2), float("inf")))
+    group.fold(st.ema_decay)  # an overflow step is dropped
+    assert st.n_g == 0 and float(st.S_g.abs().max()) == 0.0 and group.take_dropped()
     clone = RankSpaceStats(2, "cpu")
     clone.load_state_dict(st.state_dict())
     assert torch.equal(clone.S_a, st.S_a) and clone.n_a == 10 and clone.ema_a and clone.ema_decay == 0.9

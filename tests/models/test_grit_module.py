@@ -9,7 +9,7 @@ import torch
 from callbacks.kfac import KFACPreconditioner
 from callbacks.reprojection import NeuralReprojection
 from fteval.models import GRITModule
-from fteval.models.grit_layer import GritLoraLinear
+from fteval.grit import GritLoraLinear
 from tests.models.test_qlora import adamw, datamodule, trainer
 
 KW = dict(quantization="none", r=4, alpha=8, dropout=0.0, target_modules=("q_proj", "v_proj"), optimizer=adamw(1e-3))
