@@ -19,8 +19,7 @@ def _commands() -> dict:
     from fteval import db
     from fteval.analysis.compare import compare
     from fteval.analysis.report import report
-    from fteval.backends.bench import bench_generation
-    from fteval.bench import bench_eval, bench_stats, bench_train
+    from fteval.bench import bench_eval, bench_generation, bench_stats, bench_train
     from fteval.bench.grit_ablation import bench_grit_ablation
     from fteval.eval.refusal import classify_refusals
     from fteval.data.stats_command import data_stats

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from fteval.backends.bench import bench_generation, bench_prompts
+from fteval.bench.generation import bench_generation, bench_prompts
 
 HAVE_LLAMA = importlib.util.find_spec("llama_cpp") is not None
 

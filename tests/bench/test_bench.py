@@ -18,7 +18,8 @@ from fteval.bench.common import (
     timing_summary,
 )
 from fteval.bench.eval import _extraction_batches, bench_eval, synthetic_embeddings
-from fteval.bench.train import bench_train, strip_adapters
+from fteval.bench.train import bench_train
+from fteval.bench.train_runs import strip_adapters
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -163,7 +164,7 @@ def test_bench_train_ragged_lengths_padded_vs_padding_free(tmp_path, capsys):
     data = json.loads(out.read_text())
     runs = {(r["method"], r["padding_free"]): r for r in data["runs"]}
     assert len(runs) == 4 and all(r["error"] is None for r in runs.values())
-    from fteval.bench.train import SyntheticLM
+    from fteval.bench.train_runs import SyntheticLM
 
     ds = SyntheticLM(9, 24, 512, seed=0, min_len=6)
     assert all(6 <= n <= 24 for n in ds.lengths) and len(set(ds.lengths)) > 1
@@ -314,7 +315,7 @@ def test_profile_summary_on_cuda_reports_kernels_and_host_time():
     """The CUDA branch of the profile summary, fed a stand-in for torch.profiler's key averages (no GPU here)."""
     from types import SimpleNamespace as NS
 
-    from fteval.bench.train import _top_ops
+    from fteval.bench.train_profile import top_ops
 
     evs = [
         NS(key="void gemm_kernel", count=4, self_device_time_total=4000.0, self_cpu_time_total=0.0, device_type="DeviceType.CUDA"),
@@ -323,7 +324,7 @@ def test_profile_summary_on_cuda_reports_kernels_and_host_time():
         NS(key="aten::mm", count=4, self_device_time_total=0.0, self_cpu_time_total=800.0, device_type="DeviceType.CPU"),
         NS(key="cudaLaunchKernel", count=10, self_device_time_total=0.0, self_cpu_time_total=400.0, device_type="DeviceType.CPU"),
     ]
-    out = _top_ops(NS(key_averages=lambda: evs), 2, torch.device("cuda"))
+    out = top_ops(NS(key_averages=lambda: evs), 2, torch.device("cuda"))
     assert out["total_ms_per_step"] == pytest.approx(2.5) and out["kernels_per_step"] == 5
     assert [r["name"] for r in out["top"]] == ["void gemm_kernel", "kDequantizeBlockwise"]
     assert out["top"][0]["percent"] == pytest.approx(80.0)

@@ -1,4 +1,4 @@
-"""Generation benchmark (m05): the available backends on the same prompts, side by side.
+"""``fteval bench generation`` (m05): the available generation backends on the same prompts, side by side.
 
 Each backend is built (load time recorded), warmed up with one request, then asked for the
 same ``n_prompts`` bundled ACCD prompts (the first rows of ``accd_sample.jsonl``, balanced
