@@ -10,13 +10,13 @@ fteval) are in docs/grit.md; the defaults are GRIT's, fteval's variants are name
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 
 from fteval.grit.capture import STATISTICS_TOKENS, StatisticsCapture
-from fteval.grit.layer import GritLoraLinear, grit_layers
+from fteval.grit.layer import GritLoraLinear, LayerState, grit_layers
 from fteval.grit.solve import DAMPING_MODES, PAIRINGS, clip_gradients, plan_preconditioning, precondition
 from fteval.grit.stats import FactorGroup
 
@@ -25,7 +25,7 @@ __all__ = ["FACTOR_AVERAGES", "KFAC"]
 FACTOR_AVERAGES = ("ema", "mean")
 
 
-class KFAC:
+class KFAC(LayerState):
     """Rank-space K-FAC preconditioning of every GRIT layer's lora_A/lora_B gradient.
 
     Args (defaults are GRIT's: the spec's values, the reference's where the spec is silent;
@@ -115,7 +115,6 @@ class KFAC:
         self._layers: dict[str, GritLoraLinear] = {}
         self._groups: list[FactorGroup] = []
         self._where: dict[str, tuple[FactorGroup, int]] = {}  # layer path -> (group, row)
-        self._pending_state: dict[str, Any] | None = None
         self._chol_version = 0  # bumped when a refresh or a restore changes the cached factors
         self._plan_cache: tuple | None = None
         self._adapter_params: list[torch.Tensor] | None = None  # lora_A/lora_B weights of every layer, in order
@@ -141,9 +140,7 @@ class KFAC:
             self._groups.append(group)
             self._where.update({n: (group, i) for i, n in enumerate(names)})
         self.capture.attach(self._groups)
-        if self._pending_state is not None:
-            state, self._pending_state = self._pending_state, None
-            self._apply_state(state)
+        self._restore_pending()
         return layers
 
     def detach(self) -> None:
@@ -155,15 +152,9 @@ class KFAC:
         """The attached layers' factor groups, one per (device, rank)."""
         return list(self._groups)
 
-    def begin_micro_batch(
-        self,
-        token_mask: torch.Tensor | None,
-        grad_scale: float = 1.0,
-        token_shape: Sequence[int] | None = None,
-        slot_dtype: torch.dtype = torch.float32,
-    ) -> None:
-        """Start a micro-batch (:meth:`fteval.grit.capture.StatisticsCapture.begin_micro_batch`)."""
-        self.capture.begin_micro_batch(token_mask, grad_scale, token_shape=token_shape, slot_dtype=slot_dtype)
+    def begin_micro_batch(self, *args: Any, **kwargs: Any) -> None:
+        """Start a micro-batch: :meth:`fteval.grit.capture.StatisticsCapture.begin_micro_batch`."""
+        self.capture.begin_micro_batch(*args, **kwargs)
 
     def flush(self) -> None:
         """Add the statistics recorded so far to the pending sums (:meth:`StatisticsCapture.flush`)."""
@@ -233,8 +224,9 @@ class KFAC:
     def state_dict(self) -> dict[str, Any]:
         """Statistics (by layer path), cached Cholesky factors, counters: all a resume needs."""
         self.flush()
-        if not self._layers and self._pending_state is not None:
-            return dict(self._pending_state)  # restored but not attached yet
+        return super().state_dict()
+
+    def _state(self) -> dict[str, Any]:
         layers = {}
         for name, layer in self._layers.items():
             group, i = self._where[name]
@@ -244,13 +236,6 @@ class KFAC:
                 "g": group.side_state(i, 1),
             }
         return {"version": 2, "step": self.step, "layers": layers}
-
-    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        """Restore now if attached, else at :meth:`attach` (Lightning restores before ``on_fit_start``)."""
-        if self._layers:
-            self._apply_state(state_dict)
-        else:
-            self._pending_state = dict(state_dict)
 
     def _apply_state(self, state: Mapping[str, Any]) -> None:
         saved = state["layers"]

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import weakref
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from fteval.grit.reprojection import KeptSubspace
     from fteval.grit.stats import RankSpaceStats
 
-__all__ = ["GritLoraLinear", "grit_layers", "inject_grit_layers"]
+__all__ = ["GritLoraLinear", "LayerState", "grit_layers", "inject_grit_layers"]
 
 
 def _linear4bit_type() -> type | None:
@@ -334,3 +334,39 @@ def inject_grit_layers(
         setattr(parent, child, layer)
         layers[name] = layer
     return layers
+
+
+class LayerState:
+    """Base of what keeps GRIT state on attached layers (K-FAC statistics, kept subspaces) and saves it.
+
+    Lightning restores a callback's state before the model's layers are attached: a state loaded
+    while nothing is attached is held, restored by :meth:`_restore_pending` once ``_layers`` is
+    set, and returned unchanged if saved in between. Subclasses build their state in
+    :meth:`_state` and restore it onto ``_layers`` in :meth:`_apply_state`.
+    """
+
+    _layers: dict[str, GritLoraLinear]
+    _pending_state: dict[str, Any] | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        if not self._layers and self._pending_state is not None:
+            return dict(self._pending_state)  # loaded but not attached yet
+        return self._state()
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restore now if attached, else once attached."""
+        if self._layers:
+            self._apply_state(state_dict)
+        else:
+            self._pending_state = dict(state_dict)
+
+    def _restore_pending(self) -> None:
+        if self._pending_state is not None:
+            state, self._pending_state = self._pending_state, None
+            self._apply_state(state)
+
+    def _state(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _apply_state(self, state: Mapping[str, Any]) -> None:
+        raise NotImplementedError

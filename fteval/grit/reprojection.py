@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from fteval.grit.layer import GritLoraLinear, grit_layers
+from fteval.grit.layer import GritLoraLinear, LayerState, grit_layers
 
 __all__ = ["KeptSubspace", "Reprojection", "energy_rank", "kept_ranks"]
 
@@ -74,7 +74,7 @@ def kept_ranks(layers: Mapping[str, GritLoraLinear]) -> dict[str, int]:
     return {name: layer.subspace.rank for name, layer in layers.items() if layer.subspace is not None}
 
 
-class Reprojection:
+class Reprojection(LayerState):
     """Project every GRIT layer's A (and B) onto the top-k eigenvectors of its K-FAC factors.
 
     Args:
@@ -120,7 +120,6 @@ class Reprojection:
 
         self.period = 0  # optimizer steps // every_n_steps at the last reprojection
         self._layers: dict[str, GritLoraLinear] = {}
-        self._pending_state: dict[str, Any] | None = None
 
     def attach(self, model: torch.nn.Module) -> dict[str, GritLoraLinear]:
         """The GRIT layers of ``model``, each given a :class:`KeptSubspace` (full rank until projected;
@@ -130,9 +129,7 @@ class Reprojection:
             if layer.subspace is None:
                 layer.subspace = KeptSubspace(layer.r)
         self._layers = layers
-        if self._pending_state is not None:
-            state, self._pending_state = self._pending_state, None
-            self._apply_state(state)
+        self._restore_pending()
         return layers
 
     def due(self, optimizer_steps: int) -> bool:
@@ -244,9 +241,7 @@ class Reprojection:
         return kept_ranks(self._layers)
 
     # ------------------------------------------------------------------ state
-    def state_dict(self) -> dict[str, Any]:
-        if not self._layers and self._pending_state is not None:
-            return dict(self._pending_state)  # restored but not attached yet
+    def _state(self) -> dict[str, Any]:
         return {
             "version": 1,
             "period": self.period,
@@ -256,12 +251,9 @@ class Reprojection:
         }
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        """Restore now if attached, else at :meth:`attach` (Lightning restores before training starts)."""
+        """The period now; the layers' subspaces now if attached, else at :meth:`attach`."""
         self.period = int(state_dict["period"])
-        if self._layers:
-            self._apply_state(state_dict)
-        else:
-            self._pending_state = dict(state_dict)
+        super().load_state_dict(state_dict)
 
     def _apply_state(self, state: Mapping[str, Any]) -> None:
         bases = state["bases"]
