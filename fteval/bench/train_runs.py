@@ -308,7 +308,7 @@ def _lightning_run(spec: RunSpec, bm: BenchModel, loader: DataLoader, clock: Ste
     callbacks: list = [GarbageCollection()] if spec.gc_freeze else []  # as the training configs list it
     probe = None
     if method == "grit":
-        kfac = KFACPreconditioner(update_freq=GRIT_UPDATE_FREQ)  # must precede NeuralReprojection
+        kfac = KFACPreconditioner(update_freq=GRIT_UPDATE_FREQ)
         reproj = NeuralReprojection(every_n_steps=GRIT_REPROJECT_EVERY)
         probe = GritCostProbe(kfac, reproj, bm.device)
         callbacks += [kfac, reproj, probe]

@@ -52,6 +52,6 @@ class GRITModule(AdapterModule):
         out = export_grit_adapter(self.model, output_dir, base_model_name_or_path=hp.model_name_or_path,
                                   target_modules=list(hp.target_modules), r=hp.r, alpha=hp.alpha,
                                   dropout=hp.dropout, use_rslora=hp.use_rslora)
-        ranks = kept_ranks(grit_layers(self))  # the reprojection's k, by the layers' paths under this module
-        save_kfac_artifacts(grit_layers(self.model), out, effective_ranks=ranks or None)
+        layers = grit_layers(self.model)  # one set of paths for the factors and the reprojection's k
+        save_kfac_artifacts(layers, out, effective_ranks=kept_ranks(layers) or None)
         return out
