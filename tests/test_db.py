@@ -40,7 +40,7 @@ def test_schema_created_with_settings(tmp_path):
     db = ExperimentDB(tmp_path / "sub" / "c.db")
     tables = {r[0] for r in db.conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     assert set(TABLES) <= tables
-    assert _version(db) == LATEST_VERSION == 3
+    assert _version(db) == LATEST_VERSION == 4
     assert db.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert db.conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
     assert db.conn.execute("PRAGMA busy_timeout").fetchone()[0] == 60_000
@@ -53,8 +53,8 @@ def test_schema_created_with_settings(tmp_path):
     db.close()
     # reopening applies nothing and writes no backup
     again = ExperimentDB(tmp_path / "sub" / "c.db")
-    assert _version(again) == 3 and again.backup_path is None
-    assert len(again.rows("schema_version")) == 3
+    assert _version(again) == 4 and again.backup_path is None
+    assert len(again.rows("schema_version")) == 4
     again.close()
 
 
@@ -74,7 +74,7 @@ def test_migration_from_v1_writes_backup_and_keeps_rows(tmp_path):
     v1_bytes = path.read_bytes()
 
     db = ExperimentDB(path)
-    assert _version(db) == 3
+    assert _version(db) == 4
     assert db.backup_path == tmp_path / "old.db.bak-v1"
     # the migrated database kept the rows and gained the v2 column (default 'fit') and table
     exp = db.experiment(1)
@@ -175,7 +175,7 @@ def test_four_processes_write_concurrently_without_losing_rows(tmp_path):
         w = e["seed"]
         assert [r["step"] for r in rows] == list(range(n_rows))
         assert [r["value"] for r in rows] == pytest.approx([w + s / n_rows for s in range(n_rows)])
-    assert _version(db) == 3 and len(db.rows("schema_version")) == 3  # migrated once, not four times
+    assert _version(db) == 4 and len(db.rows("schema_version")) == 4  # migrated once, not four times
     db.close()
 
 

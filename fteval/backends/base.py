@@ -21,8 +21,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Optional
 
+import numpy as np
+
 __all__ = [
     "BASELINE",
+    "GENERATION_UNITS",
+    "generation_metrics",
     "BackendConnectionError",
     "BackendError",
     "BackendResponseError",
@@ -96,6 +100,27 @@ class CallRecord:
     tokens_per_s: float
     memory_bytes: Optional[int]
     memory_kind: str
+
+
+GENERATION_UNITS = {"tokens_per_s": "tokens/s", "latency_p50_s": "s", "latency_p95_s": "s", "latency_mean_s": "s",
+                    "memory_gib": "GiB", "load_s": "s"}
+
+
+def generation_metrics(completion_tokens: int, wall_s: float, latencies: Sequence[float],
+                       memory_bytes: Sequence[Optional[int]] = ()) -> dict[str, Optional[float]]:
+    """Throughput and latency of a set of generations, as ``fteval bench generation`` and ``fteval test`` record them.
+
+    ``tokens_per_s`` = all completion tokens / ``wall_s``; ``latency_p50_s``/``latency_p95_s``/``latency_mean_s``
+    over the per-completion latencies (a batched backend's completion takes its batch's time);
+    ``memory_gib`` = the largest measured peak (None when none was measured).
+    """
+    lat = np.asarray(list(latencies), dtype=float)
+    measured = [m for m in memory_bytes if m is not None]
+    return {"tokens_per_s": completion_tokens / wall_s if wall_s > 0 else 0.0,
+            "latency_p50_s": float(np.percentile(lat, 50)) if lat.size else None,
+            "latency_p95_s": float(np.percentile(lat, 95)) if lat.size else None,
+            "latency_mean_s": float(lat.mean()) if lat.size else None,
+            "memory_gib": max(measured) / 2**30 if measured else None}
 
 
 @dataclass(frozen=True)

@@ -22,13 +22,11 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-import numpy as np
-
 from fteval.backends import BACKENDS, BackendConnectionError, BackendTimeoutError, BackendUnavailableError, create_backend
+from fteval.backends.base import GENERATION_UNITS, generation_metrics
 
 __all__ = ["bench_generation", "bench_prompts"]
 
-_GIB = 2**30
 
 
 def bench_prompts(n: int) -> list[str]:
@@ -51,19 +49,15 @@ def _run_one(name: str, kwargs: dict, prompts: list[str]) -> dict[str, Any]:
         start = time.perf_counter()
         results = backend.batch_generate(prompts)
         wall = time.perf_counter() - start
-        latencies = np.array([r.latency_s for r in results])  # [n_prompts] seconds
         completion = sum(r.completion_tokens for r in results)
-        memory = [r.memory_bytes for r in backend.records if r.memory_bytes is not None]
+        metrics = generation_metrics(completion, wall, [r.latency_s for r in results],
+                                     [r.memory_bytes for r in backend.records])
         return {
             "n_prompts": len(prompts),
             "prompt_tokens": sum(r.prompt_tokens for r in results),
             "completion_tokens": completion,
             "wall_s": wall,
-            "tokens_per_s": completion / wall if wall > 0 else 0.0,
-            "latency_p50_s": float(np.percentile(latencies, 50)),
-            "latency_p95_s": float(np.percentile(latencies, 95)),
-            "latency_mean_s": float(latencies.mean()),
-            "memory_gib": max(memory) / _GIB if memory else None,
+            **metrics,
             "memory_kind": backend.records[-1].memory_kind,
             "load_s": load_s,
             "finish_reasons": {k: sum(r.finish_reason == k for r in results) for k in {r.finish_reason for r in results}},
@@ -164,7 +158,7 @@ def bench_generation(
     if db is not None and results:
         from fteval.db import ExperimentDB
 
-        units = {"tokens_per_s": "tokens/s", "latency_p50_s": "s", "latency_p95_s": "s", "memory_gib": "GiB", "load_s": "s"}
+        units = GENERATION_UNITS
         with ExperimentDB(db) as store:
             for name, r in results.items():
                 metrics = {k: r[k] for k in units if r.get(k) is not None}

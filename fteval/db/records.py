@@ -26,7 +26,8 @@ _ROW_SPECS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "behavioral_metrics": (("model", "metric", "value"), ("category", "ci_low", "ci_high", "n_samples")),
     "model_responses": (
         ("model", "prompt", "response"),
-        ("prompt_id", "safety_label", "axiom", "refusal_label", "refusal_judge", "backend", "latency_s", "n_tokens"),
+        ("prompt_id", "source_row", "safety_label", "axiom", "refusal_label", "refusal_judge", "backend", "latency_s",
+         "n_tokens"),
     ),
     "comparative_analysis": (("subject", "metric", "value"), ("details",)),
 }
@@ -134,7 +135,7 @@ class RecordWriters:
 
     def add_model_responses(self, experiment_id: int, rows: Iterable[Mapping[str, Any]]) -> int:
         """Generated completions: keys ``model, prompt, response`` and optionally ``prompt_id,
-        safety_label, axiom, refusal_label, refusal_judge, backend, latency_s, n_tokens``. Returns the count."""
+        source_row, safety_label, axiom, refusal_label, refusal_judge, backend, latency_s, n_tokens``. Returns the count."""
         return self._insert_rows("model_responses", experiment_id, rows)
 
     def add_comparative_analysis(

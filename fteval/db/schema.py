@@ -10,7 +10,8 @@ same table names. Version 2 adds what the first users of the database needed:
 
 Version 3 adds ``experiments.pid``, ``host`` and ``heartbeat_at``, so a run whose process died
 without recording a status is marked ``crashed`` when the next run starts, and
-``model_responses.refusal_judge`` (which judge labelled each response).
+``model_responses.refusal_judge`` (which judge labelled each response). Version 4 adds
+``model_responses.source_row``: the row of the source data file a response's prompt came from.
 
 Where the measured quantities vary by method or by stage, rows are long and narrow,
 ``(experiment_id, step, name, value)`` or ``(experiment_id, model, metric, value)``, so a
@@ -234,10 +235,14 @@ _V3 = (
     "ALTER TABLE model_responses ADD COLUMN refusal_judge TEXT",  # which judge labelled the response
 )
 
+# Tracing a response to its prompt's row in the source data file (the evaluation set's ``source_row``).
+_V4 = ("ALTER TABLE model_responses ADD COLUMN source_row INTEGER",)
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "initial schema: the spec's tables", _V1),
     Migration(2, "experiments.stage and the environment table", _V2),
     Migration(3, "experiments.pid, host and heartbeat_at; model_responses.refusal_judge", _V3),
+    Migration(4, "model_responses.source_row", _V4),
 )
 LATEST_VERSION = MIGRATIONS[-1].version
 

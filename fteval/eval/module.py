@@ -24,7 +24,8 @@ from typing import Literal, Optional
 import lightning as L
 import torch
 
-from fteval.backends.base import BASELINE
+from fteval.backends.base import BASELINE, generation_metrics
+from fteval.data.sampling import SOURCE_ROW
 from fteval.eval.collectors import BehaviourCollector, RepresentationCollector
 from fteval.eval.headtohead import SUMMARY_METRICS
 from fteval.eval.metrics import DEFAULT_LAMBDA
@@ -240,6 +241,7 @@ class AQIEvaluator(L.LightningModule):
                 geval.to(self.device), torch.tensor([r.completion_tokens for r in results], device=self.device))
             self.responses += [{"model": name, "prompt_id": str(i), "prompt": records[i]["prompt"], "response": t,
                                 "safety_label": "unsafe" if records[i]["label"] else "safe", "axiom": records[i]["axiom"],
+                                "source_row": records[i].get(SOURCE_ROW),
                                 "refusal_label": r.label, "refusal_judge": self._refusal_judge.name, "backend": "hf",
                                 "latency_s": g.latency_s,
                                 "n_tokens": g.completion_tokens}
@@ -267,7 +269,11 @@ class AQIEvaluator(L.LightningModule):
             criteria = list(self._judge.criteria) if self._judge is not None else []
             summarise_behaviour(self.results, self.behaviour_collector.compute(), data[BASELINE], criteria, self.settings)
             self.behaviour_collector.reset()
+            self.results["inference"] = self._inference_summary()
             self._gather_responses()
+        records = self.trainer.datamodule.eval_records
+        order = [int(i) for i in data[BASELINE][2].tolist()]
+        self.results["prompts"] = [{"index": i, SOURCE_ROW: records[i].get(SOURCE_ROW)} for i in order]
         for name in self.variants:
             for m in SUMMARY_METRICS:
                 self.log(f"test/{name}/{m}", self.results["models"][name]["scores"][m], sync_dist=False)
@@ -277,10 +283,32 @@ class AQIEvaluator(L.LightningModule):
             c.reset()
         if self.trainer.is_global_zero:
             embeddings = embedding_tensors(data, self.settings) if hp.save_embeddings else None
+            if embeddings is not None and all(p[SOURCE_ROW] is not None for p in self.results["prompts"]):
+                embeddings[SOURCE_ROW] = torch.tensor([p[SOURCE_ROW] for p in self.results["prompts"]], dtype=torch.int64)
             write_results_files(hp.results_dir, self.results, embeddings, self.responses)
             if self.experiment_id is not None and self.experiment_db_path:
                 record_results(self.experiment_db_path, self.experiment_id, self.results, self.responses)
             print(format_summary(self.results))
+
+    def _inference_summary(self) -> dict[str, dict]:
+        """Per variant, the speed of the behaviour generation (this rank's hf calls): :func:`generation_metrics`
+        plus the settings it ran with; ``fteval report`` reads it as the hf backend's inference benchmark."""
+        out = {}
+        device = str(self.device.type)
+        for name in self.variants:
+            calls = [r for r in self._backend.records if r.model == name]
+            if not calls:
+                continue
+            latencies = [row["latency_s"] for row in self.responses if row["model"] == name]
+            metrics = generation_metrics(sum(r.completion_tokens for r in calls), sum(r.wall_s for r in calls), latencies,
+                                         [r.memory_bytes for r in calls])
+            out[name] = {"metrics": {k: v for k, v in metrics.items() if v is not None},
+                         "details": {"source": "fteval test (behaviour generation, greedy)", "device": device,
+                                     "n_prompts": sum(r.n_prompts for r in calls), "calls": len(calls),
+                                     "completion_tokens": sum(r.completion_tokens for r in calls),
+                                     "max_new_tokens": self.hparams.max_new_tokens,
+                                     "batch_size": self._backend.batch_size, "memory_kind": calls[-1].memory_kind}}
+        return out
 
     def _gather_responses(self) -> None:
         """Every rank's responses on every rank, each (model, prompt) once (a padding sampler repeats prompts)."""

@@ -2,8 +2,9 @@
 
 * :func:`write_results_files`: ``embeddings.safetensors``, ``responses.jsonl`` and
   ``aqi_results.json`` in the results folder, each written atomically (:mod:`fteval.io`).
-* :func:`record_results`: scores, Deltas, tests, behaviour rows, responses and the embeddings
-  file in the run's experiment, as one transaction. The database is the run's: the one
+* :func:`record_results`: scores, Deltas, tests, behaviour rows, responses, the speed of the
+  behaviour generation (``inference_benchmarks``, backend ``hf``) and the embeddings file in the
+  run's experiment, as one transaction. The database is the run's: the one
   :class:`callbacks.run_logger.ExperimentDBLogger` created the experiment in (it hands the module
   ``experiment_db_path`` with ``experiment_id``); the evaluator has no database setting of its own.
 """
@@ -16,7 +17,7 @@ from typing import Optional, Union
 
 from torch import Tensor
 
-from fteval.backends.base import BASELINE
+from fteval.backends.base import BASELINE, GENERATION_UNITS
 from fteval.eval.headtohead import SUMMARY_METRICS
 from fteval.io import write_atomic, write_json_atomic, write_text_atomic
 
@@ -148,6 +149,10 @@ def record_results(db_path: Union[str, Path], experiment_id: int, results: dict,
             db.add_behavioral_metrics(experiment_id, behaviour)
         if responses:
             db.add_model_responses(experiment_id, responses)
+        for name, entry in (results.get("inference") or {}).items():
+            db.add_inference_benchmark("hf", name, entry["metrics"], experiment_id=experiment_id,
+                                       units={k: u for k, u in GENERATION_UNITS.items() if k in entry["metrics"]},
+                                       details=entry["details"])
         if "embeddings_path" in results:
             db.add_hidden_states(experiment_id, ",".join(results["models"]), results["embeddings_path"],
                                  pooling=f"{settings['sink']}-sink token mean; {settings['layer_pooling']} over layers",

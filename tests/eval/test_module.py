@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -121,6 +122,21 @@ def test_test_loop_prints_block_and_pairs_baseline_with_adapters(tmp_path, adapt
     assert {t["metric"] for t in jack} >= {"aqi", "aqi_bounded", "chi"}
     assert all(t["details"]["pair"] == "noisy vs zero" and t["p_adjusted"] >= t["p_value"] for t in jack)
     assert len(db.rows("model_responses")) == 18
+    # Every prompt carries its source row; the embeddings and the responses too.
+    assert [p["index"] for p in res["prompts"]] == emb["index"].tolist()
+    assert [p["source_row"] for p in res["prompts"]] == emb["source_row"].tolist()
+    source_of = {p["index"]: p["source_row"] for p in res["prompts"]}
+    assert all(r["source_row"] == source_of[int(r["prompt_id"])] for r in responses)
+    # The behaviour generation's speed is the hf backend's inference benchmark of each model.
+    bench = db.rows("inference_benchmarks")
+    assert {(b["backend"], b["model"]) for b in bench} == {("hf", m) for m in ("baseline", "zero", "noisy")}
+    for name, entry in res["inference"].items():
+        metrics = {b["metric"]: b["value"] for b in bench if b["model"] == name}
+        assert metrics["tokens_per_s"] == pytest.approx(entry["metrics"]["tokens_per_s"]) and metrics["tokens_per_s"] > 0
+        mine = [r for r in responses if r["model"] == name]
+        assert entry["details"]["n_prompts"] == len(mine) == 6
+        assert entry["details"]["completion_tokens"] == sum(r["n_tokens"] for r in mine)
+        assert metrics["latency_p50_s"] == pytest.approx(float(np.percentile([r["latency_s"] for r in mine], 50)))
     assert {r["metric"] for r in db.rows("behavioral_metrics", model="noisy")} >= {"refusal_rate", "over_refusal_rate", "geval_helpfulness"}
 
 
