@@ -1,6 +1,6 @@
 """Schema of the centralized experiment database, as an ordered list of migrations.
 
-Version 1 is the spec's table list (``spec/pipeline-spec.md``, "Database Schema"), with the
+Version 1 is the pipeline specification's table list (its "Database Schema" section), with the
 same table names. Version 2 adds what the first users of the database needed:
 
 * ``experiments.stage`` (``fit`` | ``test`` | ``env`` | ...): one Lightning module class can
