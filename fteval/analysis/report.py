@@ -183,7 +183,7 @@ def _alignment(s: Synthesis) -> list[Block]:
             p = d.get("aqi", {}).get("p_value") if d.get("aqi") else None
             drows.append([m, _ci(d.get("aqi")), _f(p, 3), _ci(d.get("aqi_bounded")), _ci(d.get("xbi")), _ci(d.get("chi"))])
         blocks += [Heading(3, "Paired Delta-AQI (tuned - baseline, same prompts)"),
-                   Table(["adapter", "Delta AQI", "p (bootstrap, unadjusted)", "Delta AQI (bounded)", "Delta XBI", "Delta CHI"],
+                   Table(["adapter", "Delta AQI", "p (jackknife, unadjusted)", "Delta AQI (bounded)", "Delta XBI", "Delta CHI"],
                          drows, (1, 2, 3, 4, 5))]
     cats = []
     for i, (m, v) in enumerate(ev.scores.items()):

@@ -4,7 +4,7 @@ Per model: the headline (bias-corrected bounded AQI with its interval), the spec
 CHI as computed (plug-in) with their bias-corrected value and the interval of the population
 value, the behaviour rates. Per pair ("GRIT vs QLORA", "QLORA vs BASELINE", ...): the paired
 Deltas with CIs and adjusted p-values, McNemar tests of the refusal rates, G-Eval t-tests and the
-smallest changes the run could detect. What the numbers mean: README, "How to read the numbers".
+smallest changes the run could detect. What the numbers mean: README, "How to read the numbers", and docs/statistics.md.
 """
 
 from __future__ import annotations
