@@ -81,6 +81,29 @@ def atomic_directory(target: Path, overwrite: bool = True) -> Iterator[Path]:
         raise
 
 
+@contextlib.contextmanager
+def atomic_files(target: Path) -> Iterator[Path]:
+    """Yield a temporary folder beside the folder ``target``; on success each file in it replaces its namesake in ``target``.
+
+    For several writers that add their files to one folder (an adapter, then its K-FAC factors):
+    every file lands whole (one ``os.replace`` each), files of the same name are replaced and
+    every other file in ``target`` stays. On error the temporary folder is removed and ``target``
+    is untouched.
+    """
+    target = Path(target)
+    if target.exists() and not target.is_dir():
+        raise FileExistsError(f"{target} exists and is not a folder; choose another output folder.")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        yield tmp
+        target.mkdir(exist_ok=True)
+        for f in tmp.iterdir():
+            os.replace(f, target / f.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def _temporary_file_beside(path: Path) -> Path:
     """Create an empty, uniquely named hidden file in ``path``'s folder (same file system: the rename is atomic).
 

@@ -7,7 +7,7 @@ import pytest
 
 from fteval.__main__ import _user_message, main, resolve_config_args
 from fteval.data.sources import DataSourceError, load_records
-from fteval.io import atomic_directory, check_adapter_folder, check_checkpoint_file
+from fteval.io import atomic_directory, atomic_files, check_adapter_folder, check_checkpoint_file
 
 
 def _run(argv, capsys) -> str:
@@ -126,6 +126,25 @@ def test_atomic_directory_replaces_only_what_it_wrote(tmp_path):
             raise RuntimeError("failed half way")
     assert (target / "a.bin").read_text() == "2"  # untouched on error
     assert [p for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # temp folder cleaned
+
+
+def test_atomic_files_add_to_a_folder_and_leave_it_untouched_on_error(tmp_path):
+    target = tmp_path / "adapter"
+    with atomic_files(target) as tmp:  # an adapter, then its factors, into one folder
+        (tmp / "adapter_model.safetensors").write_text("1")
+    with atomic_files(target) as tmp:
+        (tmp / "kfac_factors.safetensors").write_text("1")
+    assert sorted(p.name for p in target.iterdir()) == ["adapter_model.safetensors", "kfac_factors.safetensors"]
+    with pytest.raises(RuntimeError):
+        with atomic_files(target) as tmp:
+            (tmp / "adapter_model.safetensors").write_text("2")
+            raise RuntimeError("failed half way")
+    assert (target / "adapter_model.safetensors").read_text() == "1"
+    assert [p for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(FileExistsError, match="not a folder"):
+        with atomic_files(tmp_path / "file"):
+            pass
 
 
 def test_local_files_report_the_broken_line(tmp_path):

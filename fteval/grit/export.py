@@ -11,8 +11,6 @@ import json
 import math
 import os
 import re
-import shutil
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,6 +19,7 @@ import torch
 from torch import nn
 
 from fteval.grit.layer import GritLoraLinear, _check_hparams, grit_layers
+from fteval.io import atomic_files
 from fteval.grit.reprojection import energy_rank
 
 __all__ = ["adapter_rank", "export_grit_adapter", "save_kfac_artifacts"]
@@ -47,26 +46,6 @@ def adapter_rank(A: torch.Tensor, B: torch.Tensor, rtol: float = 1e-5) -> int:
     _, Ra = torch.linalg.qr(A.double().T)
     s = torch.linalg.svdvals(Rb @ Ra.T)
     return int((s > rtol * s.max()).sum()) if s.numel() and float(s.max()) > 0 else 0
-
-
-def _write_atomically(output_dir: str | os.PathLike, write: Any) -> Path:
-    """Run ``write(tmp_dir)`` in a fresh sibling folder, then move its files into ``output_dir``.
-
-    A failure leaves ``output_dir`` as it was (no half-written adapter).
-    """
-    out = Path(output_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"{out} exists and is not a folder; choose another output_dir.")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        write(tmp)
-        out.mkdir(exist_ok=True)
-        for f in tmp.iterdir():
-            os.replace(f, out / f.name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
 
 
 def export_grit_adapter(
@@ -145,11 +124,10 @@ def export_grit_adapter(
         base_model_name_or_path=base_model_name_or_path,
     )
 
-    def write(tmp: Path) -> None:
+    with atomic_files(Path(output_dir)) as tmp:  # a failure leaves output_dir as it was
         config.save_pretrained(str(tmp))
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
-
-    return _write_atomically(output_dir, write)
+    return Path(output_dir)
 
 
 def save_kfac_artifacts(
@@ -202,8 +180,7 @@ def save_kfac_artifacts(
         "layers": report,
     }
 
-    def write(tmp: Path) -> None:
+    with atomic_files(Path(output_dir)) as tmp:
         save_file(tensors, str(tmp / "kfac_factors.safetensors"), metadata={"format": "pt"})
         (tmp / "effective_rank.json").write_text(json.dumps(summary, indent=2) + "\n")
-
-    return _write_atomically(output_dir, write)
+    return Path(output_dir)
