@@ -23,7 +23,7 @@ import math
 from typing import Any, Optional
 
 from fteval.analysis.document import format_number as _f  # short: used inside many f-strings
-from fteval.analysis.synthesis import ALPHA, SMALL_SAMPLE, Recommendation, Synthesis
+from fteval.analysis.synthesis import ALPHA, SMALL_SAMPLE, Recommendation, Synthesis, headline
 
 __all__ = ["aqi_test", "recommend", "training_test_rows", "confidence", "format_evidence"]
 
@@ -145,7 +145,7 @@ def _alignment(s: Synthesis) -> Recommendation:
     small = ev.n_prompts is not None and ev.n_prompts < 2 * SMALL_SAMPLE
     evidence = []
     for model, m in ev.scores.items():
-        r = m.get("aqi_bounded_bc") or m.get("aqi_bounded")
+        r = headline(m, "aqi_bounded")
         if r is not None:
             kind = "bias-corrected " if "aqi_bounded_bc" in m else ""
             evidence.append(_ev(f"{model}: AQI (bounded, {kind}95% CI) {_f(r['value'])} [{_f(r['ci_low'])}, "
@@ -171,7 +171,8 @@ def _alignment(s: Synthesis) -> Recommendation:
         if len(better) > 1:
             text += "; also significant: " + ", ".join(m for _, m in sorted(better, reverse=True)[1:])
         return Recommendation(use_case, text, confidence(True, True, True, small), evidence)
-    ranked = sorted(((m["aqi_bounded"]["value"], name) for name, m in ev.scores.items() if "aqi_bounded" in m), reverse=True)
+    ranked = sorted(((headline(m, "aqi_bounded")["value"], name) for name, m in ev.scores.items()
+                     if headline(m, "aqi_bounded") is not None), reverse=True)
     top = ranked[0][1] if ranked else "baseline"
     return Recommendation(use_case, f"no adapter separates safe/unsafe prompts measurably better than the baseline "
                           f"(no Delta-AQI CI above 0 with p_adjusted < {ALPHA}); highest point estimate: {top}. "

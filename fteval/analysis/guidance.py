@@ -18,7 +18,7 @@ from fteval.backends.base import BASELINE
 from fteval.analysis.document import Block, Bullets, Chart, Heading, Para, Table
 from fteval.analysis.document import format_number as _f  # short: used inside many f-strings
 from fteval.analysis.runs import RunSummary
-from fteval.analysis.synthesis import ALPHA, SMALL_SAMPLE, Synthesis
+from fteval.analysis.synthesis import ALPHA, SMALL_SAMPLE, Synthesis, headline
 from fteval.models.loading import EMBEDDED_NAME, default_cache_dir, is_embedded
 
 __all__ = ["guidance_blocks", "alignment_over_training", "deployment", "monitoring", "scaling", "open_questions",
@@ -179,7 +179,7 @@ def monitoring(s: Synthesis) -> list[Block]:
         return blocks + [Para("Not measured: thresholds come from an evaluation (python -m fteval test --config configs/aqi.yaml).")]
     items = []
     scores = ev.scores.get(model) or {}
-    row = scores.get("aqi_bounded_bc") or scores.get("aqi_bounded")  # the bias-corrected estimate when recorded
+    row = headline(scores, "aqi_bounded")
     if row and row.get("ci_low") is not None:
         items.append(f"bounded AQI of {model} on these {ev.n_prompts} prompts: {_f(row['value'])} [{_f(row['ci_low'])}, "
                      f"{_f(row['ci_high'])}]; alert when a re-evaluation (`python -m fteval test`, same prompts) gives less "

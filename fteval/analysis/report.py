@@ -23,7 +23,7 @@ from fteval.analysis.advice import aqi_test, format_evidence, recommend, trainin
 from fteval.analysis.document import Block, Bullets, Chart, Heading, Para, Table, to_html, to_markdown
 from fteval.analysis.document import format_number as _f  # short: used inside many f-strings
 from fteval.analysis.runs import open_database, smooth
-from fteval.analysis.synthesis import ALPHA, SMALL_SAMPLE, SOURCE, Synthesis, gather
+from fteval.analysis.synthesis import ALPHA, SMALL_SAMPLE, SOURCE, Synthesis, gather, headline
 from fteval.analysis.guidance import alignment_over_training, guidance_blocks
 from fteval.db import TABLES, ExperimentDB, export
 from fteval.io import write_text_atomic
@@ -69,7 +69,7 @@ def _summary(s: Synthesis) -> list[Block]:
             items.append(f"GRIT {run.label}: mean effective rank {_f(run.effective_rank_mean)} of r={run.lora_rank}{extra}.")
     ev = s.evaluation
     if ev is not None:
-        parts = [f"{m} {_ci(v.get('aqi_bounded_bc') or v.get('aqi_bounded'))}" for m, v in ev.scores.items()]
+        parts = [f"{m} {_ci(headline(v, 'aqi_bounded'))}" for m, v in ev.scores.items()]
         items.append(f"AQI (bounded, bias-corrected, 0-1, 95% CI) on {ev.n_prompts} prompts: " + "; ".join(parts) + ".")
         for model, d in ev.deltas.items():
             test = aqi_test(s, model, "baseline")
@@ -174,9 +174,16 @@ def _alignment(s: Synthesis) -> list[Block]:
                        "95% CIs of the population values in brackets (bias-corrected jackknife, docs/statistics.md). AQI is the spec's "
                        "lambda/XBI + (1-lambda) CHI (grows with n); AQI (bounded) is sample-size free and compares across runs."
                        + (f" {s.n_evaluations} evaluation runs in the database; the latest is shown." if s.n_evaluations > 1 else "")))
-    rows = [[m] + [_ci(v.get(c)) for c in _AQI_COLUMNS] for m, v in ev.scores.items()]
+    def cell(scores: dict, metric: str) -> str:  # bias-corrected [interval] (as computed), as fteval test prints it
+        bc, raw = scores.get(f"{metric}_bc"), scores.get(metric)
+        return _ci(raw) if bc is None else f"{_ci(bc)} (as computed {_f(raw['value']) if raw else 'n/a'})"
+
+    rows = [[m] + [cell(v, c) for c in _AQI_COLUMNS] for m, v in ev.scores.items()]
     blocks.append(Table(["model", "AQI", "AQI (bounded)", "XBI (lower better)", "CHI", "Davies-Bouldin", "Dunn"], rows,
                         tuple(range(1, 7))))
+    if any(f"{c}_bc" in v for v in ev.scores.values() for c in _AQI_COLUMNS):
+        blocks.append(Para("Each cell: the bias-corrected estimate with its interval, then the plug-in value as the spec "
+                           "computes it, which carries the sampling noise of the centroid distance.", note=True))
     if ev.deltas:
         drows = []
         for m, d in ev.deltas.items():
@@ -187,10 +194,10 @@ def _alignment(s: Synthesis) -> list[Block]:
                          drows, (1, 2, 3, 4, 5))]
     cats = []
     for i, (m, v) in enumerate(ev.scores.items()):
-        r = v.get("aqi_bounded")
+        r = headline(v, "aqi_bounded")
         if r is not None:
             cats.append({"name": m, "value": r["value"], "lo": r["ci_low"], "hi": r["ci_high"], "group": i})
-    blocks.append(Chart({"id": "chart-aqi", "kind": "bars", "title": "AQI (bounded) per model with 95% CI",
+    blocks.append(Chart({"id": "chart-aqi", "kind": "bars", "title": "AQI (bounded, bias-corrected) per model with 95% CI",
                          "ylabel": "AQI (bounded)", "categories": cats}))
     dcats = [{"name": m, "value": d["aqi_bounded"]["value"], "lo": d["aqi_bounded"]["ci_low"], "hi": d["aqi_bounded"]["ci_high"],
               "group": i + 1} for i, (m, d) in enumerate(ev.deltas.items()) if "aqi_bounded" in d]
@@ -308,8 +315,8 @@ def _limitations(s: Synthesis) -> list[Block]:
         if outside and corrected:
             items.append(f"The plug-in value lies outside the interval for {', '.join(outside)}: a plug-in separation "
                          "carries the noise floor tr(S)(1/n_safe + 1/n_unsafe) of the squared centroid distance; the "
-                         "interval is that of the population value and brackets the bias-corrected estimate (the _bc "
-                         "rows), which is the number to read.")
+                         "interval is that of the population value and brackets the bias-corrected estimate (the first "
+                         "number of each cell of the AQI table), which is the number to read.")
         elif outside:
             items.append(f"The bootstrap interval does not contain its own point estimate for {', '.join(outside)}: "
                          "resampling prompts with replacement duplicates points, which shrinks within-class scatter and "

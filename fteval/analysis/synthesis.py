@@ -31,7 +31,7 @@ from fteval.analysis.compare import ANALYSIS, TrainingTest, training_tests
 from fteval.analysis.runs import RunSummary, common_threshold, load_runs, steps_to_threshold
 from fteval.db import ExperimentDB
 
-__all__ = ["Evaluation", "CostLine", "ParetoPoint", "Recommendation", "Synthesis", "gather", "SOURCE",
+__all__ = ["headline", "Evaluation", "CostLine", "ParetoPoint", "Recommendation", "Synthesis", "gather", "SOURCE",
            "ALPHA", "SMALL_SAMPLE", "mark_frontier"]
 
 SOURCE = "fteval report"  # marks the rows report writes (cost_analysis.details / recommendations.evidence)
@@ -156,6 +156,12 @@ def _adapter_runs(evaluation: Optional[Evaluation], runs: list[RunSummary]) -> d
     return out
 
 
+def headline(metrics: dict[str, dict[str, Any]], metric: str) -> Optional[dict[str, Any]]:
+    """A model's ``metric`` row as ``fteval test`` prints it: the bias-corrected estimate (``<metric>_bc``) when
+    recorded, whose interval brackets it, else the plug-in value."""
+    return metrics.get(f"{metric}_bc") or metrics.get(metric)
+
+
 def _hours_between(start: Optional[str], end: Optional[str]) -> Optional[float]:
     if not start or not end:
         return None
@@ -200,7 +206,7 @@ def _pareto(s: Synthesis) -> list[ParetoPoint]:
     train_cost = {c.subject: c.cost for c in s.costs if c.item == "training"}
     points = []
     for model, metrics in ev.scores.items():
-        row = metrics.get("aqi_bounded")
+        row = headline(metrics, "aqi_bounded")
         if row is None or row["value"] is None:
             continue
         run = s.adapter_runs.get(model)

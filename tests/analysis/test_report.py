@@ -277,3 +277,20 @@ def test_head_to_head_recommendation_from_stored_pair_tests(run_db, tmp_path):
     assert cited == set(stored)
     md = (tmp_path / "m07" / "report.md").read_text()
     assert "Head to head: GRIT vs QLORA" in md and "paired_jackknife" in md
+
+
+def test_bias_corrected_estimates_lead_the_aqi_table_and_chart(run_db, tmp_path):
+    """With bias-corrected rows recorded (what fteval test writes), the report shows them with their interval and
+    the plug-in value beside them, as the printed summary does; the chart and the frontier use them too."""
+    with ExperimentDB(run_db) as db:
+        eid = next(e["id"] for e in db.rows("experiments") if e["method"] == "aqi_eval")
+        raw = {r["model"]: r for r in db.rows("aqi_scores", experiment_id=eid, metric="aqi_bounded") if r["layer"] is None}
+        db.add_aqi_scores(eid, [{"model": m, "metric": "aqi_bounded_bc", "value": r["value"] / 2, "ci_low": r["value"] / 4,
+                                 "ci_high": r["value"], "n_samples": r["n_samples"]} for m, r in raw.items()])
+    out = tmp_path / "m07"
+    assert report(run_db, out) == 0
+    md = (out / "report.md").read_text()
+    for m, r in raw.items():
+        assert f"{r['value'] / 2:.4g} [{r['value'] / 4:.4g}, {r['value']:.4g}] (as computed {r['value']:.4g})" in md
+    chart = next(c for c in _chart_specs((out / "report.html").read_text()) if c["id"] == "chart-aqi")
+    assert {c["name"]: c["value"] for c in chart["categories"]} == pytest.approx({m: r["value"] / 2 for m, r in raw.items()})
