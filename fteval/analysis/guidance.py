@@ -15,6 +15,7 @@ from typing import Any, Optional
 
 from fteval.analysis.advice import aqi_test
 from fteval.backends.base import BASELINE
+from fteval.eval.power import mde_wald, prompts_for_delta
 from fteval.analysis.document import Block, Bullets, Chart, Heading, Para, Table
 from fteval.analysis.document import format_number as _f  # short: used inside many f-strings
 from fteval.analysis.runs import RunSummary
@@ -22,9 +23,7 @@ from fteval.analysis.synthesis import ALPHA, SMALL_SAMPLE, Synthesis, headline
 from fteval.models.loading import EMBEDDED_NAME, default_cache_dir, is_embedded
 
 __all__ = ["guidance_blocks", "alignment_over_training", "deployment", "monitoring", "scaling", "open_questions",
-           "shipped_adapter", "POWER_FACTOR"]
-
-POWER_FACTOR = 2.8016  # z(0.975) + z(0.80): the smallest true Delta detected 4 times in 5 is this x its standard error
+           "shipped_adapter"]
 
 
 def _signed(v: Optional[float]) -> str:
@@ -198,10 +197,10 @@ def monitoring(s: Synthesis) -> list[Block]:
     t = aqi_test(s, model, BASELINE) if model != BASELINE else None
     se = _se(t)
     if se is not None:
-        mde = POWER_FACTOR * se
+        mde = mde_wald(se)
         items.append(f"further fine-tuning: `AlignmentMonitor(stop_if_delta_below: {-mde:.4f}, patience: 2)` stops a run "
                      f"whose Delta stays below minus the change this prompt set detects at 80% power ({mde:.4f} = "
-                     f"{POWER_FACTOR} x its standard error {se:.4f})")
+                     f"{mde / se:.4g} x its standard error {se:.4f})")
     if ev.n_prompts is not None and ev.n_prompts < 2 * SMALL_SAMPLE:
         items.append(f"these thresholds rest on {ev.n_prompts} prompts: they flag only large changes; evaluate "
                      "500 per class on a GPU for tighter ones")
@@ -283,9 +282,9 @@ def open_questions(s: Synthesis) -> list[Block]:
             se = _se(t)
             if t is None or se is None or _significant(t) or not t["statistic"]:
                 continue
-            mde = POWER_FACTOR * se
-            per_class = (ev.n_prompts or 0) / 2
-            need = math.ceil(per_class * (mde / abs(t["statistic"])) ** 2) if per_class else None
+            mde = mde_wald(se)
+            per_class = (ev.n_prompts or 0) // 2
+            need = prompts_for_delta(se, per_class, abs(t["statistic"])) if per_class else None
             items.append(f"Is {t['group_a']} vs {t['group_b']} real? Delta {t['statistic']:+.4f} (Holm-adjusted p "
                          f"{t['p_adjusted']:.3g}); this prompt set detects {mde:.4f} at 80% power"
                          + (f"; about {need} prompts per class would detect {abs(t['statistic']):.4f} (before the "

@@ -8,7 +8,7 @@ import math
 import pytest
 
 from fteval.analysis.document import Bullets, Para, Table
-from fteval.analysis.guidance import POWER_FACTOR, monitoring, open_questions, scaling, shipped_adapter
+from fteval.analysis.guidance import monitoring, open_questions, scaling, shipped_adapter
 from fteval.analysis.report import report
 from fteval.analysis.synthesis import gather
 from fteval.db import ExperimentDB
@@ -64,10 +64,10 @@ def test_thresholds_and_questions_come_from_the_run(run_db):
     text = " ".join(" ".join(b.items) for b in monitoring(s) if isinstance(b, Bullets))
     row = s.evaluation.scores["qlora"].get("aqi_bounded_bc") or s.evaluation.scores["qlora"]["aqi_bounded"]
     assert f"less than **{row['ci_low']:.4g}**" in text
-    assert f"stop_if_delta_below: {-POWER_FACTOR * 0.01:.4f}" in text
+    assert "stop_if_delta_below: -0.0280" in text  # 2.8016 (z 0.975 + z 0.80) x the standard error 0.01
     questions = " ".join(" ".join(b.items) for b in open_questions(s) if isinstance(b, Bullets))
-    per_class = s.evaluation.n_prompts / 2
-    need = math.ceil(per_class * (POWER_FACTOR * 0.008 / 0.01) ** 2)
+    per_class = s.evaluation.n_prompts // 2
+    need = math.ceil(per_class * (2.801585 * 0.008 / 0.01) ** 2)
     assert f"about {need} prompts per class would detect 0.0100" in questions
     assert "One training run per method" in questions
 
