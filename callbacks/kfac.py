@@ -73,20 +73,33 @@ class KFACPreconditioner(KFAC, L.Callback):
                 "them to null (GRIT's default: clip_grad_norm here, gradient_clip_val null)."
             )
         self.attach(pl_module)
+        self._graph_hook = None
+        if getattr(pl_module, "cuda_graph_enabled", False):
+            # Forward and backward run inside training_step (and a CUDA graph): the statistics are
+            # started and added there, on the micro-batch tensors the graph reads.
+            self._graph_hook = _MicroBatchHook(self, trainer)
+            pl_module.add_micro_batch_hook(self._graph_hook)
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        hook, self._graph_hook = getattr(self, "_graph_hook", None), None
+        if hook is not None and hasattr(pl_module, "remove_micro_batch_hook"):
+            pl_module.remove_micro_batch_hook(hook)
         self.detach()
         self._penalties = ()
 
-    def on_train_batch_start(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
-    ) -> None:
+    def _begin(self, trainer: L.Trainer, batch: Any) -> None:
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         scale = scaler.get_scale() if scaler is not None and scaler.is_enabled() else 1.0
         ids = batch.get("input_ids") if isinstance(batch, Mapping) else None
         shape = tuple(ids.shape) if isinstance(ids, torch.Tensor) else None
         self.begin_micro_batch(token_mask_from_batch(batch, self.statistics_tokens), scale, token_shape=shape,
                                slot_dtype=_precision_dtype(trainer))
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if getattr(self, "_graph_hook", None) is None:
+            self._begin(trainer, batch)
 
     def on_before_optimizer_step(
         self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
@@ -113,3 +126,17 @@ class KFACPreconditioner(KFAC, L.Callback):
         self.capture.host_seconds = 0.0
         for key, value in {**values, **metrics}.items():
             pl_module.log(key, value, on_step=True, on_epoch=False)
+
+
+class _MicroBatchHook:
+    """The K-FAC statistics around one micro-batch under ``cuda_graph`` (``AdapterModule.add_micro_batch_hook``):
+    started on the batch the forward reads, added to the pending sums right after its backward."""
+
+    def __init__(self, kfac: KFACPreconditioner, trainer: L.Trainer) -> None:
+        self.kfac, self.trainer = kfac, trainer
+
+    def before(self, batch: Any) -> None:
+        self.kfac._begin(self.trainer, batch)
+
+    def after(self) -> None:
+        self.kfac.flush()

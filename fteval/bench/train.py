@@ -108,6 +108,7 @@ class TrainBenchSettings:
     gc_freeze: bool = True
     fused_loss: list[str] = field(default_factory=lambda: ["off"])
     activation_offload: list[bool] = field(default_factory=lambda: [False])
+    cuda_graph: list[bool] = field(default_factory=lambda: [False])
     find_max_seq_len: bool = False
     seq_len_step: int = 1024
 
@@ -125,9 +126,14 @@ class TrainBenchSettings:
             return f"methods={methods} must be a non-empty subset of {list(METHODS)}"
         if not self.batch_sizes or any(int(b) < 1 for b in self.batch_sizes):
             return f"batch_sizes={list(self.batch_sizes)} must be a non-empty list of positive integers"
-        for name in ("gradient_checkpointing", "padding_free", "compile_blocks", "activation_offload"):
+        for name in ("gradient_checkpointing", "padding_free", "compile_blocks", "activation_offload", "cuda_graph"):
             if not getattr(self, name):
                 return f"{name} is empty; pass [false], [true] or [false, true]"
+        if any(self.cuda_graph) and any(self.activation_offload):
+            return "cuda_graph and activation_offload cannot both be true (offload copies on a side stream)"
+        if any(self.cuda_graph) and (self.min_seq_len is not None or any(self.padding_free)):
+            return ("cuda_graph replays unpadded batches of one shape; leave min_seq_len unset and padding_free "
+                    "[false] (padded and padding-free batches would run eagerly)")
         if self.steps < 1:
             return f"steps={self.steps}: at least 1 timed optimizer step is needed"
         if self.warmup < 1:
@@ -165,9 +171,9 @@ class TrainBenchSettings:
         return [RunSpec(self.methods[0], int(batch_size), self.seq_len, bool(gradient_checkpointing), self.steps,
                         self.warmup, seed=self.seed, min_seq_len=self.min_seq_len, padding_free=bool(pf),
                         compile_blocks=bool(comp), gc_freeze=self.gc_freeze, fused_loss=fl,
-                        activation_offload=bool(off))
+                        activation_offload=bool(off), cuda_graph=bool(cg))
                 for pf in self.padding_free for comp in self.compile_blocks
-                for fl in self.fused_loss for off in self.activation_offload]
+                for fl in self.fused_loss for off in self.activation_offload for cg in self.cuda_graph]
 
     def as_json(self, device: torch.device) -> dict:
         """The ``settings`` block of the result file."""
@@ -177,7 +183,8 @@ class TrainBenchSettings:
             "warmup": self.warmup, "quantization": self.quantization, "seed": self.seed,
             "min_seq_len": self.min_seq_len, "padding_free": list(self.padding_free),
             "compile_blocks": list(self.compile_blocks), "fused_loss": list(self.fused_loss),
-            "activation_offload": list(self.activation_offload), "gc_freeze": self.gc_freeze,
+            "activation_offload": list(self.activation_offload), "cuda_graph": list(self.cuda_graph),
+            "gc_freeze": self.gc_freeze,
             "repeats": self.repeats,
             "lora": {"r": LORA_R, "alpha": LORA_ALPHA, "dropout": LORA_DROPOUT, "target_modules": list(DEFAULT_TARGETS)},
             "learning_rate": LEARNING_RATE,
@@ -194,7 +201,8 @@ def _find_longest(settings: TrainBenchSettings, bm: BenchModel, workdir: Path, o
         method, bm, int(settings.batch_sizes[0]), settings.seq_len, settings.max_positions, granularity, workdir,
         gradient_checkpointing=bool(settings.gradient_checkpointing[0]), compile_blocks=bool(settings.compile_blocks[0]),
         gc_freeze=settings.gc_freeze, fused_loss=settings.fused_loss[0],
-        activation_offload=bool(settings.activation_offload[0])) for method in settings.methods]
+        activation_offload=bool(settings.activation_offload[0]), cuda_graph=bool(settings.cuda_graph[0]))
+        for method in settings.methods]
     write_json_atomic(output, {"benchmark": "train-longest-sequence", "machine": machine_info(),
                                "model_config": settings.model_config, "quantization": settings.quantization,
                                "results": longest}, canonical=True)
@@ -230,7 +238,7 @@ def _time_runs(settings: TrainBenchSettings, bm: BenchModel, workdir: Path, outp
                         again = f", repeat {rep + 1}/{repeats}" if repeats > 1 else ""
                         print(f"[fteval bench] {method}: batch {b} x {lengths} tokens, checkpointing {ckpt}, "
                               f"padding-free {spec.padding_free}, compiled {spec.compile_blocks}, fused loss "
-                              f"{spec.fused_loss}, offload {spec.activation_offload}{again}", flush=True)
+                              f"{spec.fused_loss}, offload {spec.activation_offload}, CUDA graph {spec.cuda_graph}{again}", flush=True)
                         row = run_method(spec, bm, workdir)
                         row["repeat"] = rep
                         if row["error"] is None:
@@ -285,6 +293,7 @@ def bench_train(
     gc_freeze: bool = True,
     fused_loss: list[str] = ["off"],  # noqa: B006
     activation_offload: list[bool] = [False],  # noqa: B006
+    cuda_graph: list[bool] = [False],  # noqa: B006
     find_max_seq_len: bool = False,
     seq_len_step: int = 1024,
 ) -> int:
@@ -340,6 +349,11 @@ def bench_train(
         fused_loss: one run per value: 'off' (the full logits, as transformers computes the loss),
             'chunked' (:mod:`fteval.models.fused_loss`; the plain loop uses it too) or 'liger'.
         activation_offload: one run per value (:mod:`fteval.models.offload`; the plain loop too).
+        cuda_graph: one run per value: eager steps (False) or each micro-batch's forward and
+            backward replayed from a CUDA graph (True, ``model.cuda_graph`` of ``fteval fit``,
+            :mod:`fteval.models.cuda_graph`; the plain loop the same way). The first two steps
+            run eagerly and the third captures: keep ``warmup`` >= 3. CUDA only; on a CPU the
+            runs take the same path without capture.
         find_max_seq_len: instead of timing, find for every method the longest sequence (a
             multiple of 1024, up to the model's positions) that trains at the first batch size,
             checkpointing, fused-loss and offload value: a doubling search then a bisection, one
@@ -354,7 +368,7 @@ def bench_train(
         profile=profile, profile_method=profile_method, profile_steps=profile_steps, peak_tflops=peak_tflops,
         attn_implementation=attn_implementation, seed=seed, min_seq_len=min_seq_len, padding_free=list(padding_free),
         repeats=repeats, compile_blocks=list(compile_blocks), gc_freeze=gc_freeze, fused_loss=list(fused_loss),
-        activation_offload=list(activation_offload), find_max_seq_len=find_max_seq_len, seq_len_step=seq_len_step)
+        activation_offload=list(activation_offload), cuda_graph=list(cuda_graph), find_max_seq_len=find_max_seq_len, seq_len_step=seq_len_step)
     device = default_device()
     bm = build_random_model(model_config, quantization=quantization, device=device, seed=seed,
                             attn_implementation=attn_implementation)

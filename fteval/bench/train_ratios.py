@@ -37,12 +37,13 @@ class RunKey(NamedTuple):
     compile_blocks: bool
     fused_loss: str
     activation_offload: bool
+    cuda_graph: bool = False
 
 
 def run_key(row: dict) -> RunKey:
     return RunKey(row["batch_size"], row["gradient_checkpointing"], bool(row.get("padding_free", False)),
                   bool(row.get("compile_blocks", False)), row.get("fused_loss", "off"),
-                  bool(row.get("activation_offload", False)))
+                  bool(row.get("activation_offload", False)), bool(row.get("cuda_graph", False)))
 
 
 # Methods compared at the same setting: (numerator, denominator).
@@ -70,6 +71,8 @@ OPTION_EFFECTS = (
                  {"padding_free_speedup": "tokens_per_s"}),
     OptionEffect(lambda k: k.compile_blocks, lambda k: k._replace(compile_blocks=False),
                  {"compile_speedup": "tokens_per_s"}),
+    OptionEffect(lambda k: k.cuda_graph, lambda k: k._replace(cuda_graph=False),
+                 {"cuda_graph_speedup": "tokens_per_s", "cuda_graph_memory": "peak_mem_gib"}),
 )
 
 # Within each repeat, then the median: name -> (numerator method, its per-repeat values, denominator, its values).

@@ -13,7 +13,7 @@ __all__ = ["LONGEST_COLUMNS", "RATIO_COLUMNS", "RUN_COLUMNS", "print_longest", "
 RUN_COLUMNS = (
     ("method", "method", ""), ("batch_size", "batch", "d"), ("gradient_checkpointing", "ckpt", ""),
     ("padding_free", "padding-free", ""), ("compile_blocks", "compiled", ""), ("fused_loss", "fused loss", ""),
-    ("activation_offload", "offload", ""), ("tokens_per_step", "tokens/step", ",.0f"), ("tokens_per_s", "tokens/s", ",.0f"), ("step_mean_ms", "step ms mean", ".1f"), ("step_p50_ms", "p50", ".1f"),
+    ("activation_offload", "offload", ""), ("cuda_graph", "CUDA graph", ""), ("tokens_per_step", "tokens/step", ",.0f"), ("tokens_per_s", "tokens/s", ",.0f"), ("step_mean_ms", "step ms mean", ".1f"), ("step_p50_ms", "p50", ".1f"),
     ("peak_mem_gib", "peak GiB", ".1f"), ("mfu", "MFU", ".3f"), ("amortised_step_ms", "GRIT amortised ms", ".1f"),
     ("error", "error", ""),
 )
@@ -34,6 +34,8 @@ RATIO_COLUMNS = (
     ("fused_loss", "fused loss", ""), ("activation_offload", "offload", ""),
     ("qlora_memory_vs_default", "qlora mem/default", ".3f"), ("qlora_speed_vs_default", "qlora speed/default", ".3f"),
     ("grit_memory_vs_default", "grit mem/default", ".3f"), ("grit_speed_vs_default", "grit speed/default", ".3f"),
+    ("cuda_graph", "CUDA graph", ""), ("plain_cuda_graph_speedup", "plain graph/eager", ".3f"),
+    ("qlora_cuda_graph_speedup", "qlora graph/eager", ".3f"), ("grit_cuda_graph_speedup", "grit graph/eager", ".3f"),
 )
 LONGEST_COLUMNS = (
     ("method", "method", ""), ("batch_size", "batch", "d"), ("longest_seq_len", "longest sequence", ",d"),

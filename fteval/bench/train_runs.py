@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 from fteval.bench.common import BenchModel, free_memory, peak_memory_gib, reset_peak_memory, synchronize, timing_summary
 from fteval.models.base import DEFAULT_TARGETS
 from fteval.models.base import compile_blocks as _compile_blocks
+from fteval.models.cuda_graph import MicroBatchGraphs, graph_safe_checkpointing, graphable_batch
 from fteval.models.fused_loss import fused_causal_lm_loss
 from fteval.models.offload import offload_activations
 
@@ -63,6 +64,7 @@ class RunSpec:
     gc_freeze: bool = False
     fused_loss: str = "off"
     activation_offload: bool = False
+    cuda_graph: bool = False
 
 
 # ----------------------------------------------------------------------------------------------
@@ -262,19 +264,41 @@ def _plain_run(spec: RunSpec, bm: BenchModel, loader: DataLoader, clock: StepClo
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = _optimizer_factory(bm.device, spec.lr)(params)
     amp = bm.device.type == "cuda"
-    if spec.gc_freeze:  # what callbacks.perf.GarbageCollection does for the Lightning methods
-        gc.collect()
-        gc.freeze()
-    for batch in loader:
-        batch = {k: v.to(bm.device, non_blocking=True) for k, v in batch.items() if isinstance(v, torch.Tensor)}
-        with torch.autocast(bm.device.type, dtype=torch.bfloat16, enabled=amp), offload_activations(spec.activation_offload):
+
+    def forward_backward(batch: dict) -> torch.Tensor:
+        with offload_activations(spec.activation_offload):
             if spec.fused_loss == "off":
                 loss = model(**batch).loss
             else:
                 loss = fused_causal_lm_loss(model, batch, spec.fused_loss)
         loss.backward()
+        return loss
+
+    graphs = rng = None
+    if spec.cuda_graph:  # as AdapterModule(cuda_graph=True) runs its micro-batches
+        capture = bm.device.type == "cuda"
+        rng = graph_safe_checkpointing(model) if spec.gradient_checkpointing and capture else None
+        graphs = MicroBatchGraphs(forward_backward, params, generator_states=rng.generator_states if rng else (),
+                                  capture=capture)
+    if spec.gc_freeze:  # what callbacks.perf.GarbageCollection does for the Lightning methods
+        gc.collect()
+        gc.freeze()
+    for batch in loader:
+        mask = batch.get("attention_mask")
+        unpadded = mask is None or bool(mask.all())  # decided on the host: on the device it would be a sync
+        batch = {k: v.to(bm.device, non_blocking=True) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+        with torch.autocast(bm.device.type, dtype=torch.bfloat16, enabled=amp):
+            if graphs is None:
+                loss = forward_backward(batch)
+            else:
+                graphs.zero_grads()
+                if rng is not None:
+                    rng.align()
+                graphable = graphable_batch(batch, unpadded)
+                loss = graphs.run(graphable) if graphable is not None else graphs.fn(batch)
         optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        if graphs is None:
+            optimizer.zero_grad(set_to_none=True)
         clock.mark(loss)
     if spec.gc_freeze:
         gc.unfreeze()
@@ -302,9 +326,10 @@ def _lightning_run(spec: RunSpec, bm: BenchModel, loader: DataLoader, clock: Ste
         lr_schedule="constant", warmup_steps=0, gradient_checkpointing=spec.gradient_checkpointing,
         compile_blocks=spec.compile_blocks, attn_implementation=bm.attn_implementation,
         export_dir=str(workdir / f"{method}_adapter"), fused_loss=spec.fused_loss,
-        activation_offload=spec.activation_offload,
+        activation_offload=spec.activation_offload, cuda_graph=spec.cuda_graph,
     )
     module.setup_base_model(bm.model, attn_implementation=bm.attn_implementation)
+    module._cuda_graph_capture = bm.device.type == "cuda"  # on a CPU: the cuda_graph path without capture
     callbacks: list = [GarbageCollection()] if spec.gc_freeze else []  # as the training configs list it
     probe = None
     if method == "grit":
@@ -354,6 +379,7 @@ def run_method(spec: RunSpec, bm: BenchModel, workdir: Path, profiler: Any = Non
                            "min_seq_len": spec.min_seq_len, "padding_free": spec.padding_free,
                            "compile_blocks": spec.compile_blocks, "gc_freeze": spec.gc_freeze,
                            "fused_loss": spec.fused_loss, "activation_offload": spec.activation_offload,
+                           "cuda_graph": spec.cuda_graph,
                            "gradient_checkpointing": spec.gradient_checkpointing, "steps": steps, "warmup": warmup,
                            "tokens_per_step": dataset.real_tokens(batch_size, warmup), "error": None}
     free_memory(device)
@@ -432,4 +458,4 @@ def longest_trainable(
     return {"method": method, "batch_size": batch_size, "longest_seq_len": ok, "limit": limit,
             "first_failure": bad, "peak_mem_gib": best.get("peak_mem_gib"), "tokens_per_s": best.get("tokens_per_s"),
             "tries": tries, **{k: v for k, v in kw.items() if k in ("gradient_checkpointing", "fused_loss",
-                                                                      "activation_offload", "compile_blocks")}}
+                                                                      "activation_offload", "compile_blocks", "cuda_graph")}}

@@ -19,6 +19,7 @@ import torch
 from lightning.pytorch.cli import OptimizerCallable
 
 from fteval.io import write_json_atomic
+from fteval.models.cuda_graph import MicroBatchGraphs, graph_safe_checkpointing, graphable_batch
 from fteval.models.fused_loss import FusedLoss, fused_causal_lm_loss
 from fteval.models.loading import Quantization, load_causal_lm
 from fteval.models.offload import offload_activations
@@ -168,6 +169,13 @@ class AdapterModule(L.LightningModule):
             (:mod:`fteval.models.offload`); with ``gradient_checkpointing`` that is each block's
             input. Saves device memory at long sequences, costs host-device copies. GPU only
             (a no-op on CPU).
+        cuda_graph: run each training micro-batch's forward and backward from a CUDA graph
+            (:mod:`fteval.models.cuda_graph`): a batch shape runs eagerly twice, is captured,
+            and later micro-batches of that shape replay it with one launch, which removes the
+            per-layer host time that bounds small batches. Unpadded batches only (padded and
+            padding-free batches run eagerly); needs a CUDA device, one process, bf16 or fp32
+            precision and no ``activation_offload``. Costs graph memory (about one step's
+            activations) per captured shape.
         cache_dir: where the embedded model is materialised.
         export_dir: where the PEFT adapter folder is written after fit (default: <log_dir>/adapter).
     """
@@ -192,6 +200,7 @@ class AdapterModule(L.LightningModule):
         fused_loss: FusedLoss = "off",
         loss_chunk_tokens: int = 2048,
         activation_offload: bool = False,
+        cuda_graph: bool = False,
         cache_dir: Optional[str] = None,
         export_dir: Optional[str] = None,
     ):
@@ -218,6 +227,11 @@ class AdapterModule(L.LightningModule):
         self.experiment_id: Optional[int] = None  # set by callbacks.run_logger.ExperimentDBLogger
         self.experiment_db_path: Optional[str] = None  # the database that experiment is in (same logger)
         self.artifact_paths: dict[str, str] = {}  # recorded by the run logger at the end of fit
+        self.micro_batch_hooks: list = []  # work around each graphed micro-batch (add_micro_batch_hook)
+        self._graphs: Optional[MicroBatchGraphs] = None  # cuda_graph: the captured micro-batches of this fit
+        self._graph_rng = None  # cuda_graph with checkpointing: the blocks' generator states
+        self._batch_unpadded: Optional[bool] = None  # cuda_graph: the next training batch has no padding
+        self._cuda_graph_capture = True  # False: the same path without capture (CPU tests)
 
     # ------------------------------------------------------------- model set-up
     def configure_model(self) -> None:
@@ -291,10 +305,100 @@ class AdapterModule(L.LightningModule):
         return out.loss, sequences_in_batch(batch)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        with offload_activations(bool(self.hparams.get("activation_offload", False))):
-            loss, n_seq = self._lm_loss(batch)
+        if self._graphs is not None:
+            loss, n_seq = self._graphed_step(batch, batch_idx), sequences_in_batch(batch)
+        else:
+            with offload_activations(bool(self.hparams.get("activation_offload", False))):
+                loss, n_seq = self._lm_loss(batch)
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=n_seq)
         return loss
+
+    # ------------------------------------------------------------- cuda_graph
+    def add_micro_batch_hook(self, hook) -> None:
+        """Have ``hook.before(batch)`` and ``hook.after()`` run around every training micro-batch's
+        forward and backward under ``cuda_graph`` (inside the captured region: device work in them
+        repeats at every replay, their Python runs while capturing). GRIT's K-FAC statistics use it."""
+        if hook not in self.micro_batch_hooks:
+            self.micro_batch_hooks.append(hook)
+
+    def remove_micro_batch_hook(self, hook) -> None:
+        if hook in self.micro_batch_hooks:
+            self.micro_batch_hooks.remove(hook)
+
+    @property
+    def cuda_graph_enabled(self) -> bool:
+        """Whether training micro-batches run forward and backward in ``training_step`` (``cuda_graph``)."""
+        return bool(self.hparams.get("cuda_graph", False))
+
+    def _check_cuda_graph(self) -> None:
+        trainer = self.trainer
+        if self.device.type != "cuda" and self._cuda_graph_capture:
+            raise ValueError(f"cuda_graph: true needs a CUDA device, but this fit runs on {self.device.type}; "
+                             "set --model.init_args.cuda_graph false")
+        if str(trainer.precision).startswith("16"):
+            raise ValueError(f"cuda_graph: true cannot run under precision {trainer.precision!r} (its loss scale "
+                             "changes between steps); use bf16-mixed or set cuda_graph: false")
+        if trainer.world_size > 1:
+            raise ValueError(f"cuda_graph: true runs in one process, but this fit has {trainer.world_size} (the "
+                             "gradient all-reduce runs inside backward); set cuda_graph: false for multi-GPU fits")
+        if self.hparams.get("activation_offload", False):
+            raise ValueError("cuda_graph and activation_offload cannot both be on (offload copies to host memory "
+                             "on a side stream); turn one of them off")
+
+    def on_fit_start(self) -> None:
+        if not self.cuda_graph_enabled:
+            return
+        self._check_cuda_graph()
+        states = ()
+        if self.hparams.gradient_checkpointing and self._cuda_graph_capture:
+            self._graph_rng = graph_safe_checkpointing(self.model)
+            states = self._graph_rng.generator_states
+        self._graphs = MicroBatchGraphs(self._forward_backward, self.trainable_parameters(),
+                                        generator_states=states, capture=self._cuda_graph_capture)
+
+    def on_fit_end(self) -> None:
+        if self._graphs is not None:
+            log.info("cuda_graph: %s", dict(self._graphs.counts))
+        self._graphs = None  # frees the graphs' memory pool
+
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        # Whether a training batch is padded, decided on the host (on the device it would be a sync).
+        if self.cuda_graph_enabled and self._trainer is not None and self.trainer.training and isinstance(batch, dict):
+            mask = batch.get("attention_mask")
+            self._batch_unpadded = not isinstance(mask, torch.Tensor) or bool(mask.all())
+        return batch
+
+    def _forward_backward(self, batch: dict) -> torch.Tensor:
+        """One micro-batch's forward and backward (with the registered hooks); the loss, unnormalised."""
+        for hook in self.micro_batch_hooks:
+            hook.before(batch)
+        loss, _ = self._lm_loss(batch)
+        (loss / self.trainer.accumulate_grad_batches).backward()  # as Lightning normalises before its backward
+        for hook in self.micro_batch_hooks:
+            hook.after()
+        return loss
+
+    def _graphed_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        if batch_idx % self.trainer.accumulate_grad_batches == 0:  # where Lightning would zero the gradients
+            self._graphs.zero_grads()
+        if self._graph_rng is not None:
+            self._graph_rng.align()
+        unpadded, self._batch_unpadded = self._batch_unpadded, None
+        graphable = graphable_batch(batch, unpadded)
+        if graphable is None:
+            self._graphs.counts["eager_unsupported"] += 1
+            return self._graphs.fn(batch).detach()
+        return self._graphs.run(graphable)
+
+    def backward(self, loss: torch.Tensor, *args, **kwargs) -> None:
+        if self._graphs is not None:
+            return  # cuda_graph: training_step ran this micro-batch's backward
+        super().backward(loss, *args, **kwargs)
+
+    def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer) -> None:
+        if self._graphs is not None:
+            return  # cuda_graph: zeroed in place at the accumulation window's first micro-batch (training_step)
+        super().optimizer_zero_grad(epoch, batch_idx, optimizer)
 
     def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss, n_seq = self._lm_loss(batch)

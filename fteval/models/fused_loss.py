@@ -60,7 +60,7 @@ def chunked_linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor,
     for start in range(0, hidden.shape[0], chunk_tokens):
         h, y = hidden[start:start + chunk_tokens], labels[start:start + chunk_tokens]
         if needs_grad:
-            total = total + checkpoint(_chunk_loss_sum, h, weight, y, use_reentrant=False)
+            total = total + checkpoint(_chunk_loss_sum, h, weight, y, use_reentrant=False, preserve_rng_state=False)
         else:
             total = total + _chunk_loss_sum(h, weight, y)
     return total / n.clamp(min=1)  # transformers' mean over labelled tokens (0/0 -> 0 instead of NaN)

@@ -45,6 +45,7 @@ class GRITModule(AdapterModule):
                 "GRITModule needs callbacks.kfac.KFACPreconditioner in trainer.callbacks (configs/grit.yaml has it; "
                 f"set its enabled: false for a plain-LoRA ablation); the trainer has {names}"
             )
+        super().on_fit_start()
 
     def export_adapter(self, output_dir: Path) -> Path:
         """PEFT folder (adapter_config.json + adapter_model.safetensors) plus kfac_factors.safetensors and effective_rank.json."""
