@@ -341,6 +341,10 @@ class AdapterModule(L.LightningModule):
         if trainer.world_size > 1:
             raise ValueError(f"cuda_graph: true runs in one process, but this fit has {trainer.world_size} (the "
                              "gradient all-reduce runs inside backward); set cuda_graph: false for multi-GPU fits")
+        if self.attn_implementation not in (None, "sdpa"):
+            raise ValueError(f"cuda_graph: true needs attn_implementation sdpa (graphed batches carry their causal mask "
+                             f"as a 4D tensor), but the model uses {self.attn_implementation!r}; set "
+                             "--model.init_args.attn_implementation sdpa or cuda_graph: false")
         if self.hparams.get("activation_offload", False):
             raise ValueError("cuda_graph and activation_offload cannot both be on (offload copies to host memory "
                              "on a side stream); turn one of them off")

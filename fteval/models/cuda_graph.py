@@ -54,12 +54,16 @@ GRAPH_KEYS = ("input_ids", "labels", "attention_mask")  # what a graphed micro-b
 def graphable_batch(batch: Any, unpadded: Optional[bool] = None) -> Optional[dict]:
     """The batch as a graph can take it, or None when it must run eagerly.
 
-    A graphed forward may not read device values on the host. transformers does that for an
-    ``attention_mask`` (it checks whether any token is padding to choose the causal kernel)
-    and for ``position_ids`` (packed sequences), so only unpadded batches of ``input_ids`` and
-    ``labels`` qualify; their all-ones ``attention_mask`` is dropped (the same attention).
-    ``unpadded``: whether the mask is all ones, decided while the batch was on the host
-    (``on_before_batch_transfer``); None reads the mask here (a device sync on the GPU).
+    A graphed forward may not read device values on the host, and must take the same code path
+    while captured as in its eager warm-up runs. transformers chooses its attention mask by
+    reading the 2D ``attention_mask`` (all ones: SDPA's causal kernel without a mask) or the
+    ``position_ids`` (packed sequences), except while a stream is being captured, when it builds
+    a mask instead. So only unpadded batches of ``input_ids`` and ``labels`` qualify, and they get
+    the causal mask as a 4D boolean tensor ``[batch, 1, seq, seq]`` (True: attend), which
+    transformers passes to SDPA as it is, warm-up and capture alike (the same attention as
+    ``is_causal``, through SDPA's masked kernel). ``unpadded``: whether the 2D mask is all ones,
+    decided while the batch was on the host (``on_before_batch_transfer``); None reads the mask
+    here (a device sync on the GPU).
     """
     if not isinstance(batch, Mapping) or not isinstance(batch.get("input_ids"), torch.Tensor):
         return None
@@ -67,11 +71,23 @@ def graphable_batch(batch: Any, unpadded: Optional[bool] = None) -> Optional[dic
         return None
     mask = batch.get("attention_mask")
     if isinstance(mask, torch.Tensor):
+        if mask.dim() != 2:
+            return None
         if unpadded is None:
             unpadded = bool(mask.all())
         if not unpadded:
             return None
-    return {k: v for k, v in batch.items() if k != "attention_mask"}
+    ids = batch["input_ids"]
+    if ids.dim() != 2:
+        return None
+    b, n = ids.shape
+    causal = torch.ones(n, n, dtype=torch.bool, device=ids.device).tril()  # [seq, seq]
+    return {**{k: v for k, v in batch.items() if k != "attention_mask"},
+            "attention_mask": causal.expand(b, 1, n, n)}  # [batch, 1, seq, seq]
+
+
+def _is_causal_mask(name: str, value: Any) -> bool:
+    return name == "attention_mask" and isinstance(value, torch.Tensor) and value.dim() == 4
 
 
 @dataclass
@@ -164,7 +180,7 @@ class MicroBatchGraphs:
         captured = self.graphs.get(key) if key is not None else None
         if captured is not None:
             for k, buf in captured.inputs.items():
-                if isinstance(buf, torch.Tensor):
+                if isinstance(buf, torch.Tensor) and not _is_causal_mask(k, buf):
                     buf.copy_(batch[k], non_blocking=True)
             if self.capture:
                 captured.graph.replay()
@@ -186,7 +202,9 @@ class MicroBatchGraphs:
         return captured.loss.clone()
 
     def _capture(self, key: tuple, batch: Mapping) -> _Captured:
-        inputs = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+        # the 4D causal mask of graphable_batch depends on the shape alone: kept as it is (a broadcast view)
+        inputs = {k: (v.clone() if isinstance(v, torch.Tensor) and not _is_causal_mask(k, v) else v)
+                  for k, v in batch.items()}
         if not self.capture:
             captured = _Captured(None, inputs, self.fn(inputs).detach())
             self.graphs[key] = captured
@@ -196,18 +214,25 @@ class MicroBatchGraphs:
         graph = torch.cuda.CUDAGraph()
         for state in self.generator_states:
             graph.register_generator_state(state)
-        # Autocast's cast cache would keep casts made during capture (graph memory) past the step.
-        dtype = torch.get_autocast_dtype("cuda")
-        amp = torch.is_autocast_enabled("cuda")
+        # Casts cached by autocast before the capture would be read by the graph but not made by it.
+        torch.clear_autocast_cache()
+        first: list[BaseException] = []
         try:
+            # a compile during capture (a recompile of a block) cannot work: make it an error at once
             with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"), \
-                    torch.autocast("cuda", dtype=dtype, enabled=amp, cache_enabled=False):
-                loss = self.fn(inputs).detach()
-        except RuntimeError as exc:
+                    torch.compiler.set_stance("fail_on_recompile"):
+                try:
+                    loss = self.fn(inputs).detach()
+                except BaseException as exc:  # the cause; ending the capture then raises a generic error
+                    first.append(exc)
+                    raise
+        except Exception as exc:
+            cause = first[0] if first else exc
             raise RuntimeError(
-                f"cuda_graph: capturing the training step failed ({str(exc).splitlines()[0]}). Something in the "
-                "step reads device values on the host or synchronises; set cuda_graph: false for this model/config."
-            ) from exc
+                f"cuda_graph: capturing the training step failed ({type(cause).__name__}: "
+                f"{str(cause).strip().splitlines()[-1][:300]}). Something in the step synchronises with the host, "
+                "compiles or allocates host memory; set cuda_graph: false for this model/config."
+            ) from cause
         self.pool = graph.pool()
         graph.replay()  # capture only recorded the kernels: run this micro-batch
         captured = self.graphs[key] = _Captured(graph, inputs, loss)
