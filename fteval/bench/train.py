@@ -132,8 +132,8 @@ class TrainBenchSettings:
         if any(self.cuda_graph) and any(self.activation_offload):
             return "cuda_graph and activation_offload cannot both be true (offload copies on a side stream)"
         if any(self.cuda_graph) and (self.min_seq_len is not None or any(self.padding_free)):
-            return ("cuda_graph replays unpadded batches of one shape; leave min_seq_len unset and padding_free "
-                    "[false] (padded and padding-free batches would run eagerly)")
+            return ("cuda_graph replays batches of a repeated shape; leave min_seq_len unset and padding_free "
+                    "[false] (ragged and padding-free batches would run eagerly)")
         if self.steps < 1:
             return f"steps={self.steps}: at least 1 timed optimizer step is needed"
         if self.warmup < 1:

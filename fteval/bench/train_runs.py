@@ -284,8 +284,6 @@ def _plain_run(spec: RunSpec, bm: BenchModel, loader: DataLoader, clock: StepClo
         gc.collect()
         gc.freeze()
     for batch in loader:
-        mask = batch.get("attention_mask")
-        unpadded = mask is None or bool(mask.all())  # decided on the host: on the device it would be a sync
         batch = {k: v.to(bm.device, non_blocking=True) for k, v in batch.items() if isinstance(v, torch.Tensor)}
         with torch.autocast(bm.device.type, dtype=torch.bfloat16, enabled=amp):
             if graphs is None:
@@ -294,7 +292,7 @@ def _plain_run(spec: RunSpec, bm: BenchModel, loader: DataLoader, clock: StepClo
                 graphs.zero_grads()
                 if rng is not None:
                     rng.align()
-                graphable = graphable_batch(batch, unpadded)
+                graphable = graphable_batch(batch)
                 loss = graphs.run(graphable) if graphable is not None else graphs.fn(batch)
         optimizer.step()
         if graphs is None:

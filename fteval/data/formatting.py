@@ -81,12 +81,15 @@ def tokenize_example(
     }
 
 
-def pad_batch(features: list[dict], pad_token_id: int, side: Literal["right", "left"] = "right") -> dict:
-    """Pad ``input_ids`` (and ``labels`` when present) to the longest row; build ``attention_mask``.
+def pad_batch(features: list[dict], pad_token_id: int, side: Literal["right", "left"] = "right",
+              multiple_of: int = 1) -> dict:
+    """Pad ``input_ids`` (and ``labels`` when present) to the longest row, rounded up to a multiple of
+    ``multiple_of``; build ``attention_mask``.
 
     Other keys holding scalars are stacked into tensors; strings are kept as lists.
     """
     width = max(len(f["input_ids"]) for f in features)
+    width = -(-width // multiple_of) * multiple_of
     out: dict = {}
     ids, mask, labels = [], [], []
     for f in features:

@@ -158,7 +158,8 @@ class AdapterModule(L.LightningModule):
             them and the first step pays one compile, not one per block). Fuses the elementwise
             work between the matmuls and cuts per-layer Python at small batches; the first
             steps take seconds to minutes longer. Needs a C++ compiler on CPU, Triton on GPU.
-        attn_implementation: 'auto' (flash_attention_2 if installed, else sdpa), 'sdpa', 'eager'.
+        attn_implementation: 'auto' (flash_attention_2 if installed, else sdpa; sdpa with
+            ``cuda_graph``), 'sdpa', 'eager'.
         fused_loss: 'off' (transformers' loss over the full logits), 'chunked' (the loss from the
             final hidden states, ``loss_chunk_tokens`` at a time: the full ``[tokens, vocab]`` fp32
             logits and their gradient never exist; same value and gradients) or 'liger'
@@ -172,10 +173,10 @@ class AdapterModule(L.LightningModule):
         cuda_graph: run each training micro-batch's forward and backward from a CUDA graph
             (:mod:`fteval.models.cuda_graph`): a batch shape runs eagerly twice, is captured,
             and later micro-batches of that shape replay it with one launch, which removes the
-            per-layer host time that bounds small batches. Unpadded batches only (padded and
-            padding-free batches run eagerly); needs a CUDA device, one process, bf16 or fp32
-            precision and no ``activation_offload``. Costs graph memory (about one step's
-            activations) per captured shape.
+            per-layer host time that bounds small batches. At most 8 batch shapes are
+            captured (``data.pad_to_multiple_of`` makes shapes repeat); padding-free batches run
+            eagerly. Needs a CUDA device, one process, bf16 or fp32 precision, SDPA attention
+            and no ``activation_offload``.
         cache_dir: where the embedded model is materialised.
         export_dir: where the PEFT adapter folder is written after fit (default: <log_dir>/adapter).
     """
@@ -230,7 +231,6 @@ class AdapterModule(L.LightningModule):
         self.micro_batch_hooks: list = []  # work around each graphed micro-batch (add_micro_batch_hook)
         self._graphs: Optional[MicroBatchGraphs] = None  # cuda_graph: the captured micro-batches of this fit
         self._graph_rng = None  # cuda_graph with checkpointing: the blocks' generator states
-        self._batch_unpadded: Optional[bool] = None  # cuda_graph: the next training batch has no padding
         self._cuda_graph_capture = True  # False: the same path without capture (CPU tests)
 
     # ------------------------------------------------------------- model set-up
@@ -239,10 +239,13 @@ class AdapterModule(L.LightningModule):
             return
         hp = self.hparams
         device = self.trainer.strategy.root_device if self._trainer is not None else None
+        attn = hp.attn_implementation
+        if attn == "auto" and hp.get("cuda_graph", False):
+            attn = "sdpa"  # graphed batches carry a 4D mask, which flash_attention_2 does not take
         loaded = load_causal_lm(
             hp.model_name_or_path,
             quantization=hp.quantization,
-            attn_implementation=hp.attn_implementation,
+            attn_implementation=attn,
             cache_dir=Path(hp.cache_dir) if hp.cache_dir else None,
             device=device,
         )
@@ -365,13 +368,6 @@ class AdapterModule(L.LightningModule):
             log.info("cuda_graph: %s", dict(self._graphs.counts))
         self._graphs = None  # frees the graphs' memory pool
 
-    def on_before_batch_transfer(self, batch, dataloader_idx: int):
-        # Whether a training batch is padded, decided on the host (on the device it would be a sync).
-        if self.cuda_graph_enabled and self._trainer is not None and self.trainer.training and isinstance(batch, dict):
-            mask = batch.get("attention_mask")
-            self._batch_unpadded = not isinstance(mask, torch.Tensor) or bool(mask.all())
-        return batch
-
     def _forward_backward(self, batch: dict) -> torch.Tensor:
         """One micro-batch's forward and backward (with the registered hooks); the loss, unnormalised."""
         for hook in self.micro_batch_hooks:
@@ -387,8 +383,7 @@ class AdapterModule(L.LightningModule):
             self._graphs.zero_grads()
         if self._graph_rng is not None:
             self._graph_rng.align()
-        unpadded, self._batch_unpadded = self._batch_unpadded, None
-        graphable = graphable_batch(batch, unpadded)
+        graphable = graphable_batch(batch)
         if graphable is None:
             self._graphs.counts["eager_unsupported"] += 1
             return self._graphs.fn(batch).detach()

@@ -51,43 +51,41 @@ __all__ = ["MicroBatchGraphs", "graph_safe_checkpointing", "graphable_batch"]
 GRAPH_KEYS = ("input_ids", "labels", "attention_mask")  # what a graphed micro-batch may carry
 
 
-def graphable_batch(batch: Any, unpadded: Optional[bool] = None) -> Optional[dict]:
+def graphable_batch(batch: Any) -> Optional[dict]:
     """The batch as a graph can take it, or None when it must run eagerly.
 
     A graphed forward may not read device values on the host, and must take the same code path
     while captured as in its eager warm-up runs. transformers chooses its attention mask by
-    reading the 2D ``attention_mask`` (all ones: SDPA's causal kernel without a mask) or the
+    reading the 2D ``attention_mask`` (no padding: SDPA's causal kernel without a mask) or the
     ``position_ids`` (packed sequences), except while a stream is being captured, when it builds
-    a mask instead. So only unpadded batches of ``input_ids`` and ``labels`` qualify, and they get
-    the causal mask as a 4D boolean tensor ``[batch, 1, seq, seq]`` (True: attend), which
-    transformers passes to SDPA as it is, warm-up and capture alike (the same attention as
-    ``is_causal``, through SDPA's masked kernel). ``unpadded``: whether the 2D mask is all ones,
-    decided while the batch was on the host (``on_before_batch_transfer``); None reads the mask
-    here (a device sync on the GPU).
+    a mask instead. So batches of ``input_ids``, ``labels`` and a 2D ``attention_mask`` (or none)
+    qualify, and they carry their mask as a 4D boolean tensor ``[batch, 1, seq, seq]`` (True:
+    attend) built on the device, which transformers hands to SDPA as it is, in warm-up and
+    capture alike: causal, padding keys masked, and every position attending at least to itself
+    (so a padding row of a left-padded batch has no empty softmax; real tokens are unaffected).
+    Padding-free batches (``position_ids``) run eagerly.
     """
     if not isinstance(batch, Mapping) or not isinstance(batch.get("input_ids"), torch.Tensor):
         return None
     if any(k not in GRAPH_KEYS for k in batch):
         return None
-    mask = batch.get("attention_mask")
-    if isinstance(mask, torch.Tensor):
-        if mask.dim() != 2:
-            return None
-        if unpadded is None:
-            unpadded = bool(mask.all())
-        if not unpadded:
-            return None
     ids = batch["input_ids"]
-    if ids.dim() != 2:
+    mask = batch.get("attention_mask")
+    if ids.dim() != 2 or (isinstance(mask, torch.Tensor) and tuple(mask.shape) != tuple(ids.shape)):
         return None
     b, n = ids.shape
     causal = torch.ones(n, n, dtype=torch.bool, device=ids.device).tril()  # [seq, seq]
-    return {**{k: v for k, v in batch.items() if k != "attention_mask"},
-            "attention_mask": causal.expand(b, 1, n, n)}  # [batch, 1, seq, seq]
+    if isinstance(mask, torch.Tensor):
+        eye = torch.eye(n, dtype=torch.bool, device=ids.device)
+        full = (causal & mask.bool()[:, None, None, :]) | eye  # [batch, 1, seq, seq]
+    else:
+        full = causal.expand(b, 1, n, n)  # [batch, 1, seq, seq], a broadcast view
+    return {**{k: v for k, v in batch.items() if k != "attention_mask"}, "attention_mask": full}
 
 
 def _is_causal_mask(name: str, value: Any) -> bool:
-    return name == "attention_mask" and isinstance(value, torch.Tensor) and value.dim() == 4
+    """The broadcast causal mask of an unpadded batch: a function of the shape alone, never copied."""
+    return name == "attention_mask" and isinstance(value, torch.Tensor) and value.dim() == 4 and value.stride(0) == 0
 
 
 @dataclass
@@ -202,7 +200,7 @@ class MicroBatchGraphs:
         return captured.loss.clone()
 
     def _capture(self, key: tuple, batch: Mapping) -> _Captured:
-        # the 4D causal mask of graphable_batch depends on the shape alone: kept as it is (a broadcast view)
+        # an unpadded batch's 4D causal mask depends on the shape alone: kept as it is (a broadcast view)
         inputs = {k: (v.clone() if isinstance(v, torch.Tensor) and not _is_causal_mask(k, v) else v)
                   for k, v in batch.items()}
         if not self.capture:

@@ -1,0 +1,207 @@
+"""cuda_graph: training micro-batches through MicroBatchGraphs give the numbers of the eager path.
+
+The capture itself needs CUDA; on the CPU these tests run the same path with ``capture=False``
+(the static buffers, the in-place gradients, forward and backward inside training_step, the K-FAC
+hook), which is everything but the graph. BENCHMARKS.md has the GPU measurements.
+"""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from callbacks.kfac import KFACPreconditioner
+from callbacks.reprojection import NeuralReprojection
+from fteval.data.formatting import pad_batch
+from fteval.models.cuda_graph import MicroBatchGraphs, graphable_batch
+from fteval.models.grit import GRITModule
+from fteval.models.qlora import QLoRAModule
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def tiny(attn: str = "sdpa") -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=128, max_position_embeddings=64, use_cache=False)
+    cfg._attn_implementation = attn
+    return LlamaForCausalLM(cfg)
+
+
+def padded(lengths: list[int], seed: int = 0, side: str = "right", multiple_of: int = 1) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+    rows = [torch.randint(0, 128, (n,), generator=gen).tolist() for n in lengths]
+    return pad_batch([{"input_ids": r, "labels": r} for r in rows], 0, side, multiple_of)
+
+
+# ------------------------------------------------------------------ the batch a graph takes
+def test_unpadded_batch_gets_a_broadcast_causal_mask_and_the_same_loss():
+    model = tiny()
+    batch = padded([12, 12])
+    g = graphable_batch(batch)
+    causal = torch.ones(12, 12, dtype=torch.bool).tril()
+    assert g["attention_mask"].shape == (2, 1, 12, 12) and torch.equal(g["attention_mask"][1, 0], causal)
+    bare = graphable_batch({k: v for k, v in batch.items() if k != "attention_mask"})  # no mask: a broadcast view
+    assert bare["attention_mask"].stride(0) == 0 and torch.equal(bare["attention_mask"][0, 0], causal)
+    assert torch.equal(g["input_ids"], batch["input_ids"]) and torch.equal(g["labels"], batch["labels"])
+    torch.testing.assert_close(model(**g).loss, model(**batch).loss, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_padded_batch_gives_transformers_loss(side):
+    model = tiny()
+    batch = padded([5, 12, 9], seed=1, side=side)
+    g = graphable_batch(batch)
+    assert g["attention_mask"].shape == (3, 1, 12, 12)
+    expected = model(**batch).loss
+    got = model(**g).loss
+    assert torch.isfinite(got)
+    if side == "right":  # training batches (left padding makes the last padding row predict the first token)
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    # a padding key is never attended by another position
+    m = g["attention_mask"][0, 0]
+    pad = batch["attention_mask"][0] == 0
+    assert not (m[:, pad] & ~torch.eye(12, dtype=torch.bool)[:, pad]).any()
+
+
+def test_batches_a_graph_cannot_take_run_eagerly():
+    batch = padded([6, 6])
+    assert graphable_batch({**batch, "position_ids": batch["input_ids"]}) is None  # padding-free rows
+    assert graphable_batch({**batch, "source_row": torch.tensor([1, 2])}) is None  # an unknown key
+    assert graphable_batch({"labels": batch["labels"]}) is None
+    assert graphable_batch([batch["input_ids"]]) is None
+
+
+def test_pad_to_multiple_of_rounds_the_width_up():
+    assert padded([5, 9], multiple_of=8)["input_ids"].shape == (2, 16)
+    assert padded([5, 16], multiple_of=8)["input_ids"].shape == (2, 16)
+    assert padded([5, 9])["input_ids"].shape == (2, 9)
+
+
+# ------------------------------------------------------------------ MicroBatchGraphs
+def test_micro_batch_graphs_warm_up_capture_replay_with_the_eager_gradients():
+    model = tiny()
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def step(batch):
+        loss = model(**batch).loss
+        loss.backward()
+        return loss
+
+    graphs = MicroBatchGraphs(step, params, warmup=2, capture=False)
+    batches = [graphable_batch(padded([10, 10], seed=s)) for s in range(5)]
+    for b in batches:
+        graphs.zero_grads()
+        loss = graphs.run(b)
+        got = [p.grad.clone() for p in params]
+        model.zero_grad(set_to_none=True)
+        expected = model(**b).loss
+        expected.backward()
+        torch.testing.assert_close(loss, expected.detach(), rtol=0, atol=0)
+        for g, p in zip(got, params):
+            torch.testing.assert_close(g, p.grad, rtol=0, atol=0)
+    assert dict(graphs.counts) == {"eager": 2, "captured": 1, "replayed": 2}
+    assert graphs.grads is not None and all(p.grad is not g for p, g in zip(params, graphs.grads))  # eager replaced them
+    graphs.zero_grads()  # and the graphs' tensors are bound again, zeroed
+    assert all(p.grad is g and not g.any() for p, g in zip(params, graphs.grads))
+
+
+def test_micro_batch_graphs_keep_the_gradient_storage_and_limit_shapes():
+    model = tiny()
+    params = [p for p in model.parameters() if p.requires_grad]
+    graphs = MicroBatchGraphs(lambda b: model(**b).loss, params, warmup=1, max_graphs=1, capture=False)
+    graphs.zero_grads()
+    storage = [g.data_ptr() for g in graphs.grads]
+    for p in params:
+        p.grad = None  # e.g. an optimizer.zero_grad() that sets them to None
+    graphs.run(graphable_batch(padded([8, 8])))
+    assert [p.grad.data_ptr() for p in params] == storage
+    for n in (8, 12, 16):  # only one shape is captured; the others stay eager
+        graphs.run(graphable_batch(padded([n, n])))
+        graphs.run(graphable_batch(padded([n, n])))
+    assert len(graphs.graphs) == 1 and graphs.counts["captured"] == 1
+
+
+@pytest.mark.parametrize("warmup,max_graphs", [(0, 8), (2, 0)])
+def test_micro_batch_graphs_bad_settings(warmup, max_graphs):
+    with pytest.raises(ValueError, match="cuda_graph"):
+        MicroBatchGraphs(lambda b: b, [], warmup=warmup, max_graphs=max_graphs)
+
+
+# ------------------------------------------------------------------ the modules in a Trainer
+def _batches(n: int, width: int = 12) -> list[dict]:
+    return [padded([width - 3, width], seed=i) for i in range(n)]
+
+
+def _fit(method: str, cuda_graph: bool, steps: int = 4, accumulate: int = 2, checkpointing: bool = True) -> dict:
+    cls = QLoRAModule if method == "qlora" else GRITModule
+    module = cls(quantization="none", r=4, alpha=8, dropout=0.0, target_modules=("q_proj", "v_proj", "down_proj"),
+                 optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2), lr_schedule="constant",
+                 gradient_checkpointing=checkpointing, cuda_graph=cuda_graph)
+    module.setup_base_model(tiny())
+    module._cuda_graph_capture = False  # the path without the capture: CPU
+    callbacks = []
+    if method == "grit":
+        callbacks = [KFACPreconditioner(min_samples=1, update_freq=2),
+                     NeuralReprojection(every_n_steps=2, top_k=2, min_samples=1)]
+    trainer = L.Trainer(max_steps=steps, accumulate_grad_batches=accumulate, callbacks=callbacks, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        accelerator="cpu", devices=1, num_sanity_val_steps=0, limit_val_batches=0)
+    module.hparams.export_dir = None
+    module.on_train_end = lambda: None  # no adapter export in this test
+    trainer.fit(module, DataLoader(_batches(steps * accumulate), batch_size=None))
+    params = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+    return {"params": params, "loss": float(trainer.callback_metrics["train/loss"]),
+            "counts": dict(module._graphs.counts) if module._graphs is not None else None}
+
+
+@pytest.mark.parametrize("method", ["qlora", "grit"])
+def test_module_trains_as_eager_with_accumulation(method):
+    eager = _fit(method, cuda_graph=False)
+    graphed = _fit(method, cuda_graph=True)
+    assert graphed["params"].keys() == eager["params"].keys()
+    for name, p in eager["params"].items():
+        torch.testing.assert_close(graphed["params"][name], p, rtol=0, atol=2e-6, msg=name)
+    assert graphed["loss"] == pytest.approx(eager["loss"], abs=1e-6)
+    lora_b = [p for n, p in eager["params"].items() if "lora_B" in n]
+    assert lora_b and all(float(p.abs().max()) > 1e-4 for p in lora_b)  # trained away from their zero start
+
+
+def test_module_runs_batches_of_one_shape_from_the_captured_graph():
+    module = QLoRAModule(quantization="none", r=4, alpha=8, dropout=0.0, target_modules=("q_proj",),
+                         lr_schedule="constant", cuda_graph=True)
+    module.setup_base_model(tiny())
+    module._cuda_graph_capture = False
+    module.on_train_end = lambda: None
+    trainer = L.Trainer(max_steps=6, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, accelerator="cpu", devices=1, limit_val_batches=0)
+    seen = {}
+    module.on_fit_end = lambda: seen.update(module._graphs.counts)
+    trainer.fit(module, DataLoader(_batches(6), batch_size=None))
+    assert seen == {"eager": 2, "captured": 1, "replayed": 3}
+
+
+def test_cuda_graph_on_a_cpu_fit_is_refused_with_the_fix():
+    module = QLoRAModule(quantization="none", r=4, target_modules=("q_proj",), cuda_graph=True)
+    module.setup_base_model(tiny())
+    trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, accelerator="cpu", devices=1, limit_val_batches=0)
+    with pytest.raises(ValueError, match=r"needs a CUDA device.*cuda_graph false"):
+        trainer.fit(module, DataLoader(_batches(1), batch_size=None))
+
+
+@pytest.mark.parametrize("kwargs,attn,match", [
+    ({"activation_offload": True}, "sdpa", "activation_offload"),
+    ({}, "eager", "attn_implementation sdpa"),
+])
+def test_cuda_graph_conflicts_are_refused(kwargs, attn, match):
+    module = QLoRAModule(quantization="none", r=4, target_modules=("q_proj",), cuda_graph=True, **kwargs)
+    module.setup_base_model(tiny(attn), attn_implementation=attn)
+    module._cuda_graph_capture = False
+    trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, accelerator="cpu", devices=1, limit_val_batches=0)
+    with pytest.raises(ValueError, match=match):
+        trainer.fit(module, DataLoader(_batches(1), batch_size=None))
