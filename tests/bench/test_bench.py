@@ -228,6 +228,25 @@ def test_bench_train_compiled_blocks_same_losses_no_graph_breaks(tmp_path, capsy
     assert "grit compiled/eager" in capsys.readouterr().out
 
 
+def test_bench_train_cuda_graph_path_same_losses(tmp_path, capsys, one_thread):
+    """On a CPU the cuda_graph runs take the graphs' path without capture: the same losses, its ratio row."""
+    out = tmp_path / "train.json"
+    rc = bench_train(model_config="tiny", methods=["plain", "qlora", "grit"], batch_sizes=[2], seq_len=8,
+                     gradient_checkpointing=[True], cuda_graph=[False, True], steps=2, warmup=3,
+                     quantization="none", output=out)
+    assert rc == 0
+    data = json.loads(out.read_text())
+    runs = {(r["method"], r["cuda_graph"]): r for r in data["runs"]}
+    assert len(runs) == 6 and all(r["error"] is None for r in runs.values())
+    for m in ("plain", "qlora", "grit"):
+        for key in ("loss_first", "loss_last"):
+            assert runs[(m, True)][key] == pytest.approx(runs[(m, False)][key], abs=1e-6)
+    graphed = next(c for c in data["comparisons"] if c["cuda_graph"])
+    assert graphed["qlora_cuda_graph_speedup"] == pytest.approx(
+        runs[("qlora", True)]["tokens_per_s"] / runs[("qlora", False)]["tokens_per_s"])
+    assert data["settings"]["cuda_graph"] == [False, True] and "qlora graph/eager" in capsys.readouterr().out
+
+
 def test_bench_train_profile_plain(tmp_path):
     out = tmp_path / "train.json"
     rc = bench_train(model_config="tiny", methods=["plain"], batch_sizes=[1], seq_len=8, gradient_checkpointing=[False],
@@ -256,6 +275,9 @@ def test_bench_train_profile_plain(tmp_path):
         ({"padding_free": []}, "padding_free is empty"),
         ({"compile_blocks": []}, "compile_blocks is empty"),
         ({"repeats": 0}, "repeats=0"),
+        ({"cuda_graph": []}, "cuda_graph is empty"),
+        ({"cuda_graph": [True], "activation_offload": [True]}, "cuda_graph and activation_offload"),
+        ({"cuda_graph": [True], "min_seq_len": 4}, "cuda_graph replays batches of a repeated shape"),
         ({"profile": True, "profile_method": "grit", "methods": ["plain"]}, "profile_method='grit'"),
     ],
 )

@@ -205,3 +205,17 @@ def test_cuda_graph_conflicts_are_refused(kwargs, attn, match):
                         enable_model_summary=False, accelerator="cpu", devices=1, limit_val_batches=0)
     with pytest.raises(ValueError, match=match):
         trainer.fit(module, DataLoader(_batches(1), batch_size=None))
+
+
+def test_grit_statistics_are_added_inside_each_micro_batch(monkeypatch):
+    """Under cuda_graph the K-FAC statistics must be added in the micro-batch (a replay runs no Python after it)."""
+    calls = []
+    original = KFACPreconditioner.flush
+    monkeypatch.setattr(KFACPreconditioner, "flush", lambda self: (calls.append(self.capture._deferred != {}),
+                                                                   original(self))[1])
+    _fit("grit", cuda_graph=True, steps=2, accumulate=2)
+    # per micro-batch (4, each with recorded tensors) and again before each optimizer step (2, nothing left)
+    assert calls == [True, True, False, True, True, False]
+    calls.clear()
+    _fit("grit", cuda_graph=False, steps=2, accumulate=2)
+    assert calls == [True, True]
