@@ -173,7 +173,7 @@ class AdapterModule(L.LightningModule):
         cuda_graph: run each training micro-batch's forward and backward from a CUDA graph
             (:mod:`fteval.models.cuda_graph`): a batch shape runs eagerly twice, is captured,
             and later micro-batches of that shape replay it with one launch, which removes the
-            per-layer host time that bounds small batches. At most 8 batch shapes are
+            per-layer host time that bounds small batches. At most 16 batch shapes are
             captured (``data.pad_to_multiple_of`` makes shapes repeat); padding-free batches run
             eagerly. Needs a CUDA device, one process, bf16 or fp32 precision, SDPA attention
             and no ``activation_offload``.

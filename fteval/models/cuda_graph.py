@@ -131,7 +131,7 @@ class MicroBatchGraphs:
         fn: Callable[[dict], torch.Tensor],
         params: Iterable[nn.Parameter],
         warmup: int = 2,
-        max_graphs: int = 8,
+        max_graphs: int = 16,
         generator_states: Iterable[Any] = (),
         capture: bool = True,
     ) -> None:
