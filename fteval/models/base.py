@@ -364,9 +364,12 @@ class AdapterModule(L.LightningModule):
                                         generator_states=states, capture=self._cuda_graph_capture)
 
     def on_fit_end(self) -> None:
-        if self._graphs is not None:
-            log.info("cuda_graph: %s", dict(self._graphs.counts))
-        self._graphs = None  # frees the graphs' memory pool
+        graphs, self._graphs = self._graphs, None  # frees the graphs' memory pool
+        if graphs is not None and self.trainer.is_global_zero:
+            c = graphs.counts
+            print(f"[fteval] cuda_graph: {c['replayed']} micro-batches replayed, {len(graphs.graphs)} batch shapes "
+                  f"captured, {c['eager'] + c['eager_unsupported']} run eagerly (warm-up, uncaptured shapes, "
+                  "padding-free batches)")
 
     def _forward_backward(self, batch: dict) -> torch.Tensor:
         """One micro-batch's forward and backward (with the registered hooks); the loss, unnormalised."""

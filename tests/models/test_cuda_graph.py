@@ -170,7 +170,7 @@ def test_module_trains_as_eager_with_accumulation(method):
     assert lora_b and all(float(p.abs().max()) > 1e-4 for p in lora_b)  # trained away from their zero start
 
 
-def test_module_runs_batches_of_one_shape_from_the_captured_graph():
+def test_module_runs_batches_of_one_shape_from_the_captured_graph(capsys):
     module = QLoRAModule(quantization="none", r=4, alpha=8, dropout=0.0, target_modules=("q_proj",),
                          lr_schedule="constant", cuda_graph=True)
     module.setup_base_model(tiny())
@@ -179,9 +179,12 @@ def test_module_runs_batches_of_one_shape_from_the_captured_graph():
     trainer = L.Trainer(max_steps=6, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, accelerator="cpu", devices=1, limit_val_batches=0)
     seen = {}
-    module.on_fit_end = lambda: seen.update(module._graphs.counts)
+    end = module.on_fit_end
+    module.on_fit_end = lambda: (seen.update(module._graphs.counts), end())
     trainer.fit(module, DataLoader(_batches(6), batch_size=None))
     assert seen == {"eager": 2, "captured": 1, "replayed": 3}
+    assert module._graphs is None  # the graphs (and their memory) are released at the end of fit
+    assert "[fteval] cuda_graph: 3 micro-batches replayed, 1 batch shapes captured, 2 run eagerly" in capsys.readouterr().out
 
 
 def test_cuda_graph_on_a_cpu_fit_is_refused_with_the_fix():
