@@ -365,6 +365,9 @@ class AdapterModule(L.LightningModule):
 
     def on_fit_end(self) -> None:
         graphs, self._graphs = self._graphs, None  # frees the graphs' memory pool
+        rng, self._graph_rng = self._graph_rng, None
+        if rng is not None:
+            rng.restore()  # the blocks' own checkpoint function back
         if graphs is not None and self.trainer.is_global_zero:
             c = graphs.counts
             print(f"[fteval] cuda_graph: {c['replayed']} micro-batches replayed, {len(graphs.graphs)} batch shapes "

@@ -284,10 +284,17 @@ class _BlockRng:
 
 
 class GraphSafeCheckpointing:
-    """What :func:`graph_safe_checkpointing` installed: the blocks' generator states, and their re-alignment."""
+    """What :func:`graph_safe_checkpointing` installed: the blocks' generator states, their re-alignment,
+    and :meth:`restore` (the blocks' previous checkpoint functions back)."""
 
-    def __init__(self, streams: list[_BlockRng]) -> None:
+    def __init__(self, streams: list[_BlockRng], previous: list[tuple[nn.Module, Any]] = ()) -> None:
         self.streams = streams
+        self.previous = list(previous)
+
+    def restore(self) -> None:
+        for module, function in self.previous:
+            module._gradient_checkpointing_func = function
+        self.previous = []
 
     @property
     def generator_states(self) -> list[Any]:
@@ -310,6 +317,7 @@ def graph_safe_checkpointing(model: nn.Module, seed: Optional[int] = None) -> Gr
     """
     base = torch.initial_seed() if seed is None else int(seed)
     streams: list[_BlockRng] = []
+    previous: list[tuple[nn.Module, Any]] = []
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     for module in model.modules():
@@ -319,6 +327,7 @@ def graph_safe_checkpointing(model: nn.Module, seed: Optional[int] = None) -> Gr
         if param is None or param.device.type != "cuda":
             continue
         rng = _BlockRng(param.device, (base + 7919 * (len(streams) + 1)) % (2**63))
+        previous.append((module, module._gradient_checkpointing_func))
         module._gradient_checkpointing_func = rng
         streams.append(rng)
-    return GraphSafeCheckpointing(streams)
+    return GraphSafeCheckpointing(streams, previous)
