@@ -188,12 +188,13 @@ DDP_WORKER = textwrap.dedent(
 def test_ddp_factors_are_all_reduced(tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(DDP_WORKER)
-    env = dict(os.environ, REPO=str(REPO), OMP_NUM_THREADS="1")
+    # --standalone: a free port for the rendezvous; gloo over the loopback interface only
+    env = dict(os.environ, REPO=str(REPO), OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo")
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517", str(script)],
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)],
         capture_output=True, text=True, env=env, timeout=120,
     )
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-8000:]
     assert "rank0 ok=True" in proc.stdout and "rank1 ok=True" in proc.stdout, proc.stdout + proc.stderr[-2000:]
 
 
