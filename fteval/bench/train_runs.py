@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 from fteval.bench.common import BenchModel, free_memory, peak_memory_gib, reset_peak_memory, synchronize, timing_summary
 from fteval.models.base import DEFAULT_TARGETS
 from fteval.models.base import compile_blocks as _compile_blocks
-from fteval.models.cuda_graph import MicroBatchGraphs, graph_safe_checkpointing, graphable_batch
+from fteval.models.cuda_graph import MicroBatchGraphs, graph_safe_checkpointing
 from fteval.models.fused_loss import fused_causal_lm_loss
 from fteval.models.offload import offload_activations
 
@@ -274,26 +274,18 @@ def _plain_run(spec: RunSpec, bm: BenchModel, loader: DataLoader, clock: StepClo
         loss.backward()
         return loss
 
-    graphs = rng = None
+    graphs = None
     if spec.cuda_graph:  # as AdapterModule(cuda_graph=True) runs its micro-batches
         capture = bm.device.type == "cuda"
         rng = graph_safe_checkpointing(model) if spec.gradient_checkpointing and capture else None
-        graphs = MicroBatchGraphs(forward_backward, params, generator_states=rng.generator_states if rng else (),
-                                  capture=capture)
+        graphs = MicroBatchGraphs(forward_backward, params, checkpointing=rng, capture=capture)
     if spec.gc_freeze:  # what callbacks.perf.GarbageCollection does for the Lightning methods
         gc.collect()
         gc.freeze()
     for batch in loader:
         batch = {k: v.to(bm.device, non_blocking=True) for k, v in batch.items() if isinstance(v, torch.Tensor)}
         with torch.autocast(bm.device.type, dtype=torch.bfloat16, enabled=amp):
-            if graphs is None:
-                loss = forward_backward(batch)
-            else:
-                graphs.zero_grads()
-                if rng is not None:
-                    rng.align()
-                graphable = graphable_batch(batch)
-                loss = graphs.run(graphable) if graphable is not None else graphs.fn(batch)
+            loss = forward_backward(batch) if graphs is None else graphs.step(batch)
         optimizer.step()
         if graphs is None:
             optimizer.zero_grad(set_to_none=True)

@@ -19,7 +19,7 @@ import torch
 from lightning.pytorch.cli import OptimizerCallable
 
 from fteval.io import write_json_atomic
-from fteval.models.cuda_graph import MicroBatchGraphs, graph_safe_checkpointing, graphable_batch
+from fteval.models.cuda_graph import MicroBatchGraphs, graph_safe_checkpointing
 from fteval.models.fused_loss import FusedLoss, fused_causal_lm_loss
 from fteval.models.loading import Quantization, load_causal_lm
 from fteval.models.offload import offload_activations
@@ -356,12 +356,10 @@ class AdapterModule(L.LightningModule):
         if not self.cuda_graph_enabled:
             return
         self._check_cuda_graph()
-        states = ()
         if self.hparams.gradient_checkpointing and self._cuda_graph_capture:
             self._graph_rng = graph_safe_checkpointing(self.model)
-            states = self._graph_rng.generator_states
         self._graphs = MicroBatchGraphs(self._forward_backward, self.trainable_parameters(),
-                                        generator_states=states, capture=self._cuda_graph_capture)
+                                        checkpointing=self._graph_rng, capture=self._cuda_graph_capture)
 
     def on_fit_end(self) -> None:
         graphs, self._graphs = self._graphs, None  # frees the graphs' memory pool
@@ -385,15 +383,8 @@ class AdapterModule(L.LightningModule):
         return loss
 
     def _graphed_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        if batch_idx % self.trainer.accumulate_grad_batches == 0:  # where Lightning would zero the gradients
-            self._graphs.zero_grads()
-        if self._graph_rng is not None:
-            self._graph_rng.align()
-        graphable = graphable_batch(batch)
-        if graphable is None:
-            self._graphs.counts["eager_unsupported"] += 1
-            return self._graphs.fn(batch).detach()
-        return self._graphs.run(graphable)
+        # gradients zeroed in place where Lightning would zero them: the accumulation window's first micro-batch
+        return self._graphs.step(batch, zero_grads=batch_idx % self.trainer.accumulate_grad_batches == 0)
 
     def backward(self, loss: torch.Tensor, *args, **kwargs) -> None:
         if self._graphs is not None:

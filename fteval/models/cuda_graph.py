@@ -120,8 +120,9 @@ class MicroBatchGraphs:
         warmup: eager runs of a signature before it is captured (>= 1: the first run compiles,
             autotunes and fills caches, none of which may happen during capture).
         max_graphs: signatures captured at most; later new ones run eagerly.
-        generator_states: generator states the graphs must advance at each replay (from
-            :func:`graph_safe_checkpointing`).
+        checkpointing: what :func:`graph_safe_checkpointing` installed on the model (its
+            generator states are registered with every graph and re-aligned before every
+            micro-batch), or None without gradient checkpointing.
         capture: False runs every micro-batch eagerly through the same static buffers and
             gradient handling (for tests on machines without CUDA).
     """
@@ -132,7 +133,7 @@ class MicroBatchGraphs:
         params: Iterable[nn.Parameter],
         warmup: int = 2,
         max_graphs: int = 16,
-        generator_states: Iterable[Any] = (),
+        checkpointing: Optional["GraphSafeCheckpointing"] = None,
         capture: bool = True,
     ) -> None:
         if warmup < 1:
@@ -142,7 +143,7 @@ class MicroBatchGraphs:
         self.fn = fn
         self.params = list(params)
         self.warmup, self.max_graphs, self.capture = int(warmup), int(max_graphs), bool(capture)
-        self.generator_states = list(generator_states)
+        self.checkpointing = checkpointing
         self.grads: Optional[list[torch.Tensor]] = None  # the .grad tensors the graphs write into
         self.graphs: dict[tuple, _Captured] = {}
         self.seen: Counter = Counter()
@@ -171,9 +172,28 @@ class MicroBatchGraphs:
             torch._foreach_zero_(grads)
 
     # ------------------------------------------------------------------ running
+    def step(self, batch: Mapping, zero_grads: bool = True) -> torch.Tensor:
+        """One training micro-batch: zero the gradients first (``zero_grads``: the first micro-batch of
+        an accumulation window), then :meth:`run` on :func:`graphable_batch` of ``batch``, or ``fn``
+        eagerly on ``batch`` itself when a graph cannot take it (counted as ``eager_unsupported``)."""
+        if zero_grads:
+            self.zero_grads()
+        else:
+            self._bind_grads()
+        if self.checkpointing is not None:
+            self.checkpointing.align()
+        graphable = graphable_batch(batch)
+        if graphable is None:
+            self.counts["eager_unsupported"] += 1
+            return self.fn(batch).detach()
+        return self._run(graphable)
+
     def run(self, batch: Mapping) -> torch.Tensor:
         """Run ``fn`` on ``batch`` (eagerly, by capture or by replay); returns the loss (a fresh tensor)."""
         self._bind_grads()
+        return self._run(batch)
+
+    def _run(self, batch: Mapping) -> torch.Tensor:
         key = _signature(batch)
         captured = self.graphs.get(key) if key is not None else None
         if captured is not None:
@@ -210,7 +230,7 @@ class MicroBatchGraphs:
         device = next(v for v in inputs.values() if isinstance(v, torch.Tensor)).device
         torch.cuda.synchronize(device)
         graph = torch.cuda.CUDAGraph()
-        for state in self.generator_states:
+        for state in self.checkpointing.generator_states if self.checkpointing is not None else ():
             graph.register_generator_state(state)
         # Casts cached by autocast before the capture would be read by the graph but not made by it.
         torch.clear_autocast_cache()

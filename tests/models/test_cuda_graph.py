@@ -82,15 +82,18 @@ def test_pad_to_multiple_of_rounds_the_width_up():
 
 
 # ------------------------------------------------------------------ MicroBatchGraphs
-def test_micro_batch_graphs_warm_up_capture_replay_with_the_eager_gradients():
-    model = tiny()
-    params = [p for p in model.parameters() if p.requires_grad]
-
-    def step(batch):
+def _trainable(model):
+    """The model, its trainable parameters and a forward + backward function returning the loss."""
+    def forward_backward(batch):
         loss = model(**batch).loss
         loss.backward()
         return loss
 
+    return model, [p for p in model.parameters() if p.requires_grad], forward_backward
+
+
+def test_micro_batch_graphs_warm_up_capture_replay_with_the_eager_gradients():
+    model, params, step = _trainable(tiny())
     graphs = MicroBatchGraphs(step, params, warmup=2, capture=False)
     batches = [graphable_batch(padded([10, 10], seed=s)) for s in range(5)]
     for b in batches:
@@ -222,3 +225,21 @@ def test_grit_statistics_are_added_inside_each_micro_batch(monkeypatch):
     calls.clear()
     _fit("grit", cuda_graph=False, steps=2, accumulate=2)
     assert calls == [True, True]
+
+
+def test_step_zeroes_then_runs_and_sends_ungraphable_batches_eagerly():
+    model, params, fb = _trainable(tiny())
+    graphs = MicroBatchGraphs(fb, params, warmup=1, capture=False)
+    batch = padded([8, 8])
+    graphs.step(batch)
+    first = [g.clone() for g in graphs.grads]
+    graphs.step(batch, zero_grads=False)  # accumulation: the second micro-batch adds to the first
+    for g, f in zip(graphs.grads, first):
+        torch.testing.assert_close(g, 2 * f, rtol=1e-5, atol=1e-7)
+    graphs.step(batch)  # a new window: zeroed, then one micro-batch again
+    for g, f in zip(graphs.grads, first):
+        torch.testing.assert_close(g, f, rtol=1e-5, atol=1e-7)
+    packed = {"input_ids": batch["input_ids"][:1], "labels": batch["labels"][:1],
+              "position_ids": torch.arange(8)[None]}
+    graphs.step(packed)
+    assert graphs.counts == {"eager": 1, "captured": 1, "replayed": 1, "eager_unsupported": 1}
