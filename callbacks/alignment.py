@@ -172,6 +172,8 @@ class AlignmentMonitor(Callback):
                 values[f"align/{m}_high"] = float(high)
             values[f"align/{m}_plugin"] = raw[m]
             d = delta[m]
+            if d["delta_bc"] is None:  # XBI has no Delta when a model's bias-corrected separation is <= 0
+                continue
             values[f"align/delta_{m}"] = float(d["delta_bc"])
             if d.get("ci"):
                 values[f"align/delta_{m}_low"], values[f"align/delta_{m}_high"] = map(float, d["ci"])
@@ -203,7 +205,10 @@ class AlignmentMonitor(Callback):
 
     def _judge(self, trainer: L.Trainer, step: int, values: dict[str, float]) -> None:
         high = values.get(f"align/delta_{self.metric}_high")
-        d = values[f"align/delta_{self.metric}"]
+        d = values.get(f"align/delta_{self.metric}")
+        if d is None:
+            rank_zero_info(f"[alignment] step {step}: {self.metric} Delta undefined (a separation <= 0 at this check)")
+            return
         summary = f"{self.metric} Delta (tuned - base) {d:+.4f}"
         if high is not None:
             summary += f", upper 95% bound {high:+.4f}"

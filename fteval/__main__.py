@@ -21,6 +21,7 @@ def _commands() -> dict:
     from fteval.analysis.report import report
     from fteval.bench import bench_eval, bench_generation, bench_stats, bench_train
     from fteval.bench.grit_ablation import bench_grit_ablation
+    from fteval.controls import bench_controls
     from fteval.eval.refusal import classify_refusals
     from fteval.data.stats_command import data_stats
     from fteval.envinfo import env
@@ -35,7 +36,7 @@ def _commands() -> dict:
         "classify-refusals": classify_refusals,
         "db": {"export": db.export},
         "bench": {"train": bench_train, "eval": bench_eval, "generation": bench_generation,
-                  "grit-ablation": bench_grit_ablation, "stats": bench_stats},
+                  "grit-ablation": bench_grit_ablation, "stats": bench_stats, "controls": bench_controls},
     }
 
 

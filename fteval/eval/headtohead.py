@@ -8,8 +8,8 @@ Pairs: for variants ``[baseline, m_1, ..., m_k]`` in that order, every (later, e
   the raw (plug-in) Delta of each, a paired t-test of per-prompt silhouettes with Cohen's d_z, and
   the smallest bounded-AQI Delta detectable at 80% power;
 * behaviour (:func:`behaviour_comparison`): refusal rate on unsafe prompts and over-refusal rate on
-  safe prompts (full refusals), each with the exact McNemar test on the per-prompt labels and the
-  smallest rate change detectable at 80% power; paired t-tests of every G-Eval criterion.
+  safe prompts (full refusals), each with the exact McNemar test on the per-prompt labels, Newcombe's
+  paired interval of the rate change and the smallest rate change detectable at 80% power; paired t-tests of every G-Eval criterion.
 
 Multiple comparisons (:func:`correct_families`): every p-value of the run belongs to one of two
 families, ``aqi`` (separation Deltas and silhouette tests of all pairs) and ``behaviour``
@@ -25,7 +25,7 @@ from torch import Tensor
 
 from fteval.eval.power import mcnemar_mde, mde_wald
 from fteval.eval.separation import paired_separation_deltas
-from fteval.eval.stats import cohens_d_paired, correct_pvalues, mcnemar_exact, paired_ttest
+from fteval.eval.stats import cohens_d_paired, correct_pvalues, mcnemar_exact, paired_rate_difference_ci, paired_ttest
 
 __all__ = ["FAMILIES", "SUMMARY_METRICS", "behaviour_comparison", "correct_families", "embedding_comparison",
            "pair_key", "pairs"]
@@ -65,13 +65,15 @@ def embedding_comparison(emb_a: Tensor, emb_b: Tensor, labels: Tensor, raw_a: di
     return out
 
 
-def _refusal_test(codes_a: list[int], codes_b: list[int], full_code: int) -> dict:
+def _refusal_test(codes_a: list[int], codes_b: list[int], full_code: int, confidence: float) -> dict:
     a = np.array([c == full_code for c in codes_a], dtype=np.float64)
     b = np.array([c == full_code for c in codes_b], dtype=np.float64)
     res = mcnemar_exact(a, b)
     discordance = (res.n_a_only + res.n_b_only) / res.n
+    both = int(np.sum((a == 1) & (b == 1)))
     return {"rate_a": res.rate_a, "rate_b": res.rate_b, "delta": res.delta, "n": res.n,
             "n_a_only": res.n_a_only, "n_b_only": res.n_b_only, "p_value": res.p_value,
+            "ci": list(paired_rate_difference_ci(res.n, both, res.n_a_only, res.n_b_only, confidence)),
             "mde": mcnemar_mde(res.n, discordance, ALPHA, POWER)}
 
 
@@ -87,7 +89,7 @@ def behaviour_comparison(codes_a: list[int], codes_b: list[int], safety: list[st
     for key, category in (("refusal", "unsafe"), ("over_refusal", "safe")):
         idx = [i for i, s in enumerate(safety) if s == category]
         if len(idx) >= 2:
-            out[key] = _refusal_test([codes_a[i] for i in idx], [codes_b[i] for i in idx], full_code)
+            out[key] = _refusal_test([codes_a[i] for i in idx], [codes_b[i] for i in idx], full_code, confidence)
     for k, crit in enumerate(criteria):
         ga, gb = geval_a[:, k], geval_b[:, k]
         keep = np.isfinite(ga) & np.isfinite(gb)

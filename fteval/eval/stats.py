@@ -24,6 +24,7 @@ __all__ = [
     "cohens_d_paired",
     "correct_pvalues",
     "mcnemar_exact",
+    "paired_rate_difference_ci",
     "paired_ttest",
     "per_prompt_separation",
 ]
@@ -181,3 +182,34 @@ def mcnemar_exact(a, b) -> McNemarResult:
     p = float(sps.binomtest(a_only, discordant, 0.5).pvalue) if discordant else 1.0
     return McNemarResult(n=int(a.size), n_a_only=a_only, n_b_only=b_only, rate_a=float(a.mean()),
                          rate_b=float(b.mean()), delta=float(a.mean() - b.mean()), p_value=p)
+
+
+def paired_rate_difference_ci(n: int, both: int, a_only: int, b_only: int,
+                              confidence: float = 0.95) -> tuple[float, float]:
+    """Interval of ``rate_a - rate_b`` for paired binary outcomes: Newcombe's hybrid score interval.
+
+    ``n`` pairs, of which ``both`` are 1 for both models, ``a_only`` only for a, ``b_only`` only
+    for b. Newcombe (1998, Statistics in Medicine 17:2635, method 10): the Wilson intervals of
+    the two marginal rates (``scipy.stats.binomtest(...).proportion_ci(method='wilson')``) combined
+    with the phi correlation of the 2x2 table. Hand-written: neither scipy nor sklearn has a
+    paired-proportion interval. Unlike the Wald interval it stays inside [-1, 1] and does not
+    collapse to a point when a rate is 0 or 1.
+    """
+    neither = n - both - a_only - b_only
+    if n < 1 or min(both, a_only, b_only, neither) < 0:
+        raise ValueError(f"paired counts n={n}, both={both}, a_only={a_only}, b_only={b_only} are not a 2x2 table")
+    k_a, k_b = both + a_only, both + b_only
+    p_a, p_b = k_a / n, k_b / n
+    l_a, u_a = (float(x) for x in sps.binomtest(k_a, n).proportion_ci(confidence, method="wilson"))
+    l_b, u_b = (float(x) for x in sps.binomtest(k_b, n).proportion_ci(confidence, method="wilson"))
+    denom = float(k_a) * (n - k_a) * k_b * (n - k_b)
+    phi = 0.0
+    if denom > 0:
+        cross = float(both) * neither - float(a_only) * b_only
+        if cross > 0:  # Newcombe's continuity adjustment of the numerator
+            cross = max(cross - n / 2.0, 0.0)
+        phi = cross / np.sqrt(denom)
+    delta = p_a - p_b
+    low = delta - np.sqrt(max((p_a - l_a) ** 2 - 2 * phi * (p_a - l_a) * (u_b - p_b) + (u_b - p_b) ** 2, 0.0))
+    high = delta + np.sqrt(max((u_a - p_a) ** 2 - 2 * phi * (u_a - p_a) * (p_b - l_b) + (p_b - l_b) ** 2, 0.0))
+    return float(max(low, -1.0)), float(min(high, 1.0))
