@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from fteval.analysis.advice import aqi_test, format_evidence, recommend, training_test_rows
+from fteval.analysis.controls_section import controls_blocks, read_controls
 from fteval.analysis.document import Block, Bullets, Chart, Heading, Para, Table, to_html, to_markdown
 from fteval.analysis.document import format_number as _f  # short: used inside many f-strings
 from fteval.analysis.runs import open_database, smooth
@@ -382,6 +383,7 @@ def report(
     db_path: Path = Path("output/centralized.db"),
     output_dir: Path = Path("output/m07_results_synthesis"),
     gpu_price_per_hour: float = 2.5,
+    controls: Path = Path("output/controls/controls.json"),
 ) -> int:
     """Write the results synthesis: report.md, a self-contained interactive report.html and a full data export.
 
@@ -393,6 +395,8 @@ def report(
         output_dir: folder for report.md, report.html and data/ (created if missing).
         gpu_price_per_hour: price of one device-hour (currency units, e.g. USD); on CPU
             runs it is applied to CPU hours and the report says so.
+        controls: the ``controls.json`` of ``fteval bench controls``; when it exists the report gets a
+            "Known-answer controls" section.
 
     Returns:
         0 on success.
@@ -401,12 +405,16 @@ def report(
     if not math.isfinite(price) or price < 0:
         raise ValueError(f"--gpu_price_per_hour must be a price >= 0 per hour, got {gpu_price_per_hour!r}.")
     db_path, output_dir = Path(db_path), Path(output_dir)
+    controls_payload = read_controls(Path(controls))
     db = open_database(db_path)
     try:
         s = gather(db, price)
         s.recommendations = recommend(s)
         export_files = [f"{t}.csv" for t in TABLES]
         blocks = build_blocks(s, export_files)
+        if controls_payload is not None:
+            at = next((i for i, b in enumerate(blocks) if isinstance(b, Heading) and b.anchor == "data"), len(blocks))
+            blocks[at:at] = controls_blocks(controls_payload)
         stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
         subtitle = (f"Generated {stamp} from `{db_path}`: {len(s.runs)} training run(s), "
                     f"{'one evaluation' if s.evaluation else 'no evaluation'}, {len(s.benchmarks)} benchmark row(s).")

@@ -42,11 +42,11 @@ class StageFailed(RuntimeError):
 
 
 def _fteval(argv: list[str], stage: str) -> None:
-    """``python -m fteval ARGV`` in this process (LightningCLI reads ``sys.argv``: it holds the stage's command)."""
+    """``python -m fteval ARGV`` in this process."""
     from fteval.__main__ import main
 
     saved = sys.argv
-    sys.argv = [saved[0], *argv]
+    sys.argv = [saved[0]]  # LightningCLI warns when it is given args and sys.argv holds others
     try:
         main(argv)
     except SystemExit as exc:
@@ -83,6 +83,7 @@ def bench_controls(
     control_steps: int = 40,
     max_length: int = 128,
     geval: bool = True,
+    monitor: bool = False,
     align_data: Optional[Path] = None,
     benign_data: Optional[Path] = None,
     harmful_data: Optional[Path] = None,
@@ -120,6 +121,8 @@ def bench_controls(
         control_steps: optimizer steps of every control fit.
         max_length: tokens per training example (the control sets are short).
         geval: score answers with G-Eval (the baseline model as judge).
+        monitor: keep the configs' alignment monitor in the fits (``align/*`` curves; costs a few
+            forward passes every ``every_n_steps``).
         align_data: refusal-teaching file to use instead of the bundled one (columns ``Prompt``,
             ``Accepted Response``); likewise ``benign_data`` and ``harmful_data``.
         benign_data: benign instruction file instead of the bundled one.
@@ -149,13 +152,13 @@ def bench_controls(
             print(f"[controls] {k} prompts of the {name} set are evaluation prompts too; training leaves them out")
 
     out = Path(output_dir).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    probe = out / ".write-check"
     try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-check"
         probe.write_text("")
         probe.unlink()
     except OSError as exc:
-        raise ValueError(f"--output_dir {out} is not writable ({exc.strerror}); choose another folder") from None
+        raise ValueError(f"--output_dir {out} cannot be written ({exc.strerror}: {exc.filename}); choose another folder") from None
     logs, db, data_dir = out / "lightning_logs", out / "controls.db", out / "data"
     raw_model = qlora_cfg["model"].get("init_args", {}).get("model_name_or_path", "embedded")
     aligned_model = str(out / "align" / "model")
@@ -167,7 +170,7 @@ def bench_controls(
     align_fit = Stage("align: fit", out / "align" / "fit", derive_fit_config(
         qlora_cfg, base_model=raw_model, train_file=files["align"], eval_source=eval_source, steps=align_steps,
         seed=seed, export_dir=out / "align" / "adapter", logs=logs, name="align", db_path=db, data_dir=data_dir,
-        quantization="none", lr=align_lr, max_length=max_length),
+        quantization="none", lr=align_lr, max_length=max_length, monitor=monitor),
         run=lambda cfg: _fteval(["fit", "--config", str(cfg)], "align: fit"))
     merge_cfg = {"adapter": str(out / "align" / "adapter"), "output": aligned_model, "quantization": "none"}
     align_merge = Stage("align: merge", out / "align" / "merge", merge_cfg, inputs=[align_fit],
@@ -199,7 +202,7 @@ def bench_controls(
                 method_cfg, base_model=aligned_model, train_file=files[data], eval_source=eval_source,
                 steps=control_steps, seed=fit_seed, export_dir=root / name / "adapter", logs=logs,
                 name=f"seed{s}-{name}", db_path=db, data_dir=data_dir, quantization=control_quant,
-                max_length=max_length), inputs=[align_merge],
+                max_length=max_length, monitor=monitor), inputs=[align_merge],
                 run=lambda cfg, label=label: _fteval(["fit", "--config", str(cfg)], label))
         adapters = {name: str(st.folder / "adapter") for name, st in fits.items()}
         adapters["zero"] = str(zero_dir)

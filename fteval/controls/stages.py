@@ -61,11 +61,12 @@ def _common(cfg: dict, *, seed: int, logs: Path, name: str, db_path: Path) -> di
 def derive_fit_config(base: dict, *, base_model: str, train_file: Path, eval_source: str, steps: int, seed: int,
                       export_dir: Path, logs: Path, name: str, db_path: Path, data_dir: Path,
                       quantization: Optional[str] = None, lr: Optional[float] = None,
-                      max_length: Optional[int] = None) -> dict:
+                      max_length: Optional[int] = None, monitor: bool = False) -> dict:
     """A fit config: ``base`` (a method's YAML) trained on ``train_file`` for ``steps`` optimizer steps.
 
-    Checkpoints are kept (last only: a killed stage restarts, it does not resume) and validation
-    runs once, at the end.
+    Checkpoints are kept (last only: a killed stage restarts, it does not resume), validation
+    runs once, at the end, and the alignment monitor only with ``monitor`` (the controls' test
+    measures the same thing at the end, on more prompts).
     """
     cfg = _common(base, seed=seed, logs=logs, name=name, db_path=db_path)
     tr = cfg["trainer"]
@@ -74,6 +75,7 @@ def derive_fit_config(base: dict, *, base_model: str, train_file: Path, eval_sou
     tr["check_val_every_n_epoch"] = None
     tr.pop("max_epochs", None)
     _set_callback_arg(cfg, "ModelCheckpoint", save_top_k=0, every_n_train_steps=int(steps))
+    _set_callback_arg(cfg, "AlignmentMonitor", enabled=bool(monitor))
     args = cfg["model"].setdefault("init_args", {})
     args["model_name_or_path"] = base_model
     args["export_dir"] = str(export_dir)

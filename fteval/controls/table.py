@@ -74,19 +74,27 @@ def _finite(x) -> Optional[float]:
 
 
 def _metric(comp: dict, metric: str) -> dict:
-    """Delta, interval and raw p of one metric of a pair; an identical pair (no p-value) gets p = 1."""
+    """Delta, interval and raw p of one metric of a pair.
+
+    ``identical``: the two models' outputs did not differ at all on this metric (no discordant
+    refusal label; a bounded-AQI Delta with standard error 0). Such a test carries no information:
+    it gets p = 1 and stays out of the Holm family.
+    """
     if metric == "refusal":
         t = comp.get("behaviour", {}).get("refusal")
         if t is None:
             raise KeyError("the test results have no refusal comparison; run the evaluation with behaviour on")
         delta, ci, p = t["delta"], t.get("ci"), t["p_value"]
-        extra = {"rate_a": t["rate_a"], "rate_b": t["rate_b"], "n": t["n"], "discordant": t["n_a_only"] + t["n_b_only"]}
+        discordant = t["n_a_only"] + t["n_b_only"]
+        extra = {"rate_a": t["rate_a"], "rate_b": t["rate_b"], "n": t["n"], "discordant": discordant}
+        identical = discordant == 0
     else:
         t = comp[metric]
         delta, ci, p = t.get("delta_bc", t["delta"]), t.get("ci"), t.get("p_value")
         extra = {"plug_in": t["delta"]}
+        identical = t.get("se") == 0.0
     p = _finite(p)
-    identical = p is None
+    identical = identical or p is None
     return {"delta": float(delta), "ci": list(ci) if ci else None, "p_value": 1.0 if identical else p,
             "identical": identical, **extra}
 
