@@ -78,11 +78,11 @@ def bench_controls(
     behaviour_prompts_per_class: int = 40,
     max_new_tokens: int = 32,
     quantization: Optional[Literal["nf4", "fp4", "none"]] = None,
-    align_steps: int = 150,
+    align_steps: int = 220,
     align_lr: float = 4e-4,
     control_steps: int = 40,
     max_length: int = 128,
-    geval: bool = True,
+    geval: Optional[bool] = None,
     monitor: bool = False,
     align_data: Optional[Path] = None,
     benign_data: Optional[Path] = None,
@@ -120,7 +120,9 @@ def bench_controls(
         align_lr: its learning rate.
         control_steps: optimizer steps of every control fit.
         max_length: tokens per training example (the control sets are short).
-        geval: score answers with G-Eval (the baseline model as judge).
+        geval: score answers with G-Eval (the baseline model as judge); default: on with a GPU, off
+            on the CPU, where its long judge prompts take most of the evaluation's time (the table's
+            verdicts use refusal rates and AQI, not G-Eval).
         monitor: keep the configs' alignment monitor in the fits (``align/*`` curves; costs a few
             forward passes every ``every_n_steps``).
         align_data: refusal-teaching file to use instead of the bundled one (columns ``Prompt``,
@@ -142,6 +144,13 @@ def bench_controls(
     for name, value in (("refusal_target", refusal_target), ("over_refusal_target", over_refusal_target)):
         if not 0.0 <= value <= 1.0:
             raise ValueError(f"--{name}={value} must lie in [0, 1]")
+    if geval is None:
+        import torch
+
+        geval = torch.cuda.is_available()
+        if not geval:
+            print("[controls] G-Eval off on the CPU (the judge prompts would take most of the evaluation time); "
+                  "--geval true turns it on")
     folder = _configs_folder(configs)
     qlora_cfg, grit_cfg, aqi_cfg = (load_yaml(folder / f"{n}.yaml") for n in ("qlora", "grit", "aqi"))
     files = {"align": control_set_path("align", align_data), "benign": control_set_path("benign", benign_data),
@@ -233,7 +242,7 @@ def bench_controls(
     payload = {
         "settings": {"configs": str(folder), "seeds": list(seed_tests), "eval_source": eval_source,
                      "quantization": control_quant, "align_steps": align_steps, "align_lr": align_lr,
-                     "control_steps": control_steps, "max_length": max_length, **eval_size,
+                     "control_steps": control_steps, "max_length": max_length, "geval": geval, **eval_size,
                      "training_files": {k: str(v) for k, v in files.items()}, "eval_overlap_removed": overlap},
         "aligned_base": aligned, "rows": rows, "over_seeds": summary, "timings": timings,
         "seconds_this_run": time.perf_counter() - started,
