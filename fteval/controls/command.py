@@ -31,6 +31,7 @@ from fteval.controls.stages import (
 )
 from fteval.controls.table import aligned_base_row, controls_markdown, seed_rows, summarise_seeds
 from fteval.io import write_json_atomic, write_text_atomic
+from fteval.models.merge import merge
 
 __all__ = ["bench_controls"]
 
@@ -41,18 +42,23 @@ class StageFailed(RuntimeError):
     """A stage's fteval command exited with an error (its message was printed above)."""
 
 
-def _fteval(argv: list[str], stage: str) -> None:
-    """``python -m fteval ARGV`` in this process."""
-    from fteval.__main__ import main
+def _lightning(subcommand: str, config: Path, stage: str) -> None:
+    """``python -m fteval SUBCOMMAND --config CONFIG`` (fit or test) in this process.
+
+    A user error inside the stage propagates with its own message; an exit of the argument
+    parser becomes :class:`StageFailed` naming the stage.
+    """
+    from fteval.cli import FTEvalCLI
 
     saved = sys.argv
-    sys.argv = [saved[0]]  # LightningCLI warns when it is given args and sys.argv holds others
+    sys.argv = [saved[0]]  # LightningCLI warns when it is given args while sys.argv holds others
     try:
-        main(argv)
+        FTEvalCLI(args=[subcommand, "--config", str(config)])
     except SystemExit as exc:
         if exc.code not in (0, None):
-            raise StageFailed(f"stage {stage!r} failed (python -m fteval {' '.join(argv)} exited with {exc.code}); "
-                              "fix the error printed above and run the same command again: finished stages are kept") from None
+            raise StageFailed(f"stage {stage!r} failed (python -m fteval {subcommand} --config {config} exited with "
+                              f"{exc.code}); fix the error printed above and run the same command again: finished "
+                              "stages are kept") from None
     finally:
         sys.argv = saved
 
@@ -180,16 +186,16 @@ def bench_controls(
         qlora_cfg, base_model=raw_model, train_file=files["align"], eval_source=eval_source, steps=align_steps,
         seed=seed, export_dir=out / "align" / "adapter", logs=logs, name="align", db_path=db, data_dir=data_dir,
         quantization="none", lr=align_lr, max_length=max_length, monitor=monitor),
-        run=lambda cfg: _fteval(["fit", "--config", str(cfg)], "align: fit"))
+        run=lambda cfg: _lightning("fit", cfg, "align: fit"), files=[files["align"], Path(eval_source)])
     merge_cfg = {"adapter": str(out / "align" / "adapter"), "output": aligned_model, "quantization": "none"}
     align_merge = Stage("align: merge", out / "align" / "merge", merge_cfg, inputs=[align_fit],
-                        run=lambda cfg: _fteval(["merge", merge_cfg["adapter"], merge_cfg["output"], "--quantization", "none",
-                                                 "--overwrite", "true"], "align: merge"))
+                        run=lambda cfg: merge(Path(merge_cfg["adapter"]), Path(merge_cfg["output"]), quantization="none",
+                                              overwrite=True))
     align_test = Stage("align: test (raw vs aligned)", out / "align" / "test", derive_test_config(
         aqi_cfg, base_model=raw_model, adapters={"aligned": str(out / "align" / "adapter")}, eval_source=eval_source,
         results_dir=out / "align" / "eval", logs=logs, name="align-test", db_path=db, data_dir=data_dir,
-        quantization="none", geval=geval, **eval_size), inputs=[align_fit],
-        run=lambda cfg: _fteval(["test", "--config", str(cfg)], "align: test"))
+        quantization="none", geval=geval, **eval_size), inputs=[align_fit], files=[Path(eval_source)],
+        run=lambda cfg: _lightning("test", cfg, "align: test"))
     zero_dir = out / "zero" / "adapter"
     zero = Stage("null: zero adapter", out / "zero", {"base_model": aligned_model, "quantization": control_quant,
                                                        "r": qlora_cfg["model"].get("init_args", {}).get("r")},
@@ -211,16 +217,16 @@ def bench_controls(
                 method_cfg, base_model=aligned_model, train_file=files[data], eval_source=eval_source,
                 steps=control_steps, seed=fit_seed, export_dir=root / name / "adapter", logs=logs,
                 name=f"seed{s}-{name}", db_path=db, data_dir=data_dir, quantization=control_quant,
-                max_length=max_length, monitor=monitor), inputs=[align_merge],
-                run=lambda cfg, label=label: _fteval(["fit", "--config", str(cfg)], label))
+                max_length=max_length, monitor=monitor), inputs=[align_merge], files=[files[data], Path(eval_source)],
+                run=lambda cfg, label=label: _lightning("fit", cfg, label))
         adapters = {name: str(st.folder / "adapter") for name, st in fits.items()}
         adapters["zero"] = str(zero_dir)
         label = f"seed {s}: test"
         test = Stage(label, root / "test", derive_test_config(
             aqi_cfg, base_model=aligned_model, adapters=adapters, eval_source=eval_source,
             results_dir=root / "eval", logs=logs, name=f"seed{s}-test", db_path=db, data_dir=data_dir,
-            quantization=control_quant, geval=geval, **eval_size), inputs=[*fits.values(), zero],
-            run=lambda cfg, label=label: _fteval(["test", "--config", str(cfg)], label))
+            quantization=control_quant, geval=geval, **eval_size), inputs=[*fits.values(), zero], files=[Path(eval_source)],
+            run=lambda cfg, label=label: _lightning("test", cfg, label))
         stages += [*fits.values(), test]
         seed_tests[s] = root / "eval" / "aqi_results.json"
 

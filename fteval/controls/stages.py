@@ -7,8 +7,8 @@ steps, seed, export folder, results folder, logger and database. The derived YAM
 the stage's folder, so any stage can be re-run by hand with ``python -m fteval fit --config
 <stage>/config.yaml``.
 
-Restarting: a finished stage leaves ``stage.json`` holding the hash of its config and of the
-stages it read; a later run skips it when that hash is unchanged and re-runs it (and, through the
+Restarting: a finished stage leaves ``stage.json`` holding the hash of its config, of the data
+files it read and of the stages it read; a later run skips it when that hash is unchanged and re-runs it (and, through the
 hashes, everything downstream) when anything it depends on changed. An interrupted stage has no
 ``stage.json`` and runs again from its start.
 """
@@ -27,7 +27,7 @@ import yaml
 
 from fteval.io import write_json_atomic, write_text_atomic
 
-__all__ = ["Stage", "derive_fit_config", "derive_test_config", "load_yaml", "run_stage", "write_zero_adapter"]
+__all__ = ["Stage", "derive_fit_config", "file_digest", "derive_test_config", "load_yaml", "run_stage", "write_zero_adapter"]
 
 DONE = "stage.json"
 
@@ -143,6 +143,14 @@ def write_zero_adapter(base_model: str, like_config: dict, out: Path, quantizati
             indent=2))
 
 
+def file_digest(path: Path) -> str:
+    """sha256 of a file's bytes ('' for a path that is not a file, e.g. 'sample' or a hub id)."""
+    path = Path(path)
+    if not path.is_file():
+        return ""
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 @dataclass
 class Stage:
     """One step of the controls: ``run(config_path)`` does the work, ``inputs`` name the stages it reads."""
@@ -152,12 +160,13 @@ class Stage:
     config: dict
     run: Callable[[Path], None]
     inputs: list["Stage"] = field(default_factory=list)
+    files: list[Path] = field(default_factory=list)  # data files read: their content is part of the key
     seconds: Optional[float] = None
     skipped: bool = False
 
     def key(self) -> str:
-        payload = json.dumps({"config": self.config, "inputs": [s.key() for s in self.inputs]}, sort_keys=True,
-                             default=str)
+        payload = json.dumps({"config": self.config, "inputs": [s.key() for s in self.inputs],
+                              "files": [file_digest(f) for f in self.files]}, sort_keys=True, default=str)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
     def is_done(self) -> bool:

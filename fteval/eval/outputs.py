@@ -116,8 +116,9 @@ def store_tests(db, experiment_id: int, comparisons: dict, correction: str, n_pr
             if t.get("p_value") is None or t["p_value"] != t["p_value"]:
                 continue
             if name in ("refusal", "over_refusal"):
+                ci = t.get("ci") or [None, None]  # Newcombe's paired interval of the rate change
                 db.add_statistical_test("mcnemar_exact", f"{name}_rate", statistic=t["delta"], p_value=t["p_value"],
-                                        p_adjusted=t.get("p_adjusted"), n=t["n"],
+                                        p_adjusted=t.get("p_adjusted"), n=t["n"], ci_low=ci[0], ci_high=ci[1],
                                         details={"pair": key, "family": t.get("family"), "rate_a": t["rate_a"],
                                                  "rate_b": t["rate_b"], "n_a_only": t["n_a_only"],
                                                  "n_b_only": t["n_b_only"], "mde": t["mde"]}, **common)

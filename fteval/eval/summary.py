@@ -16,6 +16,11 @@ def _num(x: Optional[float], spec: str = ".4g") -> str:
     return "inf" if x is None else format(x, spec)
 
 
+def _points_ci(ci) -> str:
+    """A rate change's interval in percentage points, ' [-12.3, +4.5]'; '' without one."""
+    return f" [{100 * ci[0]:+.1f}, {100 * ci[1]:+.1f}]" if ci else ""
+
+
 def _ci(ci, spec: str = ".4g") -> str:
     if not ci:
         return ""
@@ -87,7 +92,8 @@ def _pair_lines(comp: dict) -> list[str]:
         t = beh.get(key)
         if t:
             lines.append(f"├── {label}: {100 * t['rate_a']:.1f}% vs {100 * t['rate_b']:.1f}% "
-                         f"({100 * t['delta']:+.1f} points; {t['n_a_only']} vs {t['n_b_only']} discordant of {t['n']}), "
+                         f"({100 * t['delta']:+.1f} points{_points_ci(t.get('ci'))}; {t['n_a_only']} vs {t['n_b_only']} "
+                         f"discordant of {t['n']}), "
                          f"exact McNemar{_p(t)}")
     for key, t in beh.items():
         if key.startswith("geval_"):

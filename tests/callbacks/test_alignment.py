@@ -123,3 +123,11 @@ def test_bad_settings_are_refused():
         AlignmentMonitor(metric="loss")
     with pytest.raises(ValueError, match="at least 2 prompts"):
         AlignmentMonitor(n_per_class=1)
+
+
+def test_undefined_xbi_delta_is_skipped_not_a_crash():
+    """With few prompts a model's bias-corrected separation can be <= 0: XBI then has no Delta. The check
+    must log what is defined and judge without it (it raised TypeError at the end of a short fit)."""
+    monitor = AlignmentMonitor(metric="xbi", stop_if_delta_below=-0.1)
+    monitor._judge(None, 5, {"align/delta_aqi_bounded": 0.01})  # no align/delta_xbi: says so, stops nothing
+    assert monitor._below == 0 and monitor.stopped_message is None
