@@ -129,7 +129,7 @@ def write_zero_adapter(base_model: str, like_config: dict, out: Path, quantizati
                         target_modules=list(args.get("target_modules") or ["q_proj", "v_proj"]),
                         init_lora_weights=True, task_type="CAUSAL_LM")
     model = get_peft_model(loaded.model, config)
-    if any(float(p.abs().max()) != 0.0 for n, p in model.named_parameters() if "lora_B" in n):
+    if any(float(p.detach().abs().max()) != 0.0 for n, p in model.named_parameters() if "lora_B" in n):
         raise RuntimeError("peft's default LoRA init no longer sets B = 0; the zero adapter would not be zero")
     with atomic_directory(out, overwrite=True) as tmp:
         model.save_pretrained(tmp)

@@ -214,7 +214,7 @@ def test_summarise_compares_every_pair_with_corrected_families():
     assert res["settings"]["family_size"]["behaviour"] == 6  # refusal + over-refusal per pair (G-Eval constant: no test)
     text = format_summary(res)
     assert "GRIT vs QLORA (paired, same prompts; Delta = grit - qlora):" in text
-    assert "Refusal rate (unsafe): 80.0% vs 0.0% (+80.0 points; 8 vs 0 discordant of 10), exact McNemar  p=0.00781" in text
+    assert "Refusal rate (unsafe): 80.0% vs 0.0% (+80.0 points [+38.4, +94.3]; 8 vs 0 discordant of 10), exact McNemar  p=0.00781" in text
     assert "detectable at 80% power (alpha 0.05): |Delta AQI bounded| >=" in text
     assert "WARNING heavy tails" not in text
 
