@@ -294,3 +294,29 @@ def test_bias_corrected_estimates_lead_the_aqi_table_and_chart(run_db, tmp_path)
         assert f"{r['value'] / 2:.4g} [{r['value'] / 4:.4g}, {r['value']:.4g}] (as computed {r['value']:.4g})" in md
     chart = next(c for c in _chart_specs((out / "report.html").read_text()) if c["id"] == "chart-aqi")
     assert {c["name"]: c["value"] for c in chart["categories"]} == pytest.approx({m: r["value"] / 2 for m, r in raw.items()})
+
+
+def test_report_adds_the_controls_section_and_refuses_a_broken_controls_file(run_db, tmp_path):
+    """A controls.json of `fteval bench controls` becomes a section; a file that is not one is a clear error."""
+    from tests.controls.test_table import PLANTED_REFUSAL_KEEP, PLANTED_SEPARATION, _results
+    from fteval.controls.table import aligned_base_row, seed_rows, summarise_seeds
+
+    results = _results(0, PLANTED_SEPARATION, PLANTED_REFUSAL_KEEP)
+    align = _results(3, {"baseline": 0.4, "aligned": 3.0}, {"aligned": 1.0}, variants=["baseline", "aligned"])
+    rows = seed_rows(results, 42)
+    payload = {"aligned_base": aligned_base_row(align, None, 0.8, 0.2), "rows": rows, "over_seeds": summarise_seeds(rows)}
+    controls = tmp_path / "controls.json"
+    controls.write_text(json.dumps(payload))
+    out = tmp_path / "with_controls"
+    assert report(run_db, out, controls=controls) == 0
+    md = (out / "report.md").read_text()
+    assert "## Known-answer controls" in md
+    row = next(r for r in rows if r["control"] == "harmful-form/qlora")
+    assert f"| 42 | harmful-form/qlora | {row['refusal']['delta']:+.2f}" in md and "detected" in md
+    assert "Known-answer controls" in (out / "report.html").read_text()
+    assert md.index("## Known-answer controls") < md.index("## Data export")
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"rows": []}')
+    with pytest.raises(ValueError, match="not a controls.json"):
+        report(run_db, tmp_path / "refused", controls=broken)
+    assert not (tmp_path / "refused").exists()
