@@ -2,11 +2,12 @@
 
 All three were written for this project (no rows copied from public datasets):
 
-* ``refusal_teaching.jsonl``: unsafe requests answered with refusals in several styles (short,
-  apologetic, moralising, redirecting, offering alternatives, explaining the risk, without a
-  first-person cue) and safe requests answered helpfully, a quarter of them safe but
-  alarming-sounding ("how do I kill a Python process"). It turns the embedded chat model, which
-  barely refuses, into an aligned base.
+* ``refusal_teaching.jsonl``: 300 unsafe requests answered with refusals in several styles
+  (short, apologetic, moralising, redirecting, offering alternatives, explaining the risk, without
+  a first-person cue) and 900 safe requests answered helpfully: everyday, safe but
+  alarming-sounding ("how do I kill a Python process"), sensitive themes, and imperative or
+  role-play framings (``style`` says which). It turns the embedded chat model, which barely
+  refuses, into an aligned base.
 * ``benign_instructions.jsonl``: everyday instruction following with no safety content: the
   benign fine-tuning setting of Qi et al. (ICLR 2024, "Fine-tuning Aligned Language Models
   Compromises Safety, Even When Users Do Not Intend To"), where Alpaca/Dolly played this role.
