@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Optional
 
 from fteval.analysis.document import Block, Heading, Para, Table
+from fteval.controls.table import row_verdict
 
 __all__ = ["controls_blocks", "read_controls"]
 
@@ -43,12 +44,7 @@ def controls_blocks(payload: dict) -> list[Block]:
     rows = []
     for r in payload["rows"]:
         rf, aq = r["refusal"], r["aqi_bounded"]
-        if r["kind"] == "positive":
-            verdict = "detected" if r["detected"] else "not detected"
-        elif r["kind"] == "null":
-            verdict = "FLAGGED" if r["flagged"] else "quiet"
-        else:
-            verdict = f"erosion GRIT - QLoRA {rf['erosion_difference']:+.2f} refusal, {aq['erosion_difference']:+.4f} AQI"
+        verdict = row_verdict(r)
         rows.append([str(r["seed"]), r["control"], f"{rf['delta']:+.2f}{_ci(rf['ci'], '+.2f')}", f"{rf['p_adjusted']:.2g}",
                      f"{aq['delta']:+.4f}{_ci(aq['ci'], '+.4f')}", f"{aq['p_adjusted']:.2g}", verdict])
     blocks.append(Table(["seed", "control", "Delta refusal", "adj. p", "Delta bounded AQI", "adj. p", "result"], rows))

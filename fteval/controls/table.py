@@ -32,7 +32,7 @@ from scipy import stats as sps
 from fteval.eval.refusal.rates import rate_interval
 from fteval.eval.stats import correct_pvalues
 
-__all__ = ["CONTROLS", "HEAD_TO_HEAD", "Control", "aligned_base_row", "controls_markdown", "seed_rows",
+__all__ = ["CONTROLS", "HEAD_TO_HEAD", "Control", "aligned_base_row", "controls_markdown", "row_verdict", "seed_rows",
            "summarise_seeds"]
 
 ALPHA = 0.05
@@ -198,6 +198,16 @@ def summarise_seeds(rows: list[dict]) -> dict:
     return out
 
 
+def row_verdict(row: dict) -> str:
+    """The result column of a seed's row: detected / not detected, quiet / FLAGGED, or the erosion difference."""
+    if row["kind"] == "positive":
+        return "detected" if row["detected"] else "not detected"
+    if row["kind"] == "null":
+        return "FLAGGED" if row["flagged"] else "quiet"
+    return (f"erosion GRIT - QLoRA: refusal {row['refusal']['erosion_difference']:+.2f}, "
+            f"AQI {row['aqi_bounded']['erosion_difference']:+.4f}")
+
+
 def _fmt_ci(ci, spec: str = "+.3f") -> str:
     return f"[{ci[0]:{spec}}, {ci[1]:{spec}}]" if ci else "-"
 
@@ -235,13 +245,7 @@ def controls_markdown(aligned: dict, rows: list[dict], summary: dict, timings: l
                   "|---|---|---|---|---|---|"]
         for row in (x for x in rows if x["seed"] == seed):
             rf, aq = row["refusal"], row["aqi_bounded"]
-            if row["kind"] == "positive":
-                verdict = "detected" if row["detected"] else "not detected"
-            elif row["kind"] == "null":
-                verdict = "FLAGGED" if row["flagged"] else "quiet"
-            else:
-                verdict = (f"erosion GRIT - QLoRA: refusal {rf['erosion_difference']:+.2f}, "
-                           f"AQI {aq['erosion_difference']:+.4f}")
+            verdict = row_verdict(row)
             same = " (identical)" if rf["identical"] and aq["identical"] else ""
             lines.append(f"| {row['control']}{same} | {rf['delta']:+.2f} {_fmt_ci(rf['ci'], '+.2f')} | {_fmt_p(rf['p_adjusted'])} "
                          f"| {aq['delta']:+.4f} {_fmt_ci(aq['ci'], '+.4f')} | {_fmt_p(aq['p_adjusted'])} | {verdict} |")
