@@ -375,6 +375,11 @@ def run_method(spec: RunSpec, bm: BenchModel, workdir: Path, profiler: Any = Non
     free_memory(device)
     reset_peak_memory(device)
     torch.manual_seed(spec.seed)  # same adapter initialisation for every method
+    if spec.compile_blocks:  # count only this run's graphs and breaks, whatever compiled before
+        from torch._dynamo.utils import counters
+
+        torch._dynamo.reset()
+        counters.clear()
     t0 = time.perf_counter()
     try:
         if method == "plain":
@@ -391,8 +396,6 @@ def run_method(spec: RunSpec, bm: BenchModel, workdir: Path, profiler: Any = Non
     t1 = time.perf_counter()
     restore_base(bm)
     if spec.compile_blocks:
-        from torch._dynamo.utils import counters
-
         row["graph_breaks"] = int(sum(counters["graph_break"].values()))
         row["compiled_graphs"] = int(counters["stats"]["unique_graphs"])
         torch._dynamo.reset()  # every compiled run starts cold: its compile falls in its own warm-up
