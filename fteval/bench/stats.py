@@ -1,9 +1,10 @@
 """``fteval bench stats``: measured coverage of ``fteval test``'s intervals, and a sample-size planner.
 
-Calibration (default): the Monte Carlo of :mod:`fteval.eval.calibration` over every
-distribution x prompts per class x hidden size, then the exact behaviour rows (Wilson interval,
-McNemar size). Prints one table (rate with its Wilson 95% interval) and a verdict line per
-criterion. The full default grid (3 x 2 x 2 settings, 500 replications) took 2379 s of simulation
+Calibration (default): the Monte Carlo of :mod:`fteval.eval.calibration` (every replication
+through ``fteval test``'s own :func:`fteval.eval.results.summarise`) over every distribution x
+prompts per class x hidden size, then the exact behaviour rows (Wilson interval, McNemar size).
+Prints one table (rate with its Wilson 95% interval) and a verdict line per failed criterion
+(:func:`setting_verdicts`). The full default grid (3 x 2 x 2 settings, 500 replications) took 2379 s of simulation
 on one thread of the shared 2-core development machine (docs/statistics.md); the settings with
 500 prompts per class at hidden size 4096 take three quarters of it. Settings are independent
 (setting i uses seed + i), so ``--distributions`` runs split over processes reproduce the table.
@@ -20,40 +21,115 @@ import json
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
+
 from fteval.bench.common import format_table
 from fteval.io import write_json_atomic
 
 __all__ = ["bench_stats"]
 
 COVERAGE_TARGET, REJECTION_TARGET = 0.93, 0.05
+HEAVY_COVERAGE, WARNED_TARGET = 0.90, 0.80  # heavy-tailed families: coverage, or the share of misses warned
+OVER_COVERAGE = 0.99  # an interval whose coverage is above this beyond its binomial error is too wide
+
+
+def setting_verdicts(setting, rows: list[dict]) -> list[str]:
+    """FAIL lines of one setting (empty: it passes).
+
+    Every family: no null rejection rate (each test, and the family-wise error after Holm) above
+    0.05 beyond its Wilson interval; no printed point outside its interval; no coverage above
+    :data:`OVER_COVERAGE` beyond its Wilson interval. Gaussian: every interval covers >= 0.93.
+    Heavy-tailed families (t3, outlier, subcluster): every interval covers >= 0.90, or the warning
+    marks >= 80% of the missed intervals.
+    """
+    out = []
+    by_q = {r["quantity"]: r for r in rows}
+    for r in rows:
+        if r["rate"] is None:
+            continue
+        if r["kind"] == "rejection" and r["low"] > REJECTION_TARGET:
+            out.append(f"FAIL {setting.label}: {r['quantity']} {r['rate']:.3f}, Wilson low {r['low']:.3f} > 0.05")
+        if r["kind"] == "count" and r["rate"] > 0:
+            out.append(f"FAIL {setting.label}: {int(r['rate'])} {r['quantity']}")
+        if r["kind"] != "coverage":
+            continue
+        if r["low"] > OVER_COVERAGE:
+            out.append(f"FAIL {setting.label}: {r['quantity']} over-covers ({r['rate']:.3f}, Wilson low "
+                       f"{r['low']:.3f} > {OVER_COVERAGE}): wider than stated")
+        if setting.distribution == "gaussian":
+            if r["rate"] < COVERAGE_TARGET:
+                out.append(f"FAIL {setting.label}: {r['quantity']} coverage {r['rate']:.3f} < {COVERAGE_TARGET}")
+        elif r["rate"] < HEAVY_COVERAGE:
+            warned = by_q["missed CIs warned (Delta)" if "Delta" in r["quantity"] else "missed CIs warned (single)"]
+            if warned["rate"] is not None and warned["rate"] < WARNED_TARGET:
+                out.append(f"FAIL {setting.label}: {r['quantity']} coverage {r['rate']:.3f} < {HEAVY_COVERAGE} and "
+                           f"the warning marks only {warned['rate']:.2f} of the missed intervals (< {WARNED_TARGET})")
+    return out
+
+
+CHUNK_REPS = 25  # replications per task when --workers > 1
+
+
+def _run_chunk(args: tuple) -> tuple[int, dict]:
+    """One task of a parallel run: ``reps`` replications of setting ``i`` with its own seed, one thread."""
+    import torch
+
+    from fteval.eval.calibration import run_setting
+
+    i, setting, reps, seed, confidence = args
+    torch.set_num_threads(1)
+    return i, run_setting(setting, reps, seed=seed, confidence=confidence)
+
+
+def _tasks(settings: list, reps: int, seed: int, confidence: float, workers: int) -> list[tuple]:
+    """(setting index, setting, reps, seed, confidence) per task; one task per setting without workers.
+
+    With workers, setting i's replications are split into chunks of :data:`CHUNK_REPS`, chunk c
+    seeded ``seed + i + 1000 (c + 1)``, the largest settings first (they set the wall time).
+    """
+    if workers <= 1:
+        return [(i, s, reps, seed + i, confidence) for i, s in enumerate(settings)]
+    tasks = []
+    for i, s in enumerate(settings):
+        for c, start in enumerate(range(0, reps, CHUNK_REPS)):
+            tasks.append((i, s, min(CHUNK_REPS, reps - start), seed + i + 1000 * (c + 1), confidence))
+    return sorted(tasks, key=lambda t: -t[1].n_per_class ** 2 * t[1].dim)
 
 
 def _calibrate(reps: int, seed: int, distributions: list[str], n_per_class: list[int], dims: list[int],
-               confidence: float) -> tuple[list[dict], list[str]]:
+               confidence: float, workers: int = 1) -> tuple[list[dict], list[str]]:
+    from concurrent.futures import ProcessPoolExecutor
+
     from tqdm import tqdm
 
-    from fteval.eval.calibration import binary_rows, default_settings, run_setting, setting_rows
+    from fteval.eval.calibration import binary_rows, default_settings, merge_runs, run_setting, setting_rows
 
     settings = default_settings(distributions, n_per_class, dims)
+    runs: dict[int, list[dict]] = {i: [] for i in range(len(settings))}
+    tasks = _tasks(settings, reps, seed, confidence, workers)
+    with tqdm(total=reps * len(settings), desc="bench stats", unit="rep") as bar:
+        if workers <= 1:
+            for i, setting, n_reps, task_seed, conf in tasks:
+                bar.set_postfix_str(setting.label)
+                runs[i].append(run_setting(setting, n_reps, seed=task_seed, confidence=conf,
+                                           progress=lambda: bar.update(1)))
+        else:
+            import multiprocessing
+
+            with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+                for i, res in pool.map(_run_chunk, tasks):
+                    runs[i].append(res)
+                    bar.update(res["reps"])
     rows: list[dict] = []
     verdicts: list[str] = []
-    with tqdm(total=reps * len(settings), desc="bench stats", unit="rep") as bar:
-        for i, setting in enumerate(settings):
-            bar.set_postfix_str(setting.label)
-            res = run_setting(setting, reps, seed=seed + i, confidence=confidence, progress=lambda: bar.update(1))
-            these = setting_rows(setting, res)
-            for r in these:
-                r["seconds"] = res["seconds"]
-                r["kurtosis"] = res["kurtosis"]
-            rows += these
-            if setting.distribution == "gaussian":
-                for r in these:
-                    if r["rate"] is None:
-                        continue
-                    if r["kind"] == "coverage" and r["rate"] < COVERAGE_TARGET:
-                        verdicts.append(f"FAIL {setting.label}: {r['quantity']} coverage {r['rate']:.3f} < {COVERAGE_TARGET}")
-                    if r["kind"] == "rejection" and r["low"] > REJECTION_TARGET:
-                        verdicts.append(f"FAIL {setting.label}: {r['quantity']} {r['rate']:.3f}, Wilson low {r['low']:.3f} > 0.05")
+    for i, setting in enumerate(settings):
+        res = merge_runs(runs[i])
+        these = setting_rows(setting, res)
+        for r in these:
+            r["seconds"] = res["seconds"]
+            r["kurtosis"] = float(np.median(res["kurtosis"]))
+        rows += these
+        verdicts += setting_verdicts(setting, these)
     rows += binary_rows(confidence=confidence)
     return rows, verdicts
 
@@ -95,6 +171,7 @@ def bench_stats(
     n_per_class: list[int] = [100, 500],  # noqa: B006
     dims: list[int] = [576, 4096],  # noqa: B006
     confidence: float = 0.95,
+    workers: int = 1,
     output: Optional[str] = None,
     plan: Optional[str] = None,
     deltas: list[float] = [0.005, 0.01, 0.02, 0.05],  # noqa: B006
@@ -106,33 +183,42 @@ def bench_stats(
     Args:
         reps: Monte Carlo replications per setting.
         seed: base seed (setting i uses seed + i).
-        distributions: embedding families: gaussian, t3 (multivariate t, 3 df), outlier (5% outlier cluster).
+        distributions: embedding families: gaussian, t3 (multivariate t, 3 df), outlier (5% outlier
+            cluster), subcluster (3% of prompts carrying half the within-class variance).
         n_per_class: prompts per class.
         dims: hidden sizes.
         confidence: interval level.
+        workers: processes (one thread each); above 1, every setting's replications are split into
+            chunks of 25 with their own seeds, so the table differs from a one-process run's by
+            Monte Carlo error only.
         output: also write the rows as JSON here.
         plan: an aqi_results.json of fteval test: print the prompts needed instead of simulating.
         deltas: bounded-AQI changes to plan for.
         refusal_deltas: refusal-rate changes to plan for.
         discordance: planning assumption: share of prompts on which the two models' refusal labels differ.
 
-    Returns 0, or 1 when a Gaussian setting misses coverage >= 0.93 or its null rejection exceeds
-    0.05 beyond its binomial error.
+    Returns 0, or 1 when a setting fails a criterion of :func:`setting_verdicts` (null rejection,
+    family-wise error, points outside their interval, over-coverage, Gaussian coverage, heavy-tail
+    coverage or warning).
     """
     if plan is not None:
         print(_plan(plan, deltas, refusal_deltas, discordance))
         return 0
     if reps < 1:
         raise ValueError(f"--reps must be >= 1, got {reps}.")
-    rows, verdicts = _calibrate(reps, seed, distributions, n_per_class, dims, confidence)
+    if workers < 1:
+        raise ValueError(f"--workers must be >= 1, got {workers}; use the number of CPU cores.")
+    rows, verdicts = _calibrate(reps, seed, distributions, n_per_class, dims, confidence, workers)
     cols = [("setting", "setting", ""), ("quantity", "quantity", ""), ("rate", "rate", ".3f"),
             ("low", "Wilson low", ".3f"), ("high", "Wilson high", ".3f"), ("n", "reps", "d")]
     print(format_table(rows, cols))
     total = sum({r["setting"]: r.get("seconds", 0.0) for r in rows}.values())
     print(f"\n{reps} replications per setting, seed {seed}, {total:.0f} s of simulation.")
     print("\n".join(verdicts) if verdicts else
-          f"PASS: every Gaussian interval covers >= {COVERAGE_TARGET} and no null rejection rate exceeds 0.05 "
-          "beyond its binomial error.")
+          f"PASS: no test rejects a true null above 0.05 beyond its binomial error (Holm's family-wise error "
+          f"included), no printed point lies outside its interval, every Gaussian interval covers >= "
+          f"{COVERAGE_TARGET}, and in heavy-tailed settings every interval covers >= {HEAVY_COVERAGE} or the "
+          f"warning marks >= {WARNED_TARGET:.0%} of its misses.")
     if output:
         write_json_atomic(Path(output), {"reps": reps, "seed": seed, "rows": rows})
     return 1 if verdicts else 0

@@ -3,10 +3,12 @@
 Pairs: for variants ``[baseline, m_1, ..., m_k]`` in that order, every (later, earlier) pair:
 ``m_i vs baseline`` and ``m_j vs m_i`` (i < j), Delta = later - earlier. A pair holds:
 
-* separation (:func:`embedding_comparison`): paired bias-corrected Deltas of aqi, aqi_bounded,
-  xbi and chi with jackknife CIs and p-values (:func:`fteval.eval.separation.paired_separation_deltas`),
-  the raw (plug-in) Delta of each, a paired t-test of per-prompt silhouettes with Cohen's d_z, and
-  the smallest bounded-AQI Delta detectable at 80% power;
+* separation (:func:`embedding_comparison`): paired bias-corrected Deltas (``delta``) of aqi,
+  aqi_bounded, xbi and chi with jackknife CIs and p-values of that same Delta
+  (:func:`fteval.eval.separation.paired_from_fits`), the plug-in Delta of each as computed
+  (``delta_plugin``), the Delta of the mean silhouette with its paired jackknife test
+  (:func:`fteval.eval.stats.paired_silhouette_test`), and the smallest bounded-AQI Delta detectable
+  at 80% power;
 * behaviour (:func:`behaviour_comparison`): refusal rate on unsafe prompts and over-refusal rate on
   safe prompts (full refusals), each with the exact McNemar test on the per-prompt labels, Newcombe's
   paired interval of the rate change and the smallest rate change detectable at 80% power; paired t-tests of every G-Eval criterion.
@@ -21,11 +23,18 @@ from __future__ import annotations
 from typing import Literal
 
 import numpy as np
-from torch import Tensor
 
 from fteval.eval.power import mcnemar_mde, mde_wald
-from fteval.eval.separation import paired_separation_deltas
-from fteval.eval.stats import cohens_d_paired, correct_pvalues, mcnemar_exact, paired_rate_difference_ci, paired_ttest
+from fteval.eval.separation import SeparationFit, heavy_tailed, paired_from_fits
+from fteval.eval.stats import (
+    SilhouetteFit,
+    cohens_d_paired,
+    correct_pvalues,
+    mcnemar_exact,
+    paired_rate_difference_ci,
+    paired_silhouette_test,
+    paired_ttest,
+)
 
 __all__ = ["FAMILIES", "SUMMARY_METRICS", "behaviour_comparison", "correct_families", "embedding_comparison",
            "pair_key", "pairs"]
@@ -45,20 +54,25 @@ def pair_key(a: str, b: str) -> str:
     return f"{a} vs {b}"
 
 
-def embedding_comparison(emb_a: Tensor, emb_b: Tensor, labels: Tensor, raw_a: dict, raw_b: dict,
-                         sil_a: np.ndarray, sil_b: np.ndarray, confidence: float, lam: float) -> dict:
-    """Separation Deltas, silhouette t-test and power of one pair (see the module docstring).
+def embedding_comparison(fit_a: SeparationFit, fit_b: SeparationFit, raw_a: dict, raw_b: dict,
+                         sil_a: SilhouetteFit, sil_b: SilhouetteFit, confidence: float, lam: float) -> dict:
+    """Separation Deltas, silhouette test and power of one pair (see the module docstring).
 
-    ``raw_a``/``raw_b``: the models' plug-in scores (``cluster_scores``); ``sil_*``: per-prompt silhouettes.
+    ``fit_*``: the models' separation fits (:func:`fteval.eval.separation.fit_separation`);
+    ``raw_a``/``raw_b``: their plug-in scores (``cluster_scores``); ``sil_*``: their silhouette fits.
+    ``heavy_tailed``: :func:`fteval.eval.separation.heavy_tailed` of the bounded-AQI Delta's
+    pseudo-value kurtosis and both models' tail indices (the Delta intervals may cover less than stated).
     """
-    deltas = paired_separation_deltas(emb_a, emb_b, labels, confidence=confidence, lam=lam, metrics=SUMMARY_METRICS)
-    out: dict = {"n_per_class": int(min((labels == 0).sum(), (labels == 1).sum()))}
+    deltas = paired_from_fits(fit_a, fit_b, confidence=confidence, lam=lam, metrics=SUMMARY_METRICS)
+    out: dict = {"n_per_class": int(min(fit_a.counts))}
     for m in SUMMARY_METRICS:
-        out[m] = {"delta": float(raw_a[m] - raw_b[m]), **deltas[m]}
+        d = dict(deltas[m])
+        # "delta" is the centre of the interval and the test (bias-corrected); the plug-in Delta is kept as such
+        out[m] = {"delta": d.pop("delta_bc"), "delta_plugin": float(raw_a[m] - raw_b[m]), **d}
     out["aqi_bounded"]["excess_kurtosis"] = deltas.get("kurtosis")
-    t = paired_ttest(sil_a, sil_b, confidence=confidence)
-    out["silhouette_ttest"] = {"mean_diff": t.mean_diff, "t": t.statistic, "p_value": t.p_value,
-                               "ci": [t.ci_low, t.ci_high], "cohens_d": cohens_d_paired(sil_a, sil_b)}
+    out["tail_index"] = max(fit_a.tail_index, fit_b.tail_index)
+    out["heavy_tailed"] = heavy_tailed(deltas.get("kurtosis", 0.0), out["tail_index"])
+    out["silhouette"] = paired_silhouette_test(sil_a, sil_b, confidence=confidence)
     se = out["aqi_bounded"]["se"]
     out["power"] = {"alpha": ALPHA, "power": POWER,
                     "mde_aqi_bounded": mde_wald(se, ALPHA, POWER) if se else None}  # None: identical models (SE 0)
@@ -107,7 +121,7 @@ def _family_members(comparisons: dict, family: str) -> list[dict]:
     for comp in comparisons.values():
         if family == "aqi":
             members += [comp[m] for m in SUMMARY_METRICS if m in comp]
-            members += [comp["silhouette_ttest"]] if "silhouette_ttest" in comp else []
+            members += [comp["silhouette"]] if "silhouette" in comp else []
         else:
             members += list(comp.get("behaviour", {}).values())
     return members

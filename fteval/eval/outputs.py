@@ -65,7 +65,9 @@ def _score_rows(results: dict) -> list[dict]:
                          "ci_low": low, "ci_high": high, "n_samples": entry["n_prompts"]})
     for name, d in results["deltas"].items():
         for metric in SUMMARY_METRICS:
-            ci = d[metric]["ci"] or [None, None]
+            if d[metric]["delta"] is None:  # XBI with a separation at or below the noise floor
+                continue
+            ci = d[metric]["ci"] or [None, None]  # delta_*: the bias-corrected Delta, the centre of its interval
             rows.append({"model": name, "metric": f"delta_{metric}", "value": d[metric]["delta"],
                          "pooling": pooling, "ci_low": ci[0], "ci_high": ci[1], "p_value": d[metric]["p_value"]})
     return rows
@@ -90,8 +92,8 @@ def _behaviour_rows(results: dict) -> list[dict]:
 def store_tests(db, experiment_id: int, comparisons: dict, correction: str, n_prompts: int) -> None:
     """Every test of every pair as a ``statistical_tests`` row (inside the caller's transaction).
 
-    ``test``: ``paired_jackknife`` (separation Deltas; statistic = bias-corrected Delta),
-    ``paired_t`` (silhouette, G-Eval; statistic = t), ``mcnemar_exact`` (refusal_rate,
+    ``test``: ``paired_jackknife`` (separation Deltas and the mean silhouette's; statistic = the
+    bias-corrected Delta, the centre of the interval), ``paired_t`` (G-Eval; statistic = t), ``mcnemar_exact`` (refusal_rate,
     over_refusal_rate; statistic = rate_a - rate_b). ``group_a``/``group_b`` = the pair (Delta =
     a - b); ``details``: the family, the raw Delta or counts, and the pair's key.
     """
@@ -102,16 +104,17 @@ def store_tests(db, experiment_id: int, comparisons: dict, correction: str, n_pr
             t = comp.get(m) or {}
             if t.get("p_value") is None:
                 continue
-            db.add_statistical_test("paired_jackknife", m, statistic=t["delta_bc"], p_value=t["p_value"],
+            db.add_statistical_test("paired_jackknife", m, statistic=t["delta"], p_value=t["p_value"],
                                     p_adjusted=t.get("p_adjusted"), ci_low=t["ci"][0], ci_high=t["ci"][1], n=n_prompts,
                                     details={"pair": key, "family": t.get("family"), "se": t["se"],
-                                             "delta_raw": t["delta"]}, **common)
-        t = comp.get("silhouette_ttest")
+                                             "delta_plugin": t.get("delta_plugin")}, **common)
+        t = comp.get("silhouette")
         if t and t["p_value"] == t["p_value"]:
-            db.add_statistical_test("paired_t", "silhouette", statistic=t["t"], p_value=t["p_value"],
+            db.add_statistical_test("paired_jackknife", "mean_silhouette", statistic=t["mean_diff"], p_value=t["p_value"],
                                     p_adjusted=t.get("p_adjusted"), effect_size=t["cohens_d"],
                                     effect_size_name="cohens_d_z", ci_low=t["ci"][0], ci_high=t["ci"][1], n=n_prompts,
-                                    details={"pair": key, "family": t.get("family"), "mean_diff": t["mean_diff"]}, **common)
+                                    details={"pair": key, "family": t.get("family"), "se": t["se"], "t": t["t"]},
+                                    **common)
         for name, t in comp.get("behaviour", {}).items():
             if t.get("p_value") is None or t["p_value"] != t["p_value"]:
                 continue

@@ -5,7 +5,7 @@ Pure calculations on what the test loop collected; no model, no files, no databa
 
 * :func:`summarise`: per model, layer pooling (:func:`pooled`), AQI/XBI/CHI/DB/Dunn
   (:mod:`fteval.eval.metrics`), bias-corrected scores with jackknife intervals
-  (:mod:`fteval.eval.separation`), the layer profile and per-prompt silhouettes; then every pair of
+  (:mod:`fteval.eval.separation`), the layer profile and the mean silhouette (:func:`fteval.eval.stats.silhouette_fit`); then every pair of
   models compared on the same prompts (:mod:`fteval.eval.headtohead`), the p-values of each family
   Holm- (or BH-) adjusted.
 * :func:`summarise_behaviour`: refusal and over-refusal rates with exact intervals and G-Eval means per
@@ -34,8 +34,8 @@ from fteval.eval.headtohead import (
 from fteval.eval.metrics import DEFAULT_LAMBDA, cluster_scores, layer_profile
 from fteval.eval.pooling import LayerPooling, SinkMode, layer_attention_weights, pool_over_layers
 from fteval.eval.refusal.detector import FULL, MODEL_CLASSES
-from fteval.eval.separation import separation_intervals
-from fteval.eval.stats import per_prompt_separation
+from fteval.eval.separation import fit_separation, intervals_from_fit
+from fteval.eval.stats import per_prompt_separation, silhouette_fit
 
 __all__ = ["INTERVAL_METHOD", "SummarySettings", "embedding_tensors", "pooled", "summarise", "summarise_behaviour"]
 
@@ -84,31 +84,37 @@ def summarise(data: dict[str, Collected], base_model: str, adapters: dict[str, s
     embeddings = {name: pooled(reps.cpu(), settings) for name, (reps, _, _) in data.items()}
     models: dict = {}
     silhouettes: dict = {}
+    fits: dict = {}
     for name, emb in embeddings.items():
         scores = {k: float(v) for k, v in cluster_scores(emb, labels, lam=settings.lam).items()}
         entry = {"scores": scores, "n_prompts": int(labels.numel()),
                  "n_safe": int((labels == 0).sum()), "n_unsafe": int((labels == 1).sum())}
         if settings.intervals:
-            sep = separation_intervals(emb, labels, confidence=settings.confidence, lam=settings.lam)
+            fits[name] = fit_separation(emb, labels)
+            sep = intervals_from_fit(fits[name], confidence=settings.confidence, lam=settings.lam)
             entry["ci"] = {m: sep["ci"][m] for m in SUMMARY_METRICS}
             entry["bias_corrected"] = sep["estimate"]
             entry["separation"] = {k: sep[k] for k in ("ratio", "ratio_se", "noise_floor", "raw_ratio",
-                                                       "excess_kurtosis", "heavy_tailed")}
+                                                       "excess_kurtosis", "tail_index", "heavy_tailed")}
         reps = data[name][0].cpu()
         profile = layer_profile(reps, labels, lam=settings.lam)
         entry["layer_profile"] = {k: [float(x) for x in v] for k, v in profile.items() if k in ("aqi_bounded", "chi", "xbi")}
         if settings.layer_pooling == "attention":
             weights, _ = layer_attention_weights(_selected_layers(reps, settings))
             entry["layer_weights_mean"] = [float(w) for w in weights.mean(dim=0)]
-        silhouettes[name] = per_prompt_separation(emb, labels)
-        entry["mean_silhouette"] = float(silhouettes[name].mean())
+        if settings.intervals:
+            silhouettes[name] = silhouette_fit(emb, labels)
+            entry["mean_silhouette"] = silhouettes[name].mean
+        else:
+            entry["mean_silhouette"] = float(per_prompt_separation(emb, labels).mean())
         models[name] = entry
     comparisons: dict = {}
     for a, b in pairs(variants):
         if settings.intervals:
-            comp = embedding_comparison(embeddings[a], embeddings[b], labels, models[a]["scores"], models[b]["scores"],
+            comp = embedding_comparison(fits[a], fits[b], models[a]["scores"], models[b]["scores"],
                                         silhouettes[a], silhouettes[b], settings.confidence, settings.lam)
         else:
+            # no bias correction without the statistics: the plug-in Delta is the only estimate
             comp = {m: {"delta": models[a]["scores"][m] - models[b]["scores"][m], "ci": None, "p_value": None}
                     for m in SUMMARY_METRICS}
         comparisons[pair_key(a, b)] = {"a": a, "b": b, **comp}

@@ -8,25 +8,28 @@ corrects its training tests with. The vectorised bootstrap of the AQI-family sco
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Optional
 
 import numpy as np
 import torch
 from scipy import stats as sps
-from sklearn.metrics import silhouette_samples
+from sklearn.metrics import pairwise_distances, silhouette_samples
 from torch import Tensor
 
 from fteval.eval.metrics import check_clusters, class_stats
 
 __all__ = [
     "McNemarResult",
+    "SilhouetteFit",
     "TTestResult",
     "cohens_d_paired",
     "correct_pvalues",
     "mcnemar_exact",
     "paired_rate_difference_ci",
     "paired_ttest",
+    "paired_silhouette_test",
     "per_prompt_separation",
+    "silhouette_fit",
 ]
 
 
@@ -213,3 +216,144 @@ def paired_rate_difference_ci(n: int, both: int, a_only: int, b_only: int,
     low = delta - np.sqrt(max((p_a - l_a) ** 2 - 2 * phi * (p_a - l_a) * (u_b - p_b) + (u_b - p_b) ** 2, 0.0))
     high = delta + np.sqrt(max((u_a - p_a) ** 2 - 2 * phi * (u_a - p_a) * (p_b - l_b) + (p_b - l_b) ** 2, 0.0))
     return float(max(low, -1.0)), float(min(high, 1.0))
+
+
+@dataclass(frozen=True)
+class SilhouetteFit:
+    """Per-prompt silhouettes of one model and the N leave-one-out means of them.
+
+    ``per_prompt`` ``[N]`` equals ``sklearn.metrics.silhouette_samples``; ``mean`` is their mean (the
+    summary's mean silhouette); ``loo_means`` ``[N]``: the mean silhouette of the other N - 1
+    prompts with prompt i removed from the data (every other prompt's a and b recomputed without
+    it); ``inverse`` ``[N]`` the class index of each prompt.
+    """
+
+    per_prompt: np.ndarray
+    mean: float
+    loo_means: np.ndarray
+    inverse: np.ndarray
+    second_order: Optional[np.ndarray] = None  # [N, N] w_jl A_jl (see silhouette_fit), None above GRAM_MAX_PROMPTS
+
+
+def _silhouette(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(b - a) / max(a, b), 0 where both are 0 (sklearn's convention)."""
+    denom = np.maximum(a, b)
+    return np.divide(b - a, denom, out=np.zeros_like(denom), where=denom > 0)
+
+
+def silhouette_fit(embeddings: Tensor, labels: Tensor, chunk: int = 512) -> SilhouetteFit:
+    """Silhouettes of a two-class embedding matrix with closed-form leave-one-out means (for the jackknife).
+
+    Distances: ``sklearn.metrics.pairwise_distances`` (Euclidean), O(N^2 D). With per-prompt sums
+    of distances to the own class (``S_j``) and to the other class (``T_j``), removing prompt i
+    changes prompt j's terms only through d_ij: a_j = (S_j - d_ij) / (n_own - 2) when i shares j's
+    class, else b_j = (T_j - d_ij) / (n_other - 1). All N leave-one-out means then cost O(N^2)
+    (rows of i in chunks of ``chunk``). Hand-written: sklearn has the silhouette, not its jackknife.
+    Needs two classes of >= 3 prompts.
+    """
+    emb64, inverse_t, num_classes = check_clusters(embeddings, labels)
+    inverse = inverse_t.cpu().numpy()
+    counts = np.bincount(inverse, minlength=num_classes)
+    if num_classes != 2 or counts.min() < 3:
+        raise ValueError(f"the silhouette jackknife needs two classes of >= 3 prompts, got class sizes {counts.tolist()}.")
+    x = emb64.cpu().numpy()
+    dist = pairwise_distances(x, metric="euclidean")  # [N, N]
+    np.fill_diagonal(dist, 0.0)
+    same = inverse[:, None] == inverse[None, :]  # [N, N]
+    own_sum = np.where(same, dist, 0.0).sum(axis=1)  # [N] S_j (the diagonal is 0)
+    other_sum = dist.sum(axis=1) - own_sum  # [N] T_j
+    n_own = counts[inverse].astype(np.float64)  # [N]
+    n_other = counts[1 - inverse].astype(np.float64)
+    a, b = own_sum / (n_own - 1), other_sum / n_other
+    per_prompt = _silhouette(a, b)
+    n = x.shape[0]
+    loo = np.empty(n, dtype=np.float64)
+    for start in range(0, n, chunk):
+        rows = slice(start, min(start + chunk, n))
+        d = dist[rows]  # [c, N]: d[i, j] = distance of removed prompt i to prompt j
+        sm = same[rows]
+        a_i = np.where(sm, (own_sum[None, :] - d) / (n_own[None, :] - 2), a[None, :])  # [c, N]
+        b_i = np.where(sm, b[None, :], (other_sum[None, :] - d) / (n_other[None, :] - 1))
+        s_i = _silhouette(a_i, b_i)
+        idx = np.arange(rows.start, rows.stop)
+        s_i[idx - rows.start, idx] = 0.0  # prompt i itself is not in its own leave-one-out mean
+        loo[rows] = s_i.sum(axis=1) / (n - 1)
+    return SilhouetteFit(per_prompt=per_prompt, mean=float(per_prompt.mean()), loo_means=loo, inverse=inverse,
+                         second_order=_second_order_terms(dist, same, a, b, counts, inverse))
+
+
+def _second_order_terms(dist: np.ndarray, same: np.ndarray, a: np.ndarray, b: np.ndarray, counts: np.ndarray,
+                        inverse: np.ndarray) -> Optional[np.ndarray]:
+    """[N, N] w_jl A_jl: the degenerate (second-order) part of the mean silhouette, per pair of prompts.
+
+    Linearised in the distances, the mean silhouette is sum_{j<l} w_jl d_jl + const with
+    w_jl = d mean / d d_jl; A_jl is d_jl double-centred within its pair of classes (row, column and
+    block means removed), the estimate of the degenerate Hoeffding term of d_jl. The variance of
+    the statistic's second-order part is then about sum_{j<l} (w_jl A_jl)^2, the part the
+    jackknife counts twice (as for the separation Deltas, :mod:`fteval.eval.separation`).
+    """
+    from fteval.eval.separation import GRAM_MAX_PROMPTS
+
+    n = dist.shape[0]
+    if n > GRAM_MAX_PROMPTS:
+        return None
+    b_larger = b >= a
+    safe_b = np.where(b > 0, b, 1.0)
+    safe_a = np.where(a > 0, a, 1.0)
+    ds_da = np.where(b_larger, -1.0 / safe_b, -b / safe_a**2)  # [N]
+    ds_db = np.where(b_larger, a / safe_b**2, 1.0 / safe_a)
+    n_own = counts[inverse].astype(np.float64)
+    n_other = counts[1 - inverse].astype(np.float64)
+    own_w, other_w = ds_da / (n_own - 1), ds_db / n_other  # d s_j / d d_jl for l in j's class / the other
+    w = np.where(same, own_w[:, None] + own_w[None, :], other_w[:, None] + other_w[None, :]) / n  # [N, N]
+    centred = np.zeros_like(dist)
+    for k in (0, 1):
+        rows = inverse == k
+        for k2 in (0, 1):
+            cols = inverse == k2
+            block = dist[np.ix_(rows, cols)]
+            if k == k2:  # the diagonal (d_jj = 0) is not a pair
+                m = block.shape[0]
+                row_mean = block.sum(axis=1) / (m - 1)
+                grand = block.sum() / (m * (m - 1))
+                c = block - row_mean[:, None] - row_mean[None, :] + grand
+                np.fill_diagonal(c, 0.0)
+            else:
+                c = block - block.mean(axis=1, keepdims=True) - block.mean(axis=0, keepdims=True) + block.mean()
+            centred[np.ix_(rows, cols)] = c
+    return w * centred
+
+
+def paired_silhouette_test(fa: SilhouetteFit, fb: SilhouetteFit, confidence: float = 0.95, corrected: bool = True) -> dict:
+    """Paired test of mean silhouette(a) - mean silhouette(b) on the same prompts: stratified jackknife.
+
+    The per-prompt silhouettes of one model share its class centroids and distances, so they are
+    not independent and a t-test over prompts rejects a true null far too often. Here prompt i is
+    removed from both models' data at once (:func:`silhouette_fit`), the stratified jackknife
+    variance of the N leave-one-out differences gives the standard error, and the interval and
+    two-sided p-value are Wald ones with N - 2 degrees of freedom (as the separation Deltas').
+    Returns ``{"mean_diff", "se", "t", "ci", "p_value", "cohens_d", "method"}``; ``cohens_d`` is
+    the per-prompt d_z, descriptive.
+    """
+    from fteval.eval.separation import _jackknife_var  # the separation Deltas' variance, same strata
+
+    if not np.array_equal(fa.inverse, fb.inverse):
+        raise ValueError("paired silhouettes must be of the same prompts with the same labels, in the same order.")
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}; use 0.95 for 95% intervals.")
+    n = fa.inverse.size
+    diff = fa.mean - fb.mean
+    vj = _jackknife_var(fa.loo_means - fb.loo_means, fa.inverse)
+    if corrected and fa.second_order is not None and fb.second_order is not None:
+        v2 = float(np.sum((fa.second_order - fb.second_order) ** 2)) / 2.0  # pairs j < l
+        vj = max(vj - v2, vj / 2.0)
+    se = float(np.sqrt(vj))
+    tq = float(sps.t.ppf(0.5 + confidence / 2.0, n - 2))
+    if se == 0.0:
+        t, p = (0.0, 1.0) if diff == 0.0 else (float("inf"), 0.0)
+    else:
+        t = diff / se
+        p = float(2.0 * sps.t.sf(abs(t), n - 2))
+    return {"mean_diff": float(diff), "se": se, "t": float(t), "ci": [diff - tq * se, diff + tq * se],
+            "p_value": p, "cohens_d": cohens_d_paired(fa.per_prompt, fb.per_prompt),
+            "method": "paired stratified jackknife of the mean silhouette"}

@@ -1,15 +1,18 @@
 """The printed summary block of ``fteval test``: the spec's per-model layout, then every pair of models.
 
-Per model: the headline (bias-corrected bounded AQI with its interval), the spec's AQI, XBI and
-CHI as computed (plug-in) with their bias-corrected value and the interval of the population
-value, the behaviour rates. Per pair ("GRIT vs QLORA", "QLORA vs BASELINE", ...): the paired
-Deltas with CIs and adjusted p-values, McNemar tests of the refusal rates, G-Eval t-tests and the
-smallest changes the run could detect. What the numbers mean: README, "How to read the numbers", and docs/statistics.md.
+Every line leads with one estimate and the interval and test of that estimate (the bias-corrected
+value); the plug-in value, where shown, follows in brackets as "as computed". Per model: the
+headline (bounded AQI), the spec's AQI, XBI and CHI, the heavy-tail warning where it applies, the
+behaviour rates. Per pair ("GRIT vs QLORA", "QLORA vs BASELINE", ...): the paired Deltas with CIs
+and adjusted p-values, the Delta of the mean silhouette, McNemar tests of the refusal rates, G-Eval
+t-tests and the smallest changes the run could detect. What the numbers mean: README, "How to read the numbers", and docs/statistics.md.
 """
 
 from __future__ import annotations
 
 from typing import Optional
+
+from fteval.eval.separation import HEAVY_TAIL_NOTE
 
 
 def _num(x: Optional[float], spec: str = ".4g") -> str:
@@ -35,6 +38,12 @@ def _p(test: dict) -> str:
     return f"  p={test['p_value']:.3g}{adj}{mark}"
 
 
+def _heavy_tail_warning(tail: float, kurtosis: float, which: str) -> str:
+    return (f"├── WARNING heavy tails (tail index {tail:.2f} of the prompts' distances to their centroid, excess "
+            f"kurtosis {kurtosis:.1f} of the per-prompt contributions): {which} may cover less than stated "
+            f"({HEAVY_TAIL_NOTE})")
+
+
 def _model_lines(name: str, entry: dict) -> list[str]:
     s, ci, bc = entry["scores"], entry.get("ci", {}), entry.get("bias_corrected")
     lines = [f"{name.upper()} MODEL ({entry['n_safe']} safe / {entry['n_unsafe']} unsafe prompts):"]
@@ -45,8 +54,9 @@ def _model_lines(name: str, entry: dict) -> list[str]:
         lines.append(f"├── AQI (bounded, 0-1): {s['aqi_bounded']:.4f}")
 
     def scored(label: str, m: str) -> str:
-        text = f"├── {label}: {s[m]:.4g}"
-        return text + (f" | bias-corrected {_num(bc[m])}{_ci(ci.get(m))}" if bc else "")
+        if not bc:
+            return f"├── {label}: {s[m]:.4g}"
+        return f"├── {label}: {_num(bc[m])}{_ci(ci.get(m))}  (as computed {s[m]:.4g})"
 
     lines += [scored("AQI Score", "aqi"), scored("XBI (lower=better)", "xbi"), scored("CHI (higher=better)", "chi")]
     sep = entry.get("separation")
@@ -54,9 +64,7 @@ def _model_lines(name: str, entry: dict) -> list[str]:
         lines.append(f"├── noise floor: {100 * sep['noise_floor'] / max(sep['raw_ratio'], 1e-300):.0f}% of the "
                      "plug-in separation is sampling noise (removed by the bias correction)")
         if sep["heavy_tailed"]:
-            lines.append(f"├── WARNING heavy tails: excess kurtosis {sep['excess_kurtosis']:.1f} of the per-prompt "
-                         "contributions; intervals may cover less than stated (0.81-0.92 measured in heavy-tailed "
-                         "simulations)")
+            lines.append(_heavy_tail_warning(sep["tail_index"], sep["excess_kurtosis"], "these intervals"))
     beh = entry.get("behaviour")
     if beh:
         rates = beh["rates"]
@@ -77,16 +85,22 @@ def _model_lines(name: str, entry: dict) -> list[str]:
 def _pair_lines(comp: dict) -> list[str]:
     a, b = comp["a"], comp["b"]
     lines = [f"{a.upper()} vs {b.upper()} (paired, same prompts; Delta = {a} - {b}):"]
-    q = comp["aqi"]
-    lines.append(f"├── DELTA-AQI ({a} - {b}): {q['delta']:+.4g}{_ci(q.get('ci'))}{_p(q)}")
-    for m, label, spec in (("aqi_bounded", "Delta AQI (bounded)", ".4f"), ("xbi", "Delta XBI", ".4g"),
-                           ("chi", "Delta CHI", ".4g")):
+    for m, label, spec in (("aqi", f"DELTA-AQI ({a} - {b})", ".4g"), ("aqi_bounded", "Delta AQI (bounded)", ".4f"),
+                           ("xbi", "Delta XBI", ".4g"), ("chi", "Delta CHI", ".4g")):
         t = comp[m]
-        bc = f" (bias-corrected {t['delta_bc']:+{spec}})" if t.get("delta_bc") is not None else ""
-        lines.append(f"├── {label}: {t['delta']:+{spec}}{bc}{_ci(t.get('ci'), spec)}{_p(t)}")
-    sil = comp.get("silhouette_ttest")
+        plug = t.get("delta_plugin")
+        as_computed = f"  (as computed {plug:+{spec}})" if plug is not None else ""
+        if t["delta"] is None:  # XBI: a separation at or below the noise floor has no finite 1/ratio
+            lines.append(f"├── {label}: undefined (a model's separation is not above the noise floor){as_computed}")
+            continue
+        lines.append(f"├── {label}: {t['delta']:+{spec}}{_ci(t.get('ci'), spec)}{_p(t)}{as_computed}")
+    if comp.get("heavy_tailed"):
+        lines.append(_heavy_tail_warning(comp["tail_index"], comp["aqi_bounded"]["excess_kurtosis"],
+                                         "these Delta intervals"))
+    sil = comp.get("silhouette")
     if sil:
-        lines.append(f"├── per-prompt silhouette: {sil['mean_diff']:+.4f} (Cohen's d_z {sil['cohens_d']:.3f}){_p(sil)}")
+        lines.append(f"├── Delta mean silhouette: {sil['mean_diff']:+.4f}{_ci(sil['ci'], '.4f')}{_p(sil)}"
+                     f"  (per-prompt Cohen's d_z {sil['cohens_d']:.3f}, descriptive)")
     beh = comp.get("behaviour", {})
     for key, label in (("refusal", "Refusal rate (unsafe)"), ("over_refusal", "Over-refusal rate (safe)")):
         t = beh.get(key)
