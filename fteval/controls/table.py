@@ -90,8 +90,8 @@ def _metric(comp: dict, metric: str) -> dict:
         identical = discordant == 0
     else:
         t = comp[metric]
-        delta, ci, p = t.get("delta_bc", t["delta"]), t.get("ci"), t.get("p_value")
-        extra = {"plug_in": t["delta"]}
+        delta, ci, p = t["delta"], t.get("ci"), t.get("p_value")  # the bias-corrected Delta, centre of its CI
+        extra = {"plug_in": t.get("delta_plugin", t["delta"])}
         identical = t.get("se") == 0.0
     p = _finite(p)
     identical = identical or p is None

@@ -60,9 +60,10 @@ def test_test_loop_prints_block_and_pairs_baseline_with_adapters(tmp_path, adapt
     assert zero == base
     assert res["deltas"]["zero"]["aqi"]["delta"] == 0.0 and res["deltas"]["zero"]["aqi"]["ci"] == [0.0, 0.0]
     assert noisy["aqi"] != base["aqi"]
-    assert res["deltas"]["noisy"]["aqi"]["delta"] == pytest.approx(noisy["aqi"] - base["aqi"], rel=1e-9)
+    # "delta" is the bias-corrected Delta, the centre of its interval; the plug-in one is kept as such
+    assert res["deltas"]["noisy"]["aqi"]["delta_plugin"] == pytest.approx(noisy["aqi"] - base["aqi"], rel=1e-9)
     lo, hi = res["deltas"]["noisy"]["aqi"]["ci"]
-    assert lo <= res["deltas"]["noisy"]["aqi"]["delta"] <= hi
+    assert res["deltas"]["noisy"]["aqi"]["delta"] == pytest.approx((lo + hi) / 2, rel=1e-9)
     # The reported numbers are those of the saved embeddings.
     emb = load_file(res["embeddings_path"])
     recomputed = cluster_scores(emb["baseline.pooled"], emb["labels"])
@@ -85,7 +86,7 @@ def test_test_loop_prints_block_and_pairs_baseline_with_adapters(tmp_path, adapt
     assert "NOISY vs ZERO (paired, same prompts; Delta = noisy - zero):" in out
     assert "DELTA-AQI (noisy - zero):" in out and "exact McNemar" in out
     head = res["comparisons"]["noisy vs zero"]
-    assert head["aqi"]["delta"] == pytest.approx(noisy["aqi"] - zero["aqi"], rel=1e-9)
+    assert head["aqi"]["delta_plugin"] == pytest.approx(noisy["aqi"] - zero["aqi"], rel=1e-9)
     assert head["aqi_bounded"]["ci"] == res["deltas"]["noisy"]["aqi_bounded"]["ci"]  # zero is the baseline
     assert head["power"]["mde_aqi_bounded"] == pytest.approx(2.8016 * head["aqi_bounded"]["se"], rel=1e-4)
     sizes = res["settings"]["family_size"]
@@ -197,7 +198,9 @@ def test_summarise_compares_every_pair_with_corrected_families():
     res = _synthetic_run()
     assert list(res["comparisons"]) == ["qlora vs baseline", "grit vs baseline", "grit vs qlora"]
     head = res["comparisons"]["grit vs qlora"]
-    assert head["aqi"]["delta"] == pytest.approx(res["models"]["grit"]["scores"]["aqi"] - res["models"]["qlora"]["scores"]["aqi"])
+    assert head["aqi"]["delta_plugin"] == pytest.approx(res["models"]["grit"]["scores"]["aqi"] - res["models"]["qlora"]["scores"]["aqi"])
+    bc = res["models"]["grit"]["bias_corrected"]["aqi"] - res["models"]["qlora"]["bias_corrected"]["aqi"]
+    assert head["aqi"]["delta"] == pytest.approx(bc, rel=1e-9)
     # McNemar on the refusal labels: grit refuses 8 unsafe prompts qlora answers -> p = 2 / 2^8
     refusal = head["behaviour"]["refusal"]
     assert (refusal["n_a_only"], refusal["n_b_only"], refusal["p_value"]) == (8, 0, pytest.approx(2 / 2**8))
@@ -205,7 +208,7 @@ def test_summarise_compares_every_pair_with_corrected_families():
     # one Holm family per type over all pairs: the adjusted values are Holm of the family's raw p-values
     for family in ("aqi", "behaviour"):
         members = [t for comp in res["comparisons"].values()
-                   for t in ([comp[m] for m in ("aqi", "aqi_bounded", "xbi", "chi")] + [comp["silhouette_ttest"]]
+                   for t in ([comp[m] for m in ("aqi", "aqi_bounded", "xbi", "chi")] + [comp["silhouette"]]
                              if family == "aqi" else list(comp["behaviour"].values()))
                    if t.get("p_value") is not None and t["p_value"] == t["p_value"]]
         assert len(members) == res["settings"]["family_size"][family]

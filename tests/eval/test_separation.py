@@ -11,9 +11,12 @@ from fteval.eval.separation import (
     SCORES,
     derivative,
     fit_separation,
+    heavy_tailed,
+    paired_from_fits,
     paired_separation_deltas,
     scores_from_ratio,
     separation_intervals,
+    tail_index,
 )
 
 
@@ -121,7 +124,7 @@ def test_paired_delta_sign_and_scale_invariance():
     # XBI's test is the test of 1/XBI (same null hypothesis), whose Wald statistic is CHI's (both linear in the ratio)
     assert res["xbi"]["p_value"] == pytest.approx(res["chi"]["p_value"], rel=1e-9)
     lo, hi = res["xbi"]["ci"]
-    assert lo < res["xbi"]["delta_bc"] < hi
+    assert (lo is None or lo < res["xbi"]["delta_bc"]) and res["xbi"]["delta_bc"] < hi
     scaled = paired_separation_deltas(better * 3.0 + 1.0, x, y)  # every score is scale and shift free
     for key in ("aqi", "aqi_bounded", "chi"):
         assert scaled[key]["delta_bc"] == pytest.approx(res[key]["delta_bc"], rel=1e-9)
@@ -138,3 +141,44 @@ def test_bad_input_is_refused():
         paired_separation_deltas(x, x[:-1], y)
     with pytest.raises(ValueError, match="confidence"):
         separation_intervals(x, y, confidence=95)
+
+
+def _xbi_test_statistic(fa, fb, c, moments, tq):
+    """|g_c| / (t SE) of the test the Delta-XBI interval inverts (1 on the interval's ends)."""
+    from fteval.eval.separation import _standard_error
+
+    g = fb.ratio - fa.ratio - c * fa.ratio * fb.ratio
+    loo = fb.ratio_loo - fa.ratio_loo - c * fa.ratio_loo * fb.ratio_loo
+    weights = ((-1.0 - c * fb.ratio) / fa.s2, (1.0 - c * fa.ratio) / fb.s2)
+    return abs(g) / (tq * _standard_error(loo, fa.inverse, weights, moments))
+
+
+def test_xbi_interval_inverts_the_test_whose_p_value_it_prints():
+    """Delta XBI: its interval is every value the printed test keeps (Fieller), its ends are where that test
+    sits exactly at its critical value, the point is inside, and 0 is outside exactly when p < 0.05."""
+    from fteval.eval.separation import _second_order_moments, _t_quantile
+
+    for shift, seed in ((1.5, 1), (0.6, 2), (0.0, 3)):
+        x, y = _data(n0=60, n1=60, dim=8, shift=2.0, seed=seed)
+        other = x + 0.5 * torch.randn(x.shape, generator=torch.Generator().manual_seed(seed), dtype=x.dtype)
+        other[:, 1] += shift * y
+        fa, fb = fit_separation(other, y), fit_separation(x, y)
+        res = paired_from_fits(fa, fb)["xbi"]
+        tq, moments = _t_quantile(0.95, 120), _second_order_moments([fa, fb])
+        lo, hi = res["ci"]
+        assert lo < res["delta_bc"] < hi
+        assert res["delta_bc"] == pytest.approx(1 / fa.ratio - 1 / fb.ratio, rel=1e-12)
+        for end in (lo, hi):
+            assert _xbi_test_statistic(fa, fb, end, moments, tq) == pytest.approx(1.0, abs=1e-6)
+        assert (lo > 0 or hi < 0) == (res["p_value"] < 0.05)
+
+
+def test_tail_index_separates_light_from_heavy_tails():
+    """Hill's estimate: a Pareto tail P(X > x) = x^-2 gives 1/2; squared Gaussian norms (chi-square) stay
+    far below the warning's threshold; the warning fires on either diagnostic."""
+    rng = np.random.default_rng(0)
+    assert tail_index(rng.pareto(2.0, 20000) + 1.0) == pytest.approx(0.5, abs=0.03)
+    light = tail_index((rng.standard_normal((2000, 64)) ** 2).sum(axis=1))
+    assert 0.0 < light < 0.1
+    assert tail_index(np.ones(4)) == 0.0  # too few values
+    assert heavy_tailed(0.5, 0.2) is False and heavy_tailed(11.0, 0.2) is True and heavy_tailed(0.5, 0.2, 0.31) is True

@@ -232,3 +232,50 @@ def test_mcnemar_exact_is_scipys_binomial_test_on_discordant_pairs():
         mcnemar_exact(np.array([0, 2, 1]), np.array([0, 1, 1]))
     with pytest.raises(ValueError, match="equal lengths"):
         mcnemar_exact(np.ones(3), np.ones(4))
+
+
+def _two_classes(n=12, dim=5, shift=1.5, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    y = torch.tensor([0] * n + [1] * n)
+    x = torch.randn(2 * n, dim, generator=gen, dtype=torch.float64)
+    x[:, 0] += shift * y
+    return x, y
+
+
+def test_silhouette_fit_equals_sklearn_and_brute_force_leave_one_out():
+    from sklearn.metrics import silhouette_samples
+
+    from fteval.eval.stats import silhouette_fit
+
+    x, y = _two_classes()
+    fit = silhouette_fit(x, y, chunk=5)  # chunks smaller than N: the chunked loop is exercised
+    assert fit.per_prompt == pytest.approx(silhouette_samples(x.numpy(), y.numpy()), abs=1e-12)
+    assert fit.mean == pytest.approx(silhouette_score(x.numpy(), y.numpy()), abs=1e-12)
+    keep = np.ones(len(y), dtype=bool)
+    for i in range(len(y)):
+        keep[:] = True
+        keep[i] = False
+        assert fit.loo_means[i] == pytest.approx(silhouette_score(x.numpy()[keep], y.numpy()[keep]), abs=1e-12)
+
+
+def test_paired_silhouette_test_identical_planted_and_bad_input():
+    from fteval.eval.stats import paired_silhouette_test, silhouette_fit
+
+    x, y = _two_classes(n=40, dim=8, shift=1.0, seed=1)
+    fa = silhouette_fit(x, y)
+    same = paired_silhouette_test(fa, silhouette_fit(x.clone(), y))
+    assert same["mean_diff"] == 0.0 and same["p_value"] == 1.0 and same["ci"] == [0.0, 0.0]
+    better = x.clone()
+    better[:, 0] += 1.0 * y  # the classes move apart: every prompt's silhouette rises
+    res = paired_silhouette_test(silhouette_fit(better, y), fa)
+    assert res["mean_diff"] > 0.05 and res["p_value"] < 1e-3 and res["ci"][0] > 0
+    assert res["ci"][0] < res["mean_diff"] < res["ci"][1]
+    # the correction removes part of the jackknife's doubled second-order variance, never more than half
+    plain = paired_silhouette_test(silhouette_fit(better, y), fa, corrected=False)
+    assert plain["se"] / np.sqrt(2) <= res["se"] <= plain["se"]
+    with pytest.raises(ValueError, match="same prompts"):
+        paired_silhouette_test(fa, silhouette_fit(x, 1 - y))
+    with pytest.raises(ValueError, match=">= 3 prompts"):
+        silhouette_fit(x[:42], y[:42])
+    with pytest.raises(ValueError, match="confidence"):
+        paired_silhouette_test(fa, fa, confidence=1.5)
