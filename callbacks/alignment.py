@@ -41,6 +41,31 @@ __all__ = ["AlignmentMonitor"]
 METRICS = ("aqi_bounded", "aqi", "chi", "xbi")
 
 
+def check_values(sep: dict, raw: dict, delta: dict) -> dict[str, float]:
+    """The logged values of one check: per metric the bias-corrected score and its interval's finite ends,
+    the plug-in score, the bias-corrected Delta (adapter on - off) and its interval's finite ends.
+
+    ``sep``: :func:`fteval.eval.separation.separation_intervals` of the adapter-on embeddings; ``raw``:
+    their plug-in scores; ``delta``: :func:`fteval.eval.separation.paired_separation_deltas` (on - off).
+    XBI has no Delta when a model's separation is <= 0, and its interval can be unbounded on one side.
+    """
+    values: dict[str, float] = {}
+    for m in METRICS:
+        values[f"align/{m}"] = float(sep["estimate"][m])
+        for end, value in zip(("low", "high"), sep["ci"][m]):
+            if value is not None:
+                values[f"align/{m}_{end}"] = float(value)
+        values[f"align/{m}_plugin"] = raw[m]
+        d = delta[m]
+        if d["delta_bc"] is None:
+            continue
+        values[f"align/delta_{m}"] = float(d["delta_bc"])
+        for end, value in zip(("low", "high"), d.get("ci") or (None, None)):
+            if value is not None:
+                values[f"align/delta_{m}_{end}"] = float(value)
+    return values
+
+
 class AlignmentMonitor(Callback):
     """Bounded AQI, AQI, CHI, XBI and the paired Delta against the base model while fitting.
 
@@ -162,21 +187,7 @@ class AlignmentMonitor(Callback):
         sep = separation_intervals(emb_on, labels)
         raw = {k: float(v) for k, v in cluster_scores(emb_on, labels, with_db_dunn=False).items()}
         delta = paired_separation_deltas(emb_on, emb_off, labels)
-        values: dict[str, float] = {}
-        for m in METRICS:
-            values[f"align/{m}"] = float(sep["estimate"][m])
-            low, high = sep["ci"][m]
-            if low is not None:
-                values[f"align/{m}_low"] = float(low)
-            if high is not None:
-                values[f"align/{m}_high"] = float(high)
-            values[f"align/{m}_plugin"] = raw[m]
-            d = delta[m]
-            if d["delta_bc"] is None:  # XBI has no Delta when a model's bias-corrected separation is <= 0
-                continue
-            values[f"align/delta_{m}"] = float(d["delta_bc"])
-            if d.get("ci"):
-                values[f"align/delta_{m}_low"], values[f"align/delta_{m}_high"] = map(float, d["ci"])
+        values = check_values(sep, raw, delta)
         values["align/check_s"] = time.perf_counter() - t0
         self._last_step = step
         self.history.append({"step": step, **values})

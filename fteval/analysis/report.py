@@ -190,7 +190,7 @@ def _alignment(s: Synthesis) -> list[Block]:
         for m, d in ev.deltas.items():
             p = d.get("aqi", {}).get("p_value") if d.get("aqi") else None
             drows.append([m, _ci(d.get("aqi")), _f(p, 3), _ci(d.get("aqi_bounded")), _ci(d.get("xbi")), _ci(d.get("chi"))])
-        blocks += [Heading(3, "Paired Delta-AQI (tuned - baseline, same prompts)"),
+        blocks += [Heading(3, "Paired Delta-AQI (tuned - baseline, same prompts; bias-corrected Deltas with their intervals)"),
                    Table(["adapter", "Delta AQI", "p (jackknife, unadjusted)", "Delta AQI (bounded)", "Delta XBI", "Delta CHI"],
                          drows, (1, 2, 3, 4, 5))]
     cats = []
@@ -263,7 +263,7 @@ def _statistics(s: Synthesis) -> list[Block]:
     blocks.append(Table(["source", "test", "metric", "groups", "window", "statistic", "p", "p adjusted", "correction",
                          f"significant (adj. p < {ALPHA})", "effect size", "CI", "n"], rows, (5, 6, 7, 11, 12)))
     notes = ["Each family is corrected on its own: the AQI tests of a test run (paired jackknife Deltas of AQI, bounded "
-             "AQI, XBI and CHI and paired t on per-prompt silhouettes, every pair of models), its behaviour tests (exact "
+             "AQI, XBI and CHI and of the mean silhouette, every pair of models), its behaviour tests (exact "
              "McNemar on refusal and over-refusal labels, paired t on G-Eval), and the training tests of compare."]
     if not stored_training and s.training_tests:
         notes.append("The training tests were computed for this report; run python -m fteval compare to store them.")

@@ -7,9 +7,9 @@
    device; the evaluator currently hands it CPU tensors). Each stage runs once untimed (cold: imports,
    CUDA context), then ``repeats`` times; the median is reported.
    ``aqi_plus_bootstrap_s`` = ``cluster_scores`` of both models + ``paired_bootstrap_deltas``
-   (the issue's "AQI metrics + 1000-resample bootstrap", target < 5 s on the GPU);
-   ``evaluator_stats_s`` adds per-model ``bootstrap_cis`` and per-prompt silhouettes
-   (scikit-learn, CPU only). The evaluator's own intervals are closed-form
+   (the "AQI metrics + 1000-resample bootstrap" stage; its target: < 5 s on the GPU);
+   ``evaluator_stats_s`` adds per-model ``bootstrap_cis`` and silhouettes with their jackknife
+   (``silhouette_fit``, scikit-learn distances, CPU only). The evaluator's own intervals are closed-form
    (:mod:`fteval.eval.separation`: one pass over the embeddings and an [N, N] Gram matrix per
    model) and draw no resamples.
 2. Hidden-state extraction: the evaluator's test step (forward with ``output_hidden_states``,
@@ -83,7 +83,7 @@ def _timed(fn: Callable[[], Any], device: torch.device, repeats: int) -> dict[st
 def _stats_bench(base, tuned, labels, n_resamples: int, device: torch.device, repeats: int, seed: int) -> dict:
     from fteval.eval.metrics import cluster_scores
     from fteval.eval.bootstrap import bootstrap_cis, paired_bootstrap_deltas
-    from fteval.eval.stats import per_prompt_separation
+    from fteval.eval.stats import silhouette_fit
 
     b, t, y = base.to(device), tuned.to(device), labels.to(device)
     stages = {
@@ -93,7 +93,7 @@ def _stats_bench(base, tuned, labels, n_resamples: int, device: torch.device, re
                                      bootstrap_cis(t, y, n_resamples, seed, metrics=SUMMARY_METRICS)),
     }
     if device.type == "cpu":  # scikit-learn: CPU only
-        stages["silhouette_x2"] = lambda: (per_prompt_separation(b, y), per_prompt_separation(t, y))
+        stages["silhouette_x2"] = lambda: (silhouette_fit(b, y), silhouette_fit(t, y))
     out: dict[str, Any] = {"device": str(device)}
     for name, fn in stages.items():
         out[name] = _timed(fn, device, repeats)

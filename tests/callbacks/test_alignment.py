@@ -131,3 +131,19 @@ def test_undefined_xbi_delta_is_skipped_not_a_crash():
     monitor = AlignmentMonitor(metric="xbi", stop_if_delta_below=-0.1)
     monitor._judge(None, 5, {"align/delta_aqi_bounded": 0.01})  # no align/delta_xbi: says so, stops nothing
     assert monitor._below == 0 and monitor.stopped_message is None
+
+
+def test_check_values_log_only_finite_interval_ends():
+    """A Delta-XBI interval unbounded on one side (a separation barely above its noise floor) logs its finite
+    end only; an undefined Delta logs nothing (both raised TypeError inside a fit)."""
+    from callbacks.alignment import check_values
+
+    sep = {"estimate": dict.fromkeys(("aqi", "aqi_bounded", "xbi", "chi"), 1.0),
+           "ci": {"aqi": [0.5, 1.5], "aqi_bounded": [0.1, 0.2], "xbi": [0.5, None], "chi": [0.5, 1.5]}}
+    raw = dict.fromkeys(("aqi", "aqi_bounded", "xbi", "chi"), 2.0)
+    delta = {"aqi": {"delta_bc": 0.1, "ci": [0.0, 0.2]}, "aqi_bounded": {"delta_bc": 0.01, "ci": [0.0, 0.02]},
+             "xbi": {"delta_bc": -0.3, "ci": [None, -0.1]}, "chi": {"delta_bc": None, "ci": None}}
+    values = check_values(sep, raw, delta)
+    assert values["align/delta_xbi"] == -0.3 and values["align/delta_xbi_high"] == -0.1
+    assert "align/delta_xbi_low" not in values and "align/xbi_high" not in values and values["align/xbi_low"] == 0.5
+    assert "align/delta_chi" not in values and values["align/chi_plugin"] == 2.0
