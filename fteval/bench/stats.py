@@ -76,28 +76,36 @@ def _run_chunk(args: tuple) -> tuple[int, dict]:
 
     from fteval.eval.calibration import run_setting
 
-    i, setting, reps, seed, confidence = args
+    key, setting, reps, seed, confidence, method = args
     torch.set_num_threads(1)
-    return i, run_setting(setting, reps, seed=seed, confidence=confidence)
+    return key, run_setting(setting, reps, seed=seed, confidence=confidence, method=method)
 
 
-def _tasks(settings: list, reps: int, seed: int, confidence: float, workers: int) -> list[tuple]:
-    """(setting index, setting, reps, seed, confidence) per task; one task per setting without workers.
+def _tasks(settings: list, reps: int, seed: int, confidence: float, workers: int,
+           methods: tuple[str, ...] = ("jackknife",)) -> list[tuple]:
+    """(key, setting, reps, seed, confidence, method) per task; one per setting and method without workers.
 
-    With workers, setting i's replications are split into chunks of :data:`CHUNK_REPS`, chunk c
-    seeded ``seed + i + 1000 (c + 1)``, the largest settings first (they set the wall time).
+    ``key`` = setting index x number of methods + method index. With workers, every setting's
+    replications are split into chunks of :data:`CHUNK_REPS`, chunk c seeded
+    ``seed + i + 1000 (c + 1)``, the largest settings first (they set the wall time). Every method
+    sees the same seeds, so the methods are compared on the same simulated runs.
     """
-    if workers <= 1:
-        return [(i, s, reps, seed + i, confidence) for i, s in enumerate(settings)]
     tasks = []
     for i, s in enumerate(settings):
-        for c, start in enumerate(range(0, reps, CHUNK_REPS)):
-            tasks.append((i, s, min(CHUNK_REPS, reps - start), seed + i + 1000 * (c + 1), confidence))
-    return sorted(tasks, key=lambda t: -t[1].n_per_class ** 2 * t[1].dim)
+        for j, method in enumerate(methods):
+            key = i * len(methods) + j
+            if workers <= 1:
+                tasks.append((key, s, reps, seed + i, confidence, method))
+                continue
+            for c, start in enumerate(range(0, reps, CHUNK_REPS)):
+                tasks.append((key, s, min(CHUNK_REPS, reps - start), seed + i + 1000 * (c + 1), confidence, method))
+    return tasks if workers <= 1 else sorted(tasks, key=lambda t: -t[1].n_per_class ** 2 * t[1].dim)
 
 
 def _calibrate(reps: int, seed: int, distributions: list[str], n_per_class: list[int], dims: list[int],
-               confidence: float, workers: int = 1) -> tuple[list[dict], list[str]]:
+               confidence: float, workers: int = 1,
+               methods: tuple[str, ...] = ("jackknife",)) -> tuple[list[dict], list[str], list[str]]:
+    """Rows, the default method's FAIL lines, and the other methods' (reported, not judged)."""
     from concurrent.futures import ProcessPoolExecutor
 
     from tqdm import tqdm
@@ -105,33 +113,38 @@ def _calibrate(reps: int, seed: int, distributions: list[str], n_per_class: list
     from fteval.eval.calibration import binary_rows, default_settings, merge_runs, run_setting, setting_rows
 
     settings = default_settings(distributions, n_per_class, dims)
-    runs: dict[int, list[dict]] = {i: [] for i in range(len(settings))}
-    tasks = _tasks(settings, reps, seed, confidence, workers)
-    with tqdm(total=reps * len(settings), desc="bench stats", unit="rep") as bar:
+    runs: dict[int, list[dict]] = {k: [] for k in range(len(settings) * len(methods))}
+    tasks = _tasks(settings, reps, seed, confidence, workers, methods)
+    with tqdm(total=reps * len(settings) * len(methods), desc="bench stats", unit="rep") as bar:
         if workers <= 1:
-            for i, setting, n_reps, task_seed, conf in tasks:
-                bar.set_postfix_str(setting.label)
-                runs[i].append(run_setting(setting, n_reps, seed=task_seed, confidence=conf,
-                                           progress=lambda: bar.update(1)))
+            for key, setting, n_reps, task_seed, conf, method in tasks:
+                bar.set_postfix_str(f"{setting.label} {method}")
+                runs[key].append(run_setting(setting, n_reps, seed=task_seed, confidence=conf, method=method,
+                                             progress=lambda: bar.update(1)))
         else:
             import multiprocessing
 
             with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-                for i, res in pool.map(_run_chunk, tasks):
-                    runs[i].append(res)
+                for key, res in pool.map(_run_chunk, tasks):
+                    runs[key].append(res)
                     bar.update(res["reps"])
     rows: list[dict] = []
     verdicts: list[str] = []
+    others: list[str] = []
     for i, setting in enumerate(settings):
-        res = merge_runs(runs[i])
-        these = setting_rows(setting, res)
-        for r in these:
-            r["seconds"] = res["seconds"]
-            r["kurtosis"] = float(np.median(res["kurtosis"]))
-        rows += these
-        verdicts += setting_verdicts(setting, these)
-    rows += binary_rows(confidence=confidence)
-    return rows, verdicts
+        for j, method in enumerate(methods):
+            res = merge_runs(runs[i * len(methods) + j])
+            these = setting_rows(setting, res, method)
+            for r in these:
+                r["seconds"] = res["seconds"]
+                r["kurtosis"] = float(np.nanmedian(res["kurtosis"])) if method == "jackknife" else None
+            rows += these
+            if method == "jackknife":
+                verdicts += setting_verdicts(setting, these)
+            else:
+                others += [f"{method}: {v[5:]}" for v in setting_verdicts(setting, these)]
+    rows += [{**r, "method": "exact"} for r in binary_rows(confidence=confidence)]
+    return rows, verdicts, others
 
 
 def _plan(results: str, deltas: list[float], refusal_deltas: list[float], discordance: float) -> str:
@@ -172,6 +185,7 @@ def bench_stats(
     dims: list[int] = [576, 4096],  # noqa: B006
     confidence: float = 0.95,
     workers: int = 1,
+    methods: list[str] = ["jackknife"],  # noqa: B006
     output: Optional[str] = None,
     plan: Optional[str] = None,
     deltas: list[float] = [0.005, 0.01, 0.02, 0.05],  # noqa: B006
@@ -191,6 +205,9 @@ def bench_stats(
         workers: processes (one thread each); above 1, every setting's replications are split into
             chunks of 25 with their own seeds, so the table differs from a one-process run's by
             Monte Carlo error only.
+        methods: the summary's statistics to calibrate: 'jackknife' (the default, judged by the verdict)
+            and/or 'bootstrap' (the spec's percentile bootstrap and paired t-tests, reported beside it
+            on the same simulated runs).
         output: also write the rows as JSON here.
         plan: an aqi_results.json of fteval test: print the prompts needed instead of simulating.
         deltas: bounded-AQI changes to plan for.
@@ -208,17 +225,23 @@ def bench_stats(
         raise ValueError(f"--reps must be >= 1, got {reps}.")
     if workers < 1:
         raise ValueError(f"--workers must be >= 1, got {workers}; use the number of CPU cores.")
-    rows, verdicts = _calibrate(reps, seed, distributions, n_per_class, dims, confidence, workers)
-    cols = [("setting", "setting", ""), ("quantity", "quantity", ""), ("rate", "rate", ".3f"),
+    unknown = [m for m in methods if m not in ("jackknife", "bootstrap")]
+    if unknown or not methods:
+        raise ValueError(f"--methods {methods}: choose from [jackknife, bootstrap].")
+    rows, verdicts, others = _calibrate(reps, seed, distributions, n_per_class, dims, confidence, workers,
+                                        tuple(methods))
+    cols = [("setting", "setting", ""), ("method", "method", ""), ("quantity", "quantity", ""), ("rate", "rate", ".3f"),
             ("low", "Wilson low", ".3f"), ("high", "Wilson high", ".3f"), ("n", "reps", "d")]
     print(format_table(rows, cols))
-    total = sum({r["setting"]: r.get("seconds", 0.0) for r in rows}.values())
+    total = sum({(r["setting"], r["method"]): r.get("seconds", 0.0) for r in rows}.values())
     print(f"\n{reps} replications per setting, seed {seed}, {total:.0f} s of simulation.")
     print("\n".join(verdicts) if verdicts else
           f"PASS: no test rejects a true null above 0.05 beyond its binomial error (Holm's family-wise error "
           f"included), no printed point lies outside its interval, every Gaussian interval covers >= "
           f"{COVERAGE_TARGET}, and in heavy-tailed settings every interval covers >= {HEAVY_COVERAGE} or the "
           f"warning marks >= {WARNED_TARGET:.0%} of its misses.")
+    if others:
+        print("The spec's procedures on the same runs (reported, not judged; docs/statistics.md):\n" + "\n".join(others))
     if output:
         write_json_atomic(Path(output), {"reps": reps, "seed": seed, "rows": rows})
     return 1 if verdicts else 0

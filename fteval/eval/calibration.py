@@ -164,7 +164,8 @@ def _outside_count(res: dict) -> int:
     """Printed points outside their own interval in one summary (models and every pair)."""
     bad = 0
     for entry in res["models"].values():
-        bad += sum(not _inside(entry["bias_corrected"][m], entry["ci"][m]) for m in METRICS)
+        point = entry.get("bias_corrected", entry["scores"])  # the printed point: plug-in without a bias correction
+        bad += sum(not _inside(point[m], entry["ci"][m]) for m in METRICS)
     for comp in res["comparisons"].values():
         bad += sum(not _inside(comp[m]["delta"], comp[m]["ci"]) for m in METRICS)
         bad += not _inside(comp["silhouette"]["mean_diff"], comp["silhouette"]["ci"])
@@ -172,7 +173,8 @@ def _outside_count(res: dict) -> int:
 
 
 def run_setting(setting: Setting, reps: int, seed: int = 0, confidence: float = 0.95, lam: float = DEFAULT_LAMBDA,
-                progress: Optional[Callable[[], None]] = None) -> dict:
+                progress: Optional[Callable[[], None]] = None, method: str = "jackknife",
+                n_bootstrap: int = 1000) -> dict:
     """Simulate one setting ``reps`` times through :func:`fteval.eval.results.summarise` (module docstring).
 
     Returns counts: ``single`` / ``paired_alt`` -> {metric: covered}, ``null_reject`` /
@@ -182,7 +184,8 @@ def run_setting(setting: Setting, reps: int, seed: int = 0, confidence: float = 
     interval), ``single_miss`` / ``single_miss_flagged`` / ``paired_miss`` / ``paired_miss_flagged``
     (missed bounded-AQI intervals, and how many carried the heavy-tail warning), ``heavy_flagged``
     (the baseline's warning shown), ``kurtosis`` (the excess kurtosis of its pseudo-values, one per
-    replication), ``reps``, ``seconds``. Runs of one setting add up (:func:`merge_runs`).
+    replication), ``reps``, ``seconds``. Runs of one setting add up (:func:`merge_runs`). ``method``: the
+    summary's ``statistics`` ('jackknife', or 'bootstrap' with ``n_bootstrap`` resamples).
     """
     from fteval.eval.results import SummarySettings, summarise
 
@@ -204,7 +207,8 @@ def run_setting(setting: Setting, reps: int, seed: int = 0, confidence: float = 
     mean_a, mean_b = shift(setting.ratio_a), shift(setting.ratio_b)
     truth_a = scores_from_ratio(setting.ratio_a, 2 * n, (0.5, 0.5), lam)
     truth_b = scores_from_ratio(setting.ratio_b, 2 * n, (0.5, 0.5), lam)
-    settings = SummarySettings(layer_pooling="mean", lam=lam, confidence=confidence)
+    settings = SummarySettings(layer_pooling="mean", lam=lam, confidence=confidence, method=method,
+                               n_bootstrap=n_bootstrap)
     adapters = {"alt": "simulated", "null": "simulated"}
     out = {"single": dict.fromkeys(METRICS, 0), "paired_alt": dict.fromkeys(METRICS, 0),
            "null_reject": dict.fromkeys(TESTS, 0), "alt_reject": dict.fromkeys(TESTS, 0),
@@ -219,9 +223,10 @@ def run_setting(setting: Setting, reps: int, seed: int = 0, confidence: float = 
         data = {name: (e[:, None, :], labels, index) for name, e in emb.items()}
         res = summarise(data, "simulated", adapters, settings)
         base = res["models"]["baseline"]
-        flagged = base["separation"]["heavy_tailed"]
+        sep = base.get("separation", {"heavy_tailed": False, "excess_kurtosis": float("nan")})  # none: bootstrap
+        flagged = sep["heavy_tailed"]
         out["heavy_flagged"] += flagged
-        out["kurtosis"].append(base["separation"]["excess_kurtosis"])
+        out["kurtosis"].append(sep["excess_kurtosis"])
         for m in METRICS:
             out["single"][m] += _covers(base["ci"][m], truth_a[m])
         if not _covers(base["ci"]["aqi_bounded"], truth_a["aqi_bounded"]):
@@ -264,8 +269,9 @@ def merge_runs(runs: list[dict]) -> dict:
     return out
 
 
-def setting_rows(setting: Setting, res: dict) -> list[dict]:
-    """Table rows of one setting: quantity, kind (coverage, rejection, power, flag, count), rate, Wilson CI."""
+def setting_rows(setting: Setting, res: dict, method: str = "jackknife") -> list[dict]:
+    """Table rows of one setting: quantity, kind (coverage, rejection, power, flag, count), rate, Wilson CI;
+    ``method`` (the summary's statistics) is recorded in every row."""
     rows = []
 
     def add(quantity: str, kind: str, k: int, n: int) -> None:
@@ -291,6 +297,8 @@ def setting_rows(setting: Setting, res: dict) -> list[dict]:
     add("missed CIs warned (Delta)", "sensitivity", res["paired_miss_flagged"], res["paired_miss"])
     rows.append({"setting": setting.label, "quantity": "points outside their interval", "kind": "count",
                  "rate": float(res["outside"]), "low": None, "high": None, "n": res["reps"]})
+    for r in rows:
+        r["method"] = method
     return rows
 
 

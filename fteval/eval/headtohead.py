@@ -23,7 +23,10 @@ from __future__ import annotations
 from typing import Literal
 
 import numpy as np
+from scipy import stats as sps
+from torch import Tensor
 
+from fteval.eval.bootstrap import paired_bootstrap_deltas
 from fteval.eval.power import mcnemar_mde, mde_wald
 from fteval.eval.separation import SeparationFit, heavy_tailed, paired_from_fits
 from fteval.eval.stats import (
@@ -36,8 +39,8 @@ from fteval.eval.stats import (
     paired_ttest,
 )
 
-__all__ = ["FAMILIES", "SUMMARY_METRICS", "behaviour_comparison", "correct_families", "embedding_comparison",
-           "pair_key", "pairs"]
+__all__ = ["FAMILIES", "SUMMARY_METRICS", "behaviour_comparison", "bootstrap_comparison", "correct_families",
+           "embedding_comparison", "pair_key", "pairs"]
 
 SUMMARY_METRICS = ("aqi", "aqi_bounded", "xbi", "chi")  # the scores with intervals, Deltas and tests
 FAMILIES = ("aqi", "behaviour")
@@ -76,6 +79,36 @@ def embedding_comparison(fit_a: SeparationFit, fit_b: SeparationFit, raw_a: dict
     se = out["aqi_bounded"]["se"]
     out["power"] = {"alpha": ALPHA, "power": POWER,
                     "mde_aqi_bounded": mde_wald(se, ALPHA, POWER) if se else None}  # None: identical models (SE 0)
+    return out
+
+
+def bootstrap_comparison(emb_a: Tensor, emb_b: Tensor, labels: Tensor, n_resamples: int, seed: int,
+                         confidence: float, lam: float) -> dict:
+    """The spec's procedures for one pair (``statistics: bootstrap``): plug-in Deltas a - b with paired
+    percentile bootstrap intervals, paired t-tests on the bootstrap standard error, Cohen's d.
+
+    Per metric: ``delta`` (plug-in), ``ci`` (percentile), ``se`` (SD of the bootstrap Deltas),
+    ``t`` = delta / se with N - 2 degrees of freedom and its two-sided ``p_value`` (the test in the
+    family), ``p_bootstrap`` (the bootstrap distribution's own two-sided p), ``cohens_d`` = t / sqrt(N)
+    (the d_z of per-prompt contributions whose mean is the Delta). Measured by ``fteval bench stats
+    --methods``: the percentile intervals sit around the plug-in Delta, which carries the noise floor.
+    """
+    res = paired_bootstrap_deltas(emb_b, emb_a, labels, n_resamples, seed, metrics=SUMMARY_METRICS,
+                                  confidence=confidence, lam=lam)  # tuned = a: Delta = a - b
+    n = int(labels.numel())
+    out: dict = {"n_per_class": int(min((labels == 0).sum(), (labels == 1).sum())), "heavy_tailed": False}
+    for m in SUMMARY_METRICS:
+        r = res[m]
+        se = float(np.std(r.distribution, ddof=1)) if r.distribution.size > 1 else 0.0
+        if se > 0:
+            t = r.delta / se
+            p = float(2.0 * sps.t.sf(abs(t), n - 2))
+        else:
+            t, p = (0.0, 1.0) if r.delta == 0 else (float("inf"), 0.0)
+        out[m] = {"delta": r.delta, "ci": [r.ci_low, r.ci_high], "se": se, "t": t, "p_value": p,
+                  "p_bootstrap": r.p_value, "cohens_d": t / np.sqrt(n) if np.isfinite(t) else None}
+    se = out["aqi_bounded"]["se"]
+    out["power"] = {"alpha": ALPHA, "power": POWER, "mde_aqi_bounded": mde_wald(se, ALPHA, POWER) if se else None}
     return out
 
 

@@ -59,9 +59,14 @@ class AQIEvaluator(L.LightningModule):
         layer_pooling: how layers combine into one vector per prompt ('attention', 'mean', 'last').
         layers: restrict layer pooling to these hidden-state indices (0 = embeddings); default all.
         lam: AQI weight lambda (the spec: 0.5).
-        n_bootstrap: 0 turns the intervals and tests off; any other value keeps them on (they are
-            closed-form jackknife intervals, docs/statistics.md, and draw no resamples).
-        bootstrap_seed: kept for existing configs; the closed-form intervals draw nothing random.
+        statistics: 'jackknife' (default: bias-corrected scores, closed-form jackknife intervals and
+            tests, calibrated in docs/statistics.md) or 'bootstrap' (the spec's procedures: percentile
+            bootstrap intervals of the plug-in scores from ``n_bootstrap`` resamples, paired t-tests of
+            the Deltas on their bootstrap standard error, Cohen's d; measured beside the default by
+            ``fteval bench stats --methods``, where its intervals miss the population values).
+        n_bootstrap: 0 turns the intervals and tests off; otherwise the resamples of
+            ``statistics: bootstrap`` (the jackknife draws none).
+        bootstrap_seed: seed of the bootstrap resamples (``statistics: bootstrap``).
         confidence: confidence level of the intervals.
         correction: multiple-comparison correction over the reported p-values ('holm' or 'bh').
         results_dir: where aqi_results.json and the embeddings are written.
@@ -95,6 +100,7 @@ class AQIEvaluator(L.LightningModule):
         layer_pooling: LayerPooling = "attention",
         layers: Optional[list[int]] = None,
         lam: float = DEFAULT_LAMBDA,
+        statistics: Literal["jackknife", "bootstrap"] = "jackknife",
         n_bootstrap: int = 1000,
         bootstrap_seed: int = 0,
         confidence: float = 0.95,
@@ -125,7 +131,8 @@ class AQIEvaluator(L.LightningModule):
             raise ValueError(f"n_bootstrap={n_bootstrap} must be >= 0")
         self.save_hyperparameters(ignore=["db_path"])
         self.settings = SummarySettings(sink=sink, layer_pooling=layer_pooling, layers=layers, lam=lam,
-                                        intervals=bool(n_bootstrap), confidence=confidence, correction=correction)
+                                        intervals=bool(n_bootstrap), confidence=confidence, correction=correction,
+                                        method=statistics, n_bootstrap=max(n_bootstrap, 1), seed=bootstrap_seed)
         self.adapters = adapters
         self.variants = [BASELINE, *adapters]
         self.collectors = torch.nn.ModuleDict({v: RepresentationCollector() for v in self.variants})

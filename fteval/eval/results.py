@@ -23,9 +23,11 @@ import torch
 from torch import Tensor
 
 from fteval.backends.base import BASELINE
+from fteval.eval.bootstrap import bootstrap_cis
 from fteval.eval.headtohead import (
     SUMMARY_METRICS,
     behaviour_comparison,
+    bootstrap_comparison,
     correct_families,
     embedding_comparison,
     pair_key,
@@ -35,11 +37,13 @@ from fteval.eval.metrics import DEFAULT_LAMBDA, cluster_scores, layer_profile
 from fteval.eval.pooling import LayerPooling, SinkMode, layer_attention_weights, pool_over_layers
 from fteval.eval.refusal.detector import FULL, MODEL_CLASSES
 from fteval.eval.separation import fit_separation, intervals_from_fit
-from fteval.eval.stats import per_prompt_separation, silhouette_fit
+from fteval.eval.stats import paired_silhouette_test, per_prompt_separation, silhouette_fit
 
-__all__ = ["INTERVAL_METHOD", "SummarySettings", "embedding_tensors", "pooled", "summarise", "summarise_behaviour"]
+__all__ = ["BOOTSTRAP_METHOD", "INTERVAL_METHOD", "SummarySettings", "embedding_tensors", "pooled", "summarise", "summarise_behaviour"]
 
 INTERVAL_METHOD = "bias-corrected separation, closed-form jackknife (docs/statistics.md)"
+BOOTSTRAP_METHOD = ("plug-in scores, percentile bootstrap ({n} resamples), paired t-tests on the bootstrap SE, "
+                    "Cohen's d (the spec's procedures; docs/statistics.md)")
 
 # Per-layer representations of one variant as the collector returns them: [N, L+1, D], labels [N], prompt index [N].
 Collected = tuple[Tensor, Tensor, Tensor]
@@ -49,7 +53,9 @@ Collected = tuple[Tensor, Tensor, Tensor]
 class SummarySettings:
     """How representations become scores; the evaluator's arguments of the same names.
 
-    ``intervals``: jackknife intervals and tests on (the evaluator's ``n_bootstrap`` > 0).
+    ``intervals``: intervals and tests on (the evaluator's ``n_bootstrap`` > 0); ``method``: the
+    evaluator's ``statistics`` ('jackknife', the default, or 'bootstrap', the spec's procedures with
+    ``n_bootstrap`` resamples drawn from ``seed``).
     """
 
     sink: SinkMode = "first"
@@ -59,6 +65,16 @@ class SummarySettings:
     intervals: bool = True
     confidence: float = 0.95
     correction: Literal["holm", "bh"] = "holm"
+    method: Literal["jackknife", "bootstrap"] = "jackknife"
+    n_bootstrap: int = 1000
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.method not in ("jackknife", "bootstrap"):
+            raise ValueError(f"statistics={self.method!r}: use 'jackknife' (the default) or 'bootstrap' (the spec's "
+                             "percentile bootstrap and paired t-tests).")
+        if self.n_bootstrap < 1:
+            raise ValueError(f"n_bootstrap={self.n_bootstrap} must be >= 1 for the bootstrap (1000 is usual).")
 
 
 def _selected_layers(reps: Tensor, settings: SummarySettings) -> Tensor:
@@ -68,6 +84,12 @@ def _selected_layers(reps: Tensor, settings: SummarySettings) -> Tensor:
 def pooled(reps: Tensor, settings: SummarySettings) -> Tensor:
     """One vector per prompt ``[N, D]`` from ``[N, L+1, D]``: the selected layers, combined by ``layer_pooling``."""
     return pool_over_layers(_selected_layers(reps, settings), settings.layer_pooling)
+
+
+def _method_text(settings: SummarySettings) -> Optional[str]:
+    if not settings.intervals:
+        return None
+    return BOOTSTRAP_METHOD.format(n=settings.n_bootstrap) if settings.method == "bootstrap" else INTERVAL_METHOD
 
 
 def summarise(data: dict[str, Collected], base_model: str, adapters: dict[str, str],
@@ -89,7 +111,11 @@ def summarise(data: dict[str, Collected], base_model: str, adapters: dict[str, s
         scores = {k: float(v) for k, v in cluster_scores(emb, labels, lam=settings.lam).items()}
         entry = {"scores": scores, "n_prompts": int(labels.numel()),
                  "n_safe": int((labels == 0).sum()), "n_unsafe": int((labels == 1).sum())}
-        if settings.intervals:
+        if settings.intervals and settings.method == "bootstrap":
+            boot = bootstrap_cis(emb, labels, settings.n_bootstrap, settings.seed, metrics=SUMMARY_METRICS,
+                                 confidence=settings.confidence, lam=settings.lam)
+            entry["ci"] = {m: [boot[m].ci_low, boot[m].ci_high] for m in SUMMARY_METRICS}
+        elif settings.intervals:
             fits[name] = fit_separation(emb, labels)
             sep = intervals_from_fit(fits[name], confidence=settings.confidence, lam=settings.lam)
             entry["ci"] = {m: sep["ci"][m] for m in SUMMARY_METRICS}
@@ -110,7 +136,11 @@ def summarise(data: dict[str, Collected], base_model: str, adapters: dict[str, s
         models[name] = entry
     comparisons: dict = {}
     for a, b in pairs(variants):
-        if settings.intervals:
+        if settings.intervals and settings.method == "bootstrap":
+            comp = bootstrap_comparison(embeddings[a], embeddings[b], labels, settings.n_bootstrap, settings.seed,
+                                        settings.confidence, settings.lam)
+            comp["silhouette"] = paired_silhouette_test(silhouettes[a], silhouettes[b], settings.confidence)
+        elif settings.intervals:
             comp = embedding_comparison(fits[a], fits[b], models[a]["scores"], models[b]["scores"],
                                         silhouettes[a], silhouettes[b], settings.confidence, settings.lam)
         else:
@@ -123,7 +153,7 @@ def summarise(data: dict[str, Collected], base_model: str, adapters: dict[str, s
         "base_model": base_model,
         "adapters": adapters,
         "settings": {"sink": settings.sink, "layer_pooling": settings.layer_pooling, "layers": settings.layers,
-                     "lam": settings.lam, "intervals": INTERVAL_METHOD if settings.intervals else None,
+                     "lam": settings.lam, "intervals": _method_text(settings),
                      "confidence": settings.confidence, "correction": settings.correction, "family_size": sizes},
         "models": models,
         "comparisons": comparisons,

@@ -24,10 +24,13 @@ def _points_ci(ci) -> str:
     return f" [{100 * ci[0]:+.1f}, {100 * ci[1]:+.1f}]" if ci else ""
 
 
-def _ci(ci, spec: str = ".4g") -> str:
+def _ci(ci, spec: str = ".4g", low_unbounded: str = "inf") -> str:
+    """' [low, high]'; a ``None`` end is unbounded: 'inf' above, ``low_unbounded`` below (a single model's
+    XBI interval reads [inf, inf] when no separation is above the noise floor; a Delta's is '-inf')."""
     if not ci:
         return ""
-    return f" [{_num(ci[0], spec)}, {_num(ci[1], spec)}]"
+    low = low_unbounded if ci[0] is None else format(ci[0], spec)
+    return f" [{low}, {_num(ci[1], spec)}]"
 
 
 def _p(test: dict) -> str:
@@ -50,12 +53,12 @@ def _model_lines(name: str, entry: dict) -> list[str]:
     if bc:
         lines.append(f"├── AQI (bounded, bias-corrected; headline): {bc['aqi_bounded']:.4f}{_ci(ci.get('aqi_bounded'), '.4f')}"
                      f"  (as computed {s['aqi_bounded']:.4f})")
-    else:
-        lines.append(f"├── AQI (bounded, 0-1): {s['aqi_bounded']:.4f}")
+    else:  # no statistics, or the spec's percentile bootstrap of the plug-in scores
+        lines.append(f"├── AQI (bounded, 0-1): {s['aqi_bounded']:.4f}{_ci(ci.get('aqi_bounded'), '.4f')}")
 
     def scored(label: str, m: str) -> str:
         if not bc:
-            return f"├── {label}: {s[m]:.4g}"
+            return f"├── {label}: {s[m]:.4g}{_ci(ci.get(m))}"
         return f"├── {label}: {_num(bc[m])}{_ci(ci.get(m))}  (as computed {s[m]:.4g})"
 
     lines += [scored("AQI Score", "aqi"), scored("XBI (lower=better)", "xbi"), scored("CHI (higher=better)", "chi")]
@@ -93,7 +96,8 @@ def _pair_lines(comp: dict) -> list[str]:
         if t["delta"] is None:  # XBI: a separation at or below the noise floor has no finite 1/ratio
             lines.append(f"├── {label}: undefined (a model's separation is not above the noise floor){as_computed}")
             continue
-        lines.append(f"├── {label}: {t['delta']:+{spec}}{_ci(t.get('ci'), spec)}{_p(t)}{as_computed}")
+        d = f"  (Cohen's d {t['cohens_d']:.3f})" if t.get("cohens_d") is not None else ""
+        lines.append(f"├── {label}: {t['delta']:+{spec}}{_ci(t.get('ci'), spec, '-inf')}{_p(t)}{as_computed}{d}")
     if comp.get("heavy_tailed"):
         lines.append(_heavy_tail_warning(comp["tail_index"], comp["aqi_bounded"]["excess_kurtosis"],
                                          "these Delta intervals"))
@@ -139,5 +143,8 @@ def format_summary(results: dict) -> str:
         lines.append(f"p-values {st.get('correction')}-adjusted within each family (AQI: {sizes.get('aqi', 0)} tests, "
                      f"behaviour: {sizes.get('behaviour', 0)} tests); ✓ = significant at "
                      f"{1 - st.get('confidence', 0.95):.2g} after adjustment. Intervals: {100 * st.get('confidence', 0.95):.0f}%, "
-                     "of the population values (README: How to read the numbers).")
+                     + ("of the population values (README: How to read the numbers)."
+                        if "bootstrap" not in (st.get("intervals") or "") else
+                        f"{st['intervals']}: they sit around the plug-in values, not the population values "
+                        "(docs/statistics.md)."))
     return "\n".join(lines)

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from scipy import stats as sps
 
 from fteval.__main__ import main
 from fteval.eval.metrics import cluster_scores
@@ -229,3 +230,37 @@ def test_summary_warns_about_heavy_tails():
     assert res["models"]["grit"]["separation"]["heavy_tailed"] is True
     assert res["models"]["baseline"]["separation"]["heavy_tailed"] is False
     assert "WARNING heavy tails" in format_summary(res)
+
+
+def test_spec_bootstrap_procedures_as_an_option():
+    """statistics: bootstrap gives the spec's procedures: percentile intervals of the plug-in scores from
+    n_bootstrap resamples, plug-in Deltas with paired t-tests on the bootstrap SE, Cohen's d = t / sqrt(N)."""
+    from fteval.eval.bootstrap import bootstrap_cis, paired_bootstrap_deltas
+    from fteval.eval.results import SummarySettings, pooled, summarise
+    from fteval.eval.summary import format_summary
+
+    gen = torch.Generator().manual_seed(4)
+    n, dim = 40, 8
+    labels, index = (torch.arange(n) >= n // 2).long(), torch.arange(n)
+    base = torch.randn(n, 1, dim, generator=gen)
+    base[:, 0, 0] += labels
+    tuned = base + 0.3 * torch.randn(n, 1, dim, generator=gen)
+    tuned[:, 0, 1] += labels
+    settings = SummarySettings(layer_pooling="mean", method="bootstrap", n_bootstrap=300, seed=3)
+    res = summarise({"baseline": (base, labels, index), "tuned": (tuned, labels, index)}, "x", {"tuned": "p"}, settings)
+    emb_b, emb_t = pooled(base, settings), pooled(tuned, settings)
+    ref = bootstrap_cis(emb_b, labels, 300, 3, metrics=("aqi_bounded",))["aqi_bounded"]
+    assert res["models"]["baseline"]["ci"]["aqi_bounded"] == [ref.ci_low, ref.ci_high]
+    assert "bias_corrected" not in res["models"]["baseline"]
+    d = res["deltas"]["tuned"]["aqi_bounded"]
+    pair = paired_bootstrap_deltas(emb_b, emb_t, labels, 300, 3, metrics=("aqi_bounded",))["aqi_bounded"]
+    assert d["delta"] == pytest.approx(pair.delta) and d["ci"] == [pair.ci_low, pair.ci_high]
+    assert d["se"] == pytest.approx(np.std(pair.distribution, ddof=1))
+    assert d["t"] == pytest.approx(d["delta"] / d["se"]) and d["cohens_d"] == pytest.approx(d["t"] / np.sqrt(n))
+    assert d["p_value"] == pytest.approx(2 * sps.t.sf(abs(d["t"]), n - 2)) and d["p_bootstrap"] == pair.p_value
+    text = format_summary(res)
+    assert "percentile bootstrap (300 resamples)" in text and "(Cohen's d " in text
+    with pytest.raises(ValueError, match="statistics='bca'"):
+        SummarySettings(method="bca")
+    with pytest.raises(ValueError, match="n_bootstrap=0"):
+        SummarySettings(method="bootstrap", n_bootstrap=0)
