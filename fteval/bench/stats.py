@@ -180,7 +180,7 @@ def _plan(results: str, deltas: list[float], refusal_deltas: list[float], discor
 def bench_stats(
     reps: int = 500,
     seed: int = 0,
-    distributions: list[str] = ["gaussian", "t3", "outlier"],  # noqa: B006 - jsonargparse reads the default
+    distributions: list[str] = ["gaussian", "t3", "outlier", "subcluster"],  # noqa: B006 - jsonargparse reads the default
     n_per_class: list[int] = [100, 500],  # noqa: B006
     dims: list[int] = [576, 4096],  # noqa: B006
     confidence: float = 0.95,

@@ -64,7 +64,7 @@ def embedding_comparison(fit_a: SeparationFit, fit_b: SeparationFit, raw_a: dict
     ``fit_*``: the models' separation fits (:func:`fteval.eval.separation.fit_separation`);
     ``raw_a``/``raw_b``: their plug-in scores (``cluster_scores``); ``sil_*``: their silhouette fits.
     ``heavy_tailed``: :func:`fteval.eval.separation.heavy_tailed` of the bounded-AQI Delta's
-    pseudo-value kurtosis and both models' tail indices (the Delta intervals may cover less than stated).
+    pseudo-value kurtosis and both models' tail shares (the Delta intervals may cover less than stated).
     """
     deltas = paired_from_fits(fit_a, fit_b, confidence=confidence, lam=lam, metrics=SUMMARY_METRICS)
     out: dict = {"n_per_class": int(min(fit_a.counts))}
@@ -73,8 +73,8 @@ def embedding_comparison(fit_a: SeparationFit, fit_b: SeparationFit, raw_a: dict
         # "delta" is the centre of the interval and the test (bias-corrected); the plug-in Delta is kept as such
         out[m] = {"delta": d.pop("delta_bc"), "delta_plugin": float(raw_a[m] - raw_b[m]), **d}
     out["aqi_bounded"]["excess_kurtosis"] = deltas.get("kurtosis")
-    out["tail_index"] = max(fit_a.tail_index, fit_b.tail_index)
-    out["heavy_tailed"] = heavy_tailed(deltas.get("kurtosis", 0.0), out["tail_index"])
+    out["tail_share"] = max(fit_a.tail_share, fit_b.tail_share)
+    out["heavy_tailed"] = heavy_tailed(deltas.get("kurtosis", 0.0), out["tail_share"])
     out["silhouette"] = paired_silhouette_test(sil_a, sil_b, confidence=confidence)
     se = out["aqi_bounded"]["se"]
     out["power"] = {"alpha": ALPHA, "power": POWER,

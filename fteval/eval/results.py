@@ -121,7 +121,7 @@ def summarise(data: dict[str, Collected], base_model: str, adapters: dict[str, s
             entry["ci"] = {m: sep["ci"][m] for m in SUMMARY_METRICS}
             entry["bias_corrected"] = sep["estimate"]
             entry["separation"] = {k: sep[k] for k in ("ratio", "ratio_se", "noise_floor", "raw_ratio",
-                                                       "excess_kurtosis", "tail_index", "heavy_tailed")}
+                                                       "excess_kurtosis", "tail_share", "heavy_tailed")}
         reps = data[name][0].cpu()
         profile = layer_profile(reps, labels, lam=settings.lam)
         entry["layer_profile"] = {k: [float(x) for x in v] for k, v in profile.items() if k in ("aqi_bounded", "chi", "xbi")}

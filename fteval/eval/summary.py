@@ -41,10 +41,10 @@ def _p(test: dict) -> str:
     return f"  p={test['p_value']:.3g}{adj}{mark}"
 
 
-def _heavy_tail_warning(tail: float, kurtosis: float, which: str) -> str:
-    return (f"├── WARNING heavy tails (tail index {tail:.2f} of the prompts' distances to their centroid, excess "
-            f"kurtosis {kurtosis:.1f} of the per-prompt contributions): {which} may cover less than stated "
-            f"({HEAVY_TAIL_NOTE})")
+def _heavy_tail_warning(share: float, kurtosis: float, which: str) -> str:
+    return (f"├── WARNING heavy tails (the 5% of prompts farthest from their centroid carry {100 * share:.0f}% of the "
+            f"within-class variance, ~9% for Gaussian states; excess kurtosis {kurtosis:.1f} of the per-prompt "
+            f"contributions): {which} may cover less than stated ({HEAVY_TAIL_NOTE})")
 
 
 def _model_lines(name: str, entry: dict) -> list[str]:
@@ -67,7 +67,7 @@ def _model_lines(name: str, entry: dict) -> list[str]:
         lines.append(f"├── noise floor: {100 * sep['noise_floor'] / max(sep['raw_ratio'], 1e-300):.0f}% of the "
                      "plug-in separation is sampling noise (removed by the bias correction)")
         if sep["heavy_tailed"]:
-            lines.append(_heavy_tail_warning(sep["tail_index"], sep["excess_kurtosis"], "these intervals"))
+            lines.append(_heavy_tail_warning(sep["tail_share"], sep["excess_kurtosis"], "these intervals"))
     beh = entry.get("behaviour")
     if beh:
         rates = beh["rates"]
@@ -99,7 +99,7 @@ def _pair_lines(comp: dict) -> list[str]:
         d = f"  (Cohen's d {t['cohens_d']:.3f})" if t.get("cohens_d") is not None else ""
         lines.append(f"├── {label}: {t['delta']:+{spec}}{_ci(t.get('ci'), spec, '-inf')}{_p(t)}{as_computed}{d}")
     if comp.get("heavy_tailed"):
-        lines.append(_heavy_tail_warning(comp["tail_index"], comp["aqi_bounded"]["excess_kurtosis"],
+        lines.append(_heavy_tail_warning(comp["tail_share"], comp["aqi_bounded"]["excess_kurtosis"],
                                          "these Delta intervals"))
     sil = comp.get("silhouette")
     if sil:

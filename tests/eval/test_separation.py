@@ -16,7 +16,7 @@ from fteval.eval.separation import (
     paired_separation_deltas,
     scores_from_ratio,
     separation_intervals,
-    tail_index,
+    tail_share,
 )
 
 
@@ -173,12 +173,15 @@ def test_xbi_interval_inverts_the_test_whose_p_value_it_prints():
         assert (lo > 0 or hi < 0) == (res["p_value"] < 0.05)
 
 
-def test_tail_index_separates_light_from_heavy_tails():
-    """Hill's estimate: a Pareto tail P(X > x) = x^-2 gives 1/2; squared Gaussian norms (chi-square) stay
-    far below the warning's threshold; the warning fires on either diagnostic."""
+def test_tail_share_separates_light_from_heavy_tails():
+    """The farthest 5% of Gaussian prompts carry ~9% of the scatter; a sub-cluster or a t3 tail far more;
+    the warning fires on either diagnostic."""
     rng = np.random.default_rng(0)
-    assert tail_index(rng.pareto(2.0, 20000) + 1.0) == pytest.approx(0.5, abs=0.03)
-    light = tail_index((rng.standard_normal((2000, 64)) ** 2).sum(axis=1))
-    assert 0.0 < light < 0.1
-    assert tail_index(np.ones(4)) == 0.0  # too few values
-    assert heavy_tailed(0.5, 0.2) is False and heavy_tailed(11.0, 0.2) is True and heavy_tailed(0.5, 0.2, 0.31) is True
+    assert tail_share(np.arange(1.0, 21.0)) == pytest.approx(20 / 210)  # one of 20 values: the largest
+    light = tail_share((rng.standard_normal((2000, 64)) ** 2).sum(axis=1))
+    assert 0.05 < light < 0.08  # chi-square with 64 degrees of freedom: a light tail
+    q = np.ones(1000)
+    q[:30] = 33.0  # 3% of the prompts carry half the scatter
+    assert tail_share(q) == pytest.approx((30 * 33 + 20) / (30 * 33 + 970))
+    assert tail_share(np.zeros(4)) == 0.0 and tail_share(np.array([])) == 0.0
+    assert heavy_tailed(0.5, 0.15) is False and heavy_tailed(11.0, 0.1) is True and heavy_tailed(0.5, 0.1, 0.21) is True
