@@ -36,11 +36,13 @@ OVER_COVERAGE = 0.99  # an interval whose coverage is above this beyond its bino
 def setting_verdicts(setting, rows: list[dict]) -> list[str]:
     """FAIL lines of one setting (empty: it passes).
 
-    Every family: no null rejection rate (each test, and the family-wise error after Holm) above
-    0.05 beyond its Wilson interval; no printed point outside its interval; no coverage above
-    :data:`OVER_COVERAGE` beyond its Wilson interval. Gaussian: every interval covers >= 0.93.
-    Heavy-tailed families (t3, outlier, subcluster): every interval covers >= 0.90, or the warning
-    marks >= 80% of the missed intervals.
+    Every family: no printed point outside its interval; no coverage above :data:`OVER_COVERAGE`
+    beyond its Wilson interval. Gaussian: every interval covers >= 0.93 and no null rejection rate
+    (each test, and the family-wise error after Holm) lies above 0.05 beyond its Wilson interval.
+    Heavy-tailed families (t3, outlier, subcluster), where the summary's warning is the safeguard:
+    every interval covers >= 0.90 or the warning marks >= 80% of the missed intervals, and every
+    null rejection rate is within 0.05's binomial error or the warning marks >= 80% of the false
+    rejections (a false rejection is a Delta interval that misses 0).
     """
     out = []
     by_q = {r["quantity"]: r for r in rows}
@@ -48,7 +50,11 @@ def setting_verdicts(setting, rows: list[dict]) -> list[str]:
         if r["rate"] is None:
             continue
         if r["kind"] == "rejection" and r["low"] > REJECTION_TARGET:
-            out.append(f"FAIL {setting.label}: {r['quantity']} {r['rate']:.3f}, Wilson low {r['low']:.3f} > 0.05")
+            warned = by_q.get("false rejections warned", {}).get("rate")
+            if setting.distribution == "gaussian" or warned is None or warned < WARNED_TARGET:
+                out.append(f"FAIL {setting.label}: {r['quantity']} {r['rate']:.3f}, Wilson low {r['low']:.3f} > 0.05"
+                           + ("" if setting.distribution == "gaussian" else
+                              f", and the warning marks only {warned or 0:.2f} of the false rejections"))
         if r["kind"] == "count" and r["rate"] > 0:
             out.append(f"FAIL {setting.label}: {int(r['rate'])} {r['quantity']}")
         if r["kind"] != "coverage":
@@ -236,10 +242,10 @@ def bench_stats(
     total = sum({(r["setting"], r["method"]): r.get("seconds", 0.0) for r in rows}.values())
     print(f"\n{reps} replications per setting, seed {seed}, {total:.0f} s of simulation.")
     print("\n".join(verdicts) if verdicts else
-          f"PASS: no test rejects a true null above 0.05 beyond its binomial error (Holm's family-wise error "
-          f"included), no printed point lies outside its interval, every Gaussian interval covers >= "
-          f"{COVERAGE_TARGET}, and in heavy-tailed settings every interval covers >= {HEAVY_COVERAGE} or the "
-          f"warning marks >= {WARNED_TARGET:.0%} of its misses.")
+          f"PASS: no printed point lies outside its interval; with Gaussian embeddings no test rejects a true null "
+          f"above 0.05 beyond its binomial error (Holm's family-wise error included) and every interval covers >= "
+          f"{COVERAGE_TARGET}; in heavy-tailed settings every interval covers >= {HEAVY_COVERAGE} and every test "
+          f"keeps its level, or the warning marks >= {WARNED_TARGET:.0%} of the misses.")
     if others:
         print("The spec's procedures on the same runs (reported, not judged; docs/statistics.md):\n" + "\n".join(others))
     if output:

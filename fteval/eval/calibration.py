@@ -182,7 +182,8 @@ def run_setting(setting: Setting, reps: int, seed: int = 0, confidence: float = 
     with a test} (xbi's needs both separations above the noise floor), ``holm_fwer`` (replications
     with a true-null test significant after adjustment), ``outside`` (printed points outside their
     interval), ``single_miss`` / ``single_miss_flagged`` / ``paired_miss`` / ``paired_miss_flagged``
-    (missed bounded-AQI intervals, and how many carried the heavy-tail warning), ``heavy_flagged``
+    (missed bounded-AQI intervals, and how many carried the heavy-tail warning), ``null_reject_warned``
+    (rejections of a true null, over the tests, whose pair carried the warning), ``heavy_flagged``
     (the baseline's warning shown), ``kurtosis`` (the excess kurtosis of its pseudo-values, one per
     replication), ``reps``, ``seconds``. Runs of one setting add up (:func:`merge_runs`). ``method``: the
     summary's ``statistics`` ('jackknife', or 'bootstrap' with ``n_bootstrap`` resamples).
@@ -213,7 +214,7 @@ def run_setting(setting: Setting, reps: int, seed: int = 0, confidence: float = 
     out = {"single": dict.fromkeys(METRICS, 0), "paired_alt": dict.fromkeys(METRICS, 0),
            "null_reject": dict.fromkeys(TESTS, 0), "alt_reject": dict.fromkeys(TESTS, 0),
            "defined_alt": dict.fromkeys(TESTS, 0), "defined_null": dict.fromkeys(TESTS, 0),
-           "holm_fwer": 0, "outside": 0, "single_miss": 0, "single_miss_flagged": 0, "paired_miss": 0,
+           "holm_fwer": 0, "outside": 0, "null_reject_warned": 0, "single_miss": 0, "single_miss_flagged": 0, "paired_miss": 0,
            "paired_miss_flagged": 0, "heavy_flagged": 0, "kurtosis": []}
     start = time.perf_counter()
     for _ in range(reps):
@@ -238,6 +239,8 @@ def run_setting(setting: Setting, reps: int, seed: int = 0, confidence: float = 
                 if comp[m]["p_value"] is not None:
                     out[f"defined_{kind}"][m] += 1
                     out[f"{kind}_reject"][m] += comp[m]["p_value"] < ALPHA
+                    if kind == "null" and comp[m]["p_value"] < ALPHA:
+                        out["null_reject_warned"] += comp["heavy_tailed"]
         for m in METRICS:
             if alt[m]["ci"] is not None:
                 out["paired_alt"][m] += _covers(alt[m]["ci"], truth_b[m] - truth_a[m])
@@ -295,6 +298,7 @@ def setting_rows(setting: Setting, res: dict, method: str = "jackknife") -> list
     add("heavy-tail warning shown", "flag", res["heavy_flagged"], res["reps"])
     add("missed CIs warned (single)", "sensitivity", res["single_miss_flagged"], res["single_miss"])
     add("missed CIs warned (Delta)", "sensitivity", res["paired_miss_flagged"], res["paired_miss"])
+    add("false rejections warned", "sensitivity", res["null_reject_warned"], sum(res["null_reject"].values()))
     rows.append({"setting": setting.label, "quantity": "points outside their interval", "kind": "count",
                  "rate": float(res["outside"]), "low": None, "high": None, "n": res["reps"]})
     for r in rows:

@@ -78,7 +78,7 @@ def test_bench_stats_prints_table_and_verdict(tmp_path, capsys, one_thread):
     main(["bench", "stats", "--reps", "30", "--distributions", "[gaussian]", "--n_per_class", "[100]",
           "--dims", "[576]", "--output", str(out)])
     text = capsys.readouterr().out
-    assert "gaussian n=100 D=576" in text and "PASS: no test rejects a true null" in text
+    assert "gaussian n=100 D=576" in text and "PASS: no printed point lies outside" in text
     assert "CI Delta aqi_bounded" in text and "exact McNemar size" in text and "null rejection Delta silhouette" in text
     assert "30 replications per setting, seed 0" in text
     rows = json.loads(out.read_text())["rows"]
@@ -108,7 +108,12 @@ def test_verdicts_fail_on_over_coverage_outside_points_and_silent_warnings():
     wide = [row("CI Delta aqi", "coverage", 500, 500)] + good[1:]
     assert "over-covers" in setting_verdicts(Setting("gaussian", 100, 576), wide)[0]
     liberal = good[:1] + [row("null rejection Delta aqi", "rejection", 45, 500)] + good[2:]
-    assert "Wilson low" in setting_verdicts(Setting("t3", 100, 576), liberal)[0]
+    assert "Wilson low" in setting_verdicts(Setting("gaussian", 100, 576), liberal)[0]
+    # heavy tails: a liberal test passes only when the warning marked >= 80% of its false rejections
+    warned = liberal + [row("false rejections warned", "sensitivity", 40, 45)]
+    assert setting_verdicts(Setting("t3", 100, 576), warned) == []
+    silent_test = liberal + [row("false rejections warned", "sensitivity", 20, 45)]
+    assert "marks only 0.44 of the false rejections" in setting_verdicts(Setting("t3", 100, 576), silent_test)[0]
     outside = good[:4] + [dict(good[4], rate=2.0)]
     assert "2 points outside their interval" in setting_verdicts(Setting("gaussian", 100, 576), outside)[0]
     # heavy tails: coverage below 0.90 passes only when the warning marks >= 80% of the misses
@@ -122,7 +127,11 @@ def test_verdicts_fail_on_over_coverage_outside_points_and_silent_warnings():
     tasks = _tasks(settings, 60, 0, 0.95, workers=4)
     assert sorted(t[2] for t in tasks if t[0] == 0) == [10, 25, 25] and tasks[0][0] == 1
     assert len({t[3] for t in tasks}) == len(tasks)
-    assert _tasks(settings, 60, 7, 0.95, workers=1) == [(0, settings[0], 60, 7, 0.95), (1, settings[1], 60, 8, 0.95)]
+    assert _tasks(settings, 60, 7, 0.95, workers=1) == [(0, settings[0], 60, 7, 0.95, "jackknife"),
+                                                         (1, settings[1], 60, 8, 0.95, "jackknife")]
+    both = _tasks(settings[:1], 30, 0, 0.95, workers=2, methods=("jackknife", "bootstrap"))
+    assert [(t[0], t[2], t[3], t[5]) for t in both] == [(0, 25, 1000, "jackknife"), (0, 5, 2000, "jackknife"),
+                                                         (1, 25, 1000, "bootstrap"), (1, 5, 2000, "bootstrap")]
 
 
 def test_bench_stats_plan_reads_a_results_file(tmp_path, capsys):
