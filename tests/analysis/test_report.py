@@ -264,7 +264,9 @@ def test_head_to_head_recommendation_from_stored_pair_tests(run_db, tmp_path):
         with db.transaction():
             store_tests(db, eid, res["comparisons"], "holm", 60)
         stored = {t["id"]: t for t in db.rows("statistical_tests") if t["group_b"] == "qlora"}
-    assert {t["test"] for t in stored.values()} == {"paired_jackknife", "paired_t", "mcnemar_exact"}
+    assert {t["test"] for t in stored.values()} == {"paired_jackknife", "mcnemar_exact"}  # G-Eval constant: no t-test
+    assert {t["metric"] for t in stored.values() if t["test"] == "paired_jackknife"} == {
+        "aqi", "aqi_bounded", "xbi", "chi", "mean_silhouette"}
     assert report(run_db, tmp_path / "m07") == 0
     with ExperimentDB(run_db) as db:
         recs = {r["use_case"]: r for r in db.rows("recommendations")}
