@@ -4,10 +4,11 @@ Calibration (default): the Monte Carlo of :mod:`fteval.eval.calibration` (every 
 through ``fteval test``'s own :func:`fteval.eval.results.summarise`) over every distribution x
 prompts per class x hidden size, then the exact behaviour rows (Wilson interval, McNemar size).
 Prints one table (rate with its Wilson 95% interval) and a verdict line per failed criterion
-(:func:`setting_verdicts`). The full default grid (3 x 2 x 2 settings, 500 replications) took 2379 s of simulation
-on one thread of the shared 2-core development machine (docs/statistics.md); the settings with
-500 prompts per class at hidden size 4096 take three quarters of it. Settings are independent
-(setting i uses seed + i), so ``--distributions`` runs split over processes reproduce the table.
+(:func:`setting_verdicts`). Cost per replication grows with N^2 D (Gram matrices, pairwise
+distances of three models): on the 2-core development machine the eight settings at hidden size
+576 (500 replications each) took 1136 s of simulation and the four at 4096 with 100 prompts per
+class 1118 s; one replication at 500 prompts per class and hidden size 4096 takes several
+seconds. ``--workers`` runs chunks of replications in parallel processes (docs/statistics.md).
 
 Planning (``--plan RESULTS``): reads an ``aqi_results.json`` of ``fteval test`` and prints, for
 every compared pair, the prompts per class needed to detect each bounded-AQI change in

@@ -89,7 +89,7 @@ HEAVY_TAIL_SHARE = 0.2
 TAIL_TOP = 0.05  # the farthest share of prompts whose part of the scatter tail_share measures
 
 #: What the heavy-tail warning says about coverage (docs/statistics.md, ``fteval bench stats``).
-HEAVY_TAIL_NOTE = "0.83-0.91 measured in heavy-tailed simulations"
+HEAVY_TAIL_NOTE = "0.79-0.96 measured in heavy-tailed simulations"
 
 #: Above this many prompts the [N, N] Gram matrix of the second-order variance term is not formed
 #: (8192^2 float32 = 256 MiB) and the plain jackknife variance, which is conservative, is used.
