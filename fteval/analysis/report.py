@@ -171,7 +171,8 @@ def _alignment(s: Synthesis) -> list[Block]:
         return blocks + [Para("Not measured: no fteval test run wrote aqi_scores (python -m fteval test --config configs/aqi.yaml).")]
     st = ev.settings
     blocks.append(Para(f"Experiment {ev.experiment['id']} ({ev.experiment['name']}), {ev.n_prompts} prompts, "
-                       f"sink={st.get('sink')}, layer pooling={st.get('layer_pooling')}, lambda={st.get('lam')}, "
+                       f"tokens={st.get('tokens') or 'prompt'}, sink={st.get('sink')}, layer pooling={st.get('layer_pooling')}, "
+                       f"lambda={st.get('lam')}, "
                        "95% CIs of the population values in brackets (bias-corrected jackknife, docs/statistics.md). AQI is the spec's "
                        "lambda/XBI + (1-lambda) CHI (grows with n); AQI (bounded) is sample-size free and compares across runs."
                        + (f" {s.n_evaluations} evaluation runs in the database; the latest is shown." if s.n_evaluations > 1 else "")))

@@ -133,7 +133,7 @@ def _evaluation(db: ExperimentDB) -> tuple[Optional[Evaluation], int]:
             values.sort()
     counts = [r["n_samples"] for r in rows if r["n_samples"]]
     adapters = hparams.get("adapters") if isinstance(hparams.get("adapters"), dict) else {}
-    settings = {k: hparams.get(k) for k in ("sink", "layer_pooling", "lam", "n_bootstrap", "correction", "confidence")}
+    settings = {k: hparams.get(k) for k in ("tokens", "sink", "layer_pooling", "lam", "n_bootstrap", "correction", "confidence")}
     return Evaluation(exp, {str(k): str(v) for k, v in adapters.items()}, scores, deltas, profile,
                       max(counts) if counts else None, settings), n
 

@@ -89,6 +89,7 @@ def bench_controls(
     control_steps: int = 40,
     max_length: int = 128,
     geval: Optional[bool] = None,
+    tokens: Optional[Literal["prompt", "post_instruction"]] = None,
     monitor: bool = False,
     align_data: Optional[Path] = None,
     benign_data: Optional[Path] = None,
@@ -129,6 +130,9 @@ def bench_controls(
         geval: score answers with G-Eval (the baseline model as judge); default: on with a GPU, off
             on the CPU, where its long judge prompts take most of the evaluation's time (the table's
             verdicts use refusal rates and AQI, not G-Eval).
+        tokens: the prompt positions AQI averages, as ``fteval test``'s ``tokens``: 'prompt' or
+            'post_instruction' (the tokens the chat template adds after the user's message); default:
+            the AQI config's own.
         monitor: keep the configs' alignment monitor in the fits (``align/*`` curves; costs a few
             forward passes every ``every_n_steps``).
         align_data: refusal-teaching file to use instead of the bundled one (columns ``Prompt``,
@@ -145,6 +149,8 @@ def bench_controls(
                              ("control_steps", control_steps, 1), ("max_length", max_length, 8)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"--{name}={value!r} must be an integer >= {low}")
+    if tokens not in (None, "prompt", "post_instruction"):
+        raise ValueError(f"--tokens={tokens!r}: use 'prompt' or 'post_instruction'")
     if not align_lr > 0:
         raise ValueError(f"--align_lr={align_lr} must be > 0")
     for name, value in (("refusal_target", refusal_target), ("over_refusal_target", over_refusal_target)):
@@ -194,7 +200,7 @@ def bench_controls(
     align_test = Stage("align: test (raw vs aligned)", out / "align" / "test", derive_test_config(
         aqi_cfg, base_model=raw_model, adapters={"aligned": str(out / "align" / "adapter")}, eval_source=eval_source,
         results_dir=out / "align" / "eval", logs=logs, name="align-test", db_path=db, data_dir=data_dir,
-        quantization="none", geval=geval, **eval_size), inputs=[align_fit], files=[Path(eval_source)],
+        quantization="none", geval=geval, tokens=tokens, **eval_size), inputs=[align_fit], files=[Path(eval_source)],
         run=lambda cfg: _lightning("test", cfg, "align: test"))
     zero_dir = out / "zero" / "adapter"
     zero = Stage("null: zero adapter", out / "zero", {"base_model": aligned_model, "quantization": control_quant,
@@ -225,7 +231,8 @@ def bench_controls(
         test = Stage(label, root / "test", derive_test_config(
             aqi_cfg, base_model=aligned_model, adapters=adapters, eval_source=eval_source,
             results_dir=root / "eval", logs=logs, name=f"seed{s}-test", db_path=db, data_dir=data_dir,
-            quantization=control_quant, geval=geval, **eval_size), inputs=[*fits.values(), zero], files=[Path(eval_source)],
+            quantization=control_quant, geval=geval, tokens=tokens, **eval_size),
+            inputs=[*fits.values(), zero], files=[Path(eval_source)],
             run=lambda cfg, label=label: _lightning("test", cfg, label))
         stages += [*fits.values(), test]
         seed_tests[s] = root / "eval" / "aqi_results.json"
@@ -248,7 +255,8 @@ def bench_controls(
     payload = {
         "settings": {"configs": str(folder), "seeds": list(seed_tests), "eval_source": eval_source,
                      "quantization": control_quant, "align_steps": align_steps, "align_lr": align_lr,
-                     "control_steps": control_steps, "max_length": max_length, "geval": geval, **eval_size,
+                     "control_steps": control_steps, "max_length": max_length, "geval": geval,
+                     "tokens": tokens or aqi_cfg["model"].get("init_args", {}).get("tokens", "prompt"), **eval_size,
                      "training_files": {k: str(v) for k, v in files.items()}, "eval_overlap_removed": overlap},
         "aligned_base": aligned, "rows": rows, "over_seeds": summary, "timings": timings,
         "seconds_this_run": time.perf_counter() - started,

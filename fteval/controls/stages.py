@@ -96,8 +96,11 @@ def derive_fit_config(base: dict, *, base_model: str, train_file: Path, eval_sou
 def derive_test_config(base: dict, *, base_model: str, adapters: dict[str, str], eval_source: str,
                        results_dir: Path, logs: Path, name: str, db_path: Path, data_dir: Path,
                        n_per_class: int, behaviour_prompts_per_class: int, max_new_tokens: int,
-                       quantization: Optional[str] = None, geval: Optional[bool] = None) -> dict:
-    """A test config: ``base`` (an AQI YAML) evaluating ``base_model`` and ``adapters`` on ``eval_source``."""
+                       quantization: Optional[str] = None, geval: Optional[bool] = None,
+                       tokens: Optional[str] = None) -> dict:
+    """A test config: ``base`` (an AQI YAML) evaluating ``base_model`` and ``adapters`` on ``eval_source``.
+
+    ``quantization``, ``geval`` and ``tokens`` override the YAML's own when given."""
     cfg = _common(base, seed=42, logs=logs, name=name, db_path=db_path)
     args = cfg["model"].setdefault("init_args", {})
     args.update(model_name_or_path=base_model, adapters=dict(adapters), results_dir=str(results_dir), behaviour=True,
@@ -106,6 +109,8 @@ def derive_test_config(base: dict, *, base_model: str, adapters: dict[str, str],
         args["quantization"] = quantization
     if geval is not None:
         args["geval"] = bool(geval)
+    if tokens is not None:
+        args["tokens"] = tokens
     data = cfg.setdefault("data", {})
     data.update(eval_source=eval_source, n_per_class=int(n_per_class), output_dir=str(data_dir))
     return cfg

@@ -26,7 +26,14 @@ from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader
 
 from fteval.data.resumable import ResumableDataLoader
-from fteval.data.formatting import Template, flatten_batch, format_prompt, pad_batch, tokenize_example
+from fteval.data.formatting import (
+    Template,
+    flatten_batch,
+    format_prompt,
+    generation_suffix_tokens,
+    pad_batch,
+    tokenize_example,
+)
 from fteval.data.safety import keyword_agreement
 from fteval.data.sampling import SOURCE_ROW, balanced_stratified_sample, deduplicate, length_stats, normalise_text
 from fteval.io import write_json_atomic, write_text_atomic
@@ -284,6 +291,10 @@ class AlignmentDataModule(L.LightningDataModule):
         if n < hp.n_per_class:
             log.warning("%s: only %d prompts per class available (asked for %d)", name, n, hp.n_per_class)
         tok = self._tokenizer()
+        try:
+            suffix = generation_suffix_tokens(tok, hp.template, hp.system_prompt)
+        except ValueError:
+            suffix = 0  # no post-instruction tokens in this format; token selection 'prompt' still works
         self.eval_records, self.eval_set = [], []
         for j, i in enumerate(idx):
             text = format_prompt(tok, texts[i], hp.template, hp.system_prompt)
@@ -291,7 +302,7 @@ class AlignmentDataModule(L.LightningDataModule):
                    SOURCE_ROW: rows[i][SOURCE_ROW]}
             self.eval_records.append(rec)
             ids = tok(text, add_special_tokens=False)["input_ids"]
-            self.eval_set.append({"input_ids": ids, "safety_label": labels[i], "index": j})
+            self.eval_set.append({"input_ids": ids, "safety_label": labels[i], "index": j, "suffix_tokens": suffix})
         sel_labels = [labels[i] for i in idx]
         self.statistics["evaluation"] = {
             "source": name,

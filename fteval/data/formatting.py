@@ -37,6 +37,37 @@ def format_prompt(tokenizer, prompt: str, template: Template = "auto", system_pr
     return f"<s>[INST] {sys}{prompt} [/INST]"
 
 
+#: Stands in for the user's message when measuring what a template appends after it.
+_MESSAGE_STAND_IN = "fteval message end."
+
+
+def generation_suffix_tokens(tokenizer, template: Template = "auto", system_prompt: Optional[str] = None) -> int:
+    """How many tokens the prompt format puts after the user's message (the post-instruction tokens).
+
+    ChatML (SmolLM2) appends ``<|im_end|>\\n<|im_start|>assistant\\n`` and Llama-3 ``<|eot_id|>`` plus
+    the assistant header; these positions are where a chat model's decision to answer or refuse is
+    formed (Arditi et al., NeurIPS 2024, read the refusal direction there). Measured by formatting a
+    stand-in message and tokenising with and without what follows it; the templates end the message
+    at a special token or a space, so the count does not depend on the message.
+    """
+    text = format_prompt(tokenizer, _MESSAGE_STAND_IN, template, system_prompt)
+    end = text.rfind(_MESSAGE_STAND_IN)
+    if end < 0:
+        raise ValueError(
+            "the chat template does not keep the user's message verbatim, so the tokens after it cannot be "
+            "located; evaluate with tokens='prompt' (mean over the prompt's tokens)"
+        )
+    end += len(_MESSAGE_STAND_IN)
+    n = len(tokenizer(text, add_special_tokens=False)["input_ids"]) - len(
+        tokenizer(text[:end], add_special_tokens=False)["input_ids"])
+    if n < 1:
+        raise ValueError(
+            "the prompt format adds no token after the user's message, so there are no post-instruction tokens to "
+            "pool; evaluate with tokens='prompt' (mean over the prompt's tokens)"
+        )
+    return n
+
+
 def format_example(
     tokenizer, prompt: str, response: str, template: Template = "auto", system_prompt: Optional[str] = None
 ) -> tuple[str, str]:

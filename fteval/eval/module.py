@@ -30,7 +30,7 @@ from fteval.eval.collectors import BehaviourCollector, RepresentationCollector
 from fteval.eval.headtohead import SUMMARY_METRICS
 from fteval.eval.metrics import DEFAULT_LAMBDA
 from fteval.eval.outputs import record_results, write_results_files
-from fteval.eval.pooling import LayerPooling, SinkMode, pool_layers
+from fteval.eval.pooling import TOKEN_SELECTIONS, LayerPooling, SinkMode, TokenSelection, last_tokens_mask, pool_layers
 from fteval.eval.refusal.detector import MODEL_CLASSES
 from fteval.eval.results import SummarySettings, embedding_tensors, summarise, summarise_behaviour
 from fteval.eval.summary import format_summary
@@ -55,7 +55,11 @@ class AQIEvaluator(L.LightningModule):
         model_name_or_path: base model ('embedded', a folder or a hub id).
         quantization: load the base in 'nf4'/'fp4' (as QLoRA trained it) or 'none'.
         adapters: name -> PEFT adapter folder (QLoRA and GRIT exports alike); empty: baseline only.
-        sink: attention-sink handling in token pooling ('first', 'none', 'auto').
+        tokens: which positions of each prompt are averaged: 'prompt' (every prompt token, the sink
+            handled by ``sink``) or 'post_instruction' (only the tokens the chat template appends after
+            the user's message, where the model decides whether to answer; docs/evaluation.md).
+        sink: attention-sink handling in token pooling ('first', 'none', 'auto'); with
+            ``tokens='post_instruction'`` no sink token is among the pooled positions.
         layer_pooling: how layers combine into one vector per prompt ('attention', 'mean', 'last').
         layers: restrict layer pooling to these hidden-state indices (0 = embeddings); default all.
         lam: AQI weight lambda (the spec: 0.5).
@@ -96,6 +100,7 @@ class AQIEvaluator(L.LightningModule):
         model_name_or_path: str = "embedded",
         quantization: Quantization = "none",
         adapters: Optional[dict[str, str]] = None,
+        tokens: TokenSelection = "prompt",
         sink: SinkMode = "first",
         layer_pooling: LayerPooling = "attention",
         layers: Optional[list[int]] = None,
@@ -129,8 +134,11 @@ class AQIEvaluator(L.LightningModule):
             raise ValueError(f"adapter name {BASELINE!r} is reserved for the base model; rename that adapter")
         if n_bootstrap < 0:
             raise ValueError(f"n_bootstrap={n_bootstrap} must be >= 0")
+        if tokens not in TOKEN_SELECTIONS:
+            raise ValueError(f"tokens={tokens!r}: use 'prompt' (mean over the prompt's tokens) or 'post_instruction' "
+                             "(the tokens the chat template adds after the user's message)")
         self.save_hyperparameters(ignore=["db_path"])
-        self.settings = SummarySettings(sink=sink, layer_pooling=layer_pooling, layers=layers, lam=lam,
+        self.settings = SummarySettings(tokens=tokens, sink=sink, layer_pooling=layer_pooling, layers=layers, lam=lam,
                                         intervals=bool(n_bootstrap), confidence=confidence, correction=correction,
                                         method=statistics, n_bootstrap=max(n_bootstrap, 1), seed=bootstrap_seed)
         self.adapters = adapters
@@ -260,13 +268,26 @@ class AQIEvaluator(L.LightningModule):
         for name in self.variants:
             with torch.no_grad(), self.variant(name) as model:
                 out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
-            reps = pool_layers(out.hidden_states, batch["attention_mask"], sink=self.hparams.sink)  # [B, L+1, D]
+            reps = self._pool(out.hidden_states, batch)  # [B, L+1, D]
             if not torch.isfinite(reps).all():
                 raise ValueError(
                     f"variant {name!r} produced NaN/inf hidden states in batch {batch_idx}; check the adapter "
                     "and the precision (fp16 overflow); evaluate in bf16 or fp32"
                 )
             self.collectors[name].update(reps, batch["safety_label"], batch["index"])
+
+    def _pool(self, hidden_states, batch: dict) -> torch.Tensor:
+        """Token-pool every layer over the positions ``tokens`` selects."""
+        if self.hparams.tokens == "prompt":
+            return pool_layers(hidden_states, batch["attention_mask"], sink=self.hparams.sink)
+        counts = batch.get("suffix_tokens")
+        if counts is None or not bool((torch.as_tensor(counts) > 0).all()):
+            raise ValueError(
+                "tokens='post_instruction' needs the number of tokens the prompt format adds after the user's "
+                "message, and this evaluation set's format adds none (or its batches do not carry "
+                "'suffix_tokens'); evaluate with tokens='prompt'"
+            )
+        return pool_layers(hidden_states, last_tokens_mask(batch["attention_mask"], counts), sink="none")
 
     def on_test_epoch_end(self) -> None:
         data = {name: self.collectors[name].compute() for name in self.variants}

@@ -24,6 +24,15 @@ from fteval.io import write_atomic, write_json_atomic, write_text_atomic
 __all__ = ["record_results", "store_tests", "write_results_files"]
 
 
+def _pooling_text(settings: dict) -> str:
+    """How the stored embeddings were pooled, in words (results of earlier versions have no 'tokens')."""
+    if settings.get("tokens") == "post_instruction":
+        tokens = "post-instruction token mean"
+    else:
+        tokens = f"{settings['sink']}-sink token mean"
+    return f"{tokens}; {settings['layer_pooling']} over layers"
+
+
 def write_results_files(results_dir: Union[str, Path], results: dict, embeddings: Optional[dict[str, Tensor]] = None,
                         responses: Optional[list[dict]] = None) -> Path:
     """Write the embeddings (when given), the responses (when any) and ``aqi_results.json``; return its path.
@@ -47,6 +56,7 @@ def write_results_files(results_dir: Union[str, Path], results: dict, embeddings
 def _score_rows(results: dict) -> list[dict]:
     """``aqi_scores`` rows: pooled scores with CIs, layer profiles, bias-corrected scores, Deltas vs the baseline."""
     pooling = results["settings"]["layer_pooling"]
+    token_pooling = "post_instruction_mean" if results["settings"].get("tokens") == "post_instruction" else "token_mean"
     rows = []
     for name, entry in results["models"].items():
         n = entry["n_prompts"]
@@ -55,8 +65,8 @@ def _score_rows(results: dict) -> list[dict]:
             rows.append({"model": name, "metric": metric, "value": value, "pooling": pooling,
                          "ci_low": ci[0], "ci_high": ci[1], "n_samples": n})
         for metric, values in entry["layer_profile"].items():
-            rows += [{"model": name, "metric": metric, "value": v, "layer": layer, "pooling": "token_mean",
-                      "n_samples": n} for layer, v in enumerate(values)]
+            rows += [{"model": name, "metric": metric, "value": v, "layer": layer, "pooling": token_pooling,
+                      "n_samples": n} for layer, v in enumerate(values) if v is not None]
     for name, entry in results["models"].items():
         ci = entry.get("ci", {})
         for metric, value in entry.get("bias_corrected", {}).items():
@@ -159,5 +169,5 @@ def record_results(db_path: Union[str, Path], experiment_id: int, results: dict,
                                        details=entry["details"])
         if "embeddings_path" in results:
             db.add_hidden_states(experiment_id, ",".join(results["models"]), results["embeddings_path"],
-                                 pooling=f"{settings['sink']}-sink token mean; {settings['layer_pooling']} over layers",
+                                 pooling=_pooling_text(settings),
                                  n_prompts=n_prompts)

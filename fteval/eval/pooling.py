@@ -24,6 +24,8 @@ __all__ = [
     "DEFAULT_SINK_RATIO",
     "LayerPooling",
     "SinkMode",
+    "TokenSelection",
+    "last_tokens_mask",
     "layer_attention_weights",
     "layer_reference",
     "masked_mean",
@@ -33,9 +35,11 @@ __all__ = [
 ]
 
 SinkMode = Literal["first", "none", "auto"]
+TokenSelection = Literal["prompt", "post_instruction"]
 LayerPooling = Literal["mean", "last", "attention"]
 _SINK_MODES = ("first", "none", "auto")
 _LAYER_POOLINGS = ("mean", "last", "attention")
+TOKEN_SELECTIONS = ("prompt", "post_instruction")
 
 #: ``sink="auto"`` drops tokens whose L2 norm exceeds this multiple of the median token norm of
 #: their sequence (real tokens only). In SmolLM2-135M-Instruct (31 hidden-state layers, four chat
@@ -101,6 +105,24 @@ def token_keep_mask(
     keep = mask & ~drop
     keep = torch.where(keep.any(dim=1, keepdim=True), keep, mask)  # never drop every token
     return keep
+
+
+def last_tokens_mask(attention_mask: Tensor, counts: Tensor | int) -> Tensor:
+    """The last ``counts`` real tokens of each row as an attention mask ``[B, T]`` (left or right padding).
+
+    With ``counts`` = the tokens the chat template appends after the user's message
+    (:func:`fteval.data.formatting.generation_suffix_tokens`) this selects the post-instruction
+    positions; passed to :func:`pool_layers` with ``sink="none"`` it averages only those. A row with
+    fewer real tokens than asked keeps all of them.
+    """
+    if attention_mask.ndim != 2:
+        raise ValueError(f"attention_mask must be [batch, seq], got shape {tuple(attention_mask.shape)}")
+    mask = attention_mask != 0
+    counts = torch.as_tensor(counts, device=mask.device).reshape(-1, 1)  # [B or 1, 1]
+    if (counts < 1).any():
+        raise ValueError(f"counts must be >= 1 token per prompt, got {counts.flatten().tolist()}")
+    from_end = mask.flip(1).long().cumsum(dim=1).flip(1)  # [B, T]: 1 at the last real token
+    return (mask & (from_end <= counts)).long()
 
 
 def masked_mean(

@@ -34,7 +34,7 @@ from fteval.eval.headtohead import (
     pairs,
 )
 from fteval.eval.metrics import DEFAULT_LAMBDA, cluster_scores, layer_profile
-from fteval.eval.pooling import LayerPooling, SinkMode, layer_attention_weights, pool_over_layers
+from fteval.eval.pooling import LayerPooling, SinkMode, TokenSelection, layer_attention_weights, pool_over_layers
 from fteval.eval.refusal.detector import FULL, MODEL_CLASSES
 from fteval.eval.separation import fit_separation, intervals_from_fit
 from fteval.eval.stats import paired_silhouette_test, per_prompt_separation, silhouette_fit
@@ -58,6 +58,7 @@ class SummarySettings:
     ``n_bootstrap`` resamples drawn from ``seed``).
     """
 
+    tokens: TokenSelection = "prompt"
     sink: SinkMode = "first"
     layer_pooling: LayerPooling = "attention"
     layers: Optional[list[int]] = None
@@ -124,7 +125,8 @@ def summarise(data: dict[str, Collected], base_model: str, adapters: dict[str, s
                                                        "excess_kurtosis", "tail_share", "heavy_tailed")}
         reps = data[name][0].cpu()
         profile = layer_profile(reps, labels, lam=settings.lam)
-        entry["layer_profile"] = {k: [float(x) for x in v] for k, v in profile.items() if k in ("aqi_bounded", "chi", "xbi")}
+        entry["layer_profile"] = {k: [float(x) if x == x else None for x in v.tolist()]  # None: a layer with no spread
+                                  for k, v in profile.items() if k in ("aqi_bounded", "chi", "xbi")}
         if settings.layer_pooling == "attention":
             weights, _ = layer_attention_weights(_selected_layers(reps, settings))
             entry["layer_weights_mean"] = [float(w) for w in weights.mean(dim=0)]
@@ -152,7 +154,7 @@ def summarise(data: dict[str, Collected], base_model: str, adapters: dict[str, s
     return {
         "base_model": base_model,
         "adapters": adapters,
-        "settings": {"sink": settings.sink, "layer_pooling": settings.layer_pooling, "layers": settings.layers,
+        "settings": {"tokens": settings.tokens, "sink": settings.sink, "layer_pooling": settings.layer_pooling, "layers": settings.layers,
                      "lam": settings.lam, "intervals": _method_text(settings),
                      "confidence": settings.confidence, "correction": settings.correction, "family_size": sizes},
         "models": models,

@@ -117,6 +117,7 @@ def test_controls_bad_inputs_fail_before_any_work(tmp_path, capsys):
     assert "Accepted Response" in _error(base + ["--benign_data", str(bad)], capsys)
     assert "input" in _error(base + ["--eval_source", str(bad)], capsys)
     assert "refusal_target" in _error(base + ["--refusal_target", "1.5"], capsys)
+    assert "tokens" in _error(base + ["--tokens", "last"], capsys)
     blocker = tmp_path / "a_file"
     blocker.write_text("")
     assert "a_file" in _error(["bench", "controls", "--output_dir", str(blocker / "sub"), "--align_data", str(sets["align"])], capsys)

@@ -1,6 +1,8 @@
 import torch
 
-from fteval.data.formatting import IGNORE_INDEX, format_prompt, pad_batch, tokenize_example
+import pytest
+
+from fteval.data.formatting import IGNORE_INDEX, format_prompt, generation_suffix_tokens, pad_batch, tokenize_example
 
 
 def test_chat_template_and_response_only_labels(tokenizer):
@@ -24,6 +26,34 @@ def test_truncation_keeps_prompt_and_drops_examples_without_room(tokenizer):
 def test_llama2_fallback_format(tokenizer):
     text = format_prompt(tokenizer, "Hello", template="llama2-inst")
     assert text == "<s>[INST] Hello [/INST]"
+
+
+def test_generation_suffix_is_the_assistant_header(tokenizer):
+    n = generation_suffix_tokens(tokenizer)
+    for prompt in ("What is 2+2?", "How do I kill a Python process", "  spaced  "):
+        ids = tokenizer(format_prompt(tokenizer, prompt), add_special_tokens=False)["input_ids"]
+        assert tokenizer.decode(ids[-n:]) == "<|im_end|>\n<|im_start|>assistant\n"  # ChatML's post-instruction tokens
+        assert prompt.strip() in tokenizer.decode(ids[:-n])
+    assert n == 6  # <|im_end|> \n <|im_start|> ass istant \n
+    with_system = generation_suffix_tokens(tokenizer, system_prompt="Be brief.")
+    assert with_system == n
+    llama2 = generation_suffix_tokens(tokenizer, template="llama2-inst")
+    ids = tokenizer(format_prompt(tokenizer, "Hello", template="llama2-inst"), add_special_tokens=False)["input_ids"]
+    assert tokenizer.decode(ids[-llama2:]).strip() == "[/INST]"
+
+
+def test_generation_suffix_needs_the_message_kept(tokenizer):
+    class Rewriting:
+        chat_template = "x"
+
+        def apply_chat_template(self, messages, **kwargs):
+            return "<user>" + messages[-1]["content"].upper() + "</user>"
+
+        def __call__(self, text, **kwargs):
+            return tokenizer(text, **kwargs)
+
+    with pytest.raises(ValueError, match="tokens='prompt'"):
+        generation_suffix_tokens(Rewriting())
 
 
 def test_pad_batch_right_and_left():

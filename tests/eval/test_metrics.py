@@ -201,6 +201,19 @@ def test_layer_profile_matches_per_layer_scores():
     assert int(profile["chi"].argmax()) == 2
 
 
+def test_layer_profile_marks_a_layer_without_spread_as_nan():
+    gen = torch.Generator().manual_seed(0)
+    reps = torch.randn(20, 3, 4, generator=gen)
+    reps[:, 0] = torch.tensor([1.0, 2.0, 3.0, 4.0])  # the same vector for every prompt (template tokens at layer 0)
+    y = torch.arange(20) % 2
+    profile = layer_profile(reps, y)
+    assert torch.isnan(profile["chi"][0]) and torch.isnan(profile["aqi_bounded"][0])
+    assert float(profile["chi"][1]) == pytest.approx(float(cluster_scores(reps[:, 1], y)["chi"]), rel=1e-12)
+    reps[:, 1:] = reps[:, :1]
+    with pytest.raises(ValueError, match="every layer"):
+        layer_profile(reps, y)
+
+
 @pytest.mark.parametrize(
     "x, y, match",
     [

@@ -156,6 +156,42 @@ def test_adapter_from_another_base_is_refused(tmp_path, adapters, capsys):
     assert "was trained on 'meta-llama/Meta-Llama-3-8B-Instruct'" in capsys.readouterr().err
 
 
+def test_post_instruction_tokens_equal_an_independent_extraction(tmp_path, adapters, capsys):
+    """tokens='post_instruction': each layer's mean over the 6 ChatML tokens after the user's message."""
+    from transformers import AutoModelForCausalLM
+
+    from fteval.models.loading import load_tokenizer, resolve_model_path
+
+    rows = accd_rows(4, 4)
+    res = run_test(tmp_path, {"zero": adapters["zero"]}, eval_rows=rows,
+                   extra=["--model.init_args.tokens", "post_instruction", "--model.init_args.behaviour", "false",
+                          "--data.n_per_class", "4"])
+    assert res["settings"]["tokens"] == "post_instruction"
+    emb = load_file(res["embeddings_path"])
+    tok = load_tokenizer("embedded")
+    model = AutoModelForCausalLM.from_pretrained(resolve_model_path("embedded"), dtype=torch.float32).eval()
+    for k, (index, source_row) in enumerate(zip(emb["index"].tolist(), emb["source_row"].tolist())):
+        messages = [{"role": "user", "content": rows[source_row]["input"]}]
+        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        ids = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        assert tok.decode(ids[0, -6:]) == "<|im_end|>\n<|im_start|>assistant\n"
+        with torch.no_grad():
+            states = model(input_ids=ids, output_hidden_states=True).hidden_states
+        expected = torch.stack([h[0, -6:].mean(dim=0) for h in states])  # [L+1, D]
+        assert torch.allclose(emb["baseline.layers"][k], expected, atol=2e-4, rtol=1e-4), index
+    assert res["models"]["zero"]["scores"] == res["models"]["baseline"]["scores"]
+    # Other positions than the prompt mean: the scores differ from tokens='prompt' on the same prompts.
+    (tmp_path / "prompt").mkdir()
+    prompt = run_test(tmp_path / "prompt", {"zero": adapters["zero"]}, eval_rows=rows,
+                      extra=["--model.init_args.behaviour", "false", "--data.n_per_class", "4"])
+    assert prompt["settings"]["tokens"] == "prompt"
+    assert prompt["models"]["baseline"]["scores"]["chi"] != res["models"]["baseline"]["scores"]["chi"]
+    from fteval.eval.module import AQIEvaluator
+
+    with pytest.raises(ValueError, match="tokens='last'"):
+        AQIEvaluator(tokens="last")
+
+
 def test_missing_adapter_and_single_class_are_refused(tmp_path, capsys):
     with pytest.raises(SystemExit):
         run_test(tmp_path, {"qlora": tmp_path / "nowhere"})

@@ -5,6 +5,7 @@ import torch
 
 from fteval.eval.pooling import (
     DEFAULT_SINK_RATIO,
+    last_tokens_mask,
     layer_attention_weights,
     layer_reference,
     masked_mean,
@@ -47,6 +48,24 @@ def test_left_and_right_padding_agree(sink):
     skip = 0 if sink == "none" else 1
     expected = torch.stack([s[skip:].mean(dim=0) for s in seqs])
     assert torch.allclose(right, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_last_tokens_mask_selects_the_end_of_each_prompt(side):
+    seqs = _tokens([6, 3, 1], sink_scale=200.0)
+    hidden, mask = _pad(seqs, side)
+    keep = last_tokens_mask(mask, 2)
+    assert keep.sum(dim=1).tolist() == [2, 2, 1]  # a 1-token prompt keeps its one token
+    pooled = masked_mean(hidden, keep, sink="none")
+    expected = torch.stack([s[-2:].mean(dim=0) for s in seqs])
+    assert torch.allclose(pooled, expected, atol=1e-6)
+    per_row = last_tokens_mask(mask, torch.tensor([1, 3, 2]))
+    assert per_row.sum(dim=1).tolist() == [1, 3, 1]
+    assert torch.equal(per_row & (mask == 0), torch.zeros_like(mask))  # never a padding position
+    with pytest.raises(ValueError, match=">= 1"):
+        last_tokens_mask(mask, 0)
+    with pytest.raises(ValueError, match=r"\[batch, seq\]"):
+        last_tokens_mask(mask[0], 1)
 
 
 def test_planted_sink_does_not_dominate_with_first():
