@@ -262,7 +262,7 @@ def bench_controls(
         "seconds_this_run": time.perf_counter() - started,
     }
     write_json_atomic(out / "controls.json", payload)
-    text = controls_markdown(aligned, rows, summary, timings)
+    text = controls_markdown(aligned, rows, summary, timings, tokens=payload["settings"]["tokens"])
     write_text_atomic(out / "controls.md", text)
     print(text)
     print(f"[controls] written {out / 'controls.json'} and {out / 'controls.md'}")

@@ -216,8 +216,10 @@ def _fmt_p(p: float) -> str:
     return f"{p:.2g}" if p >= 1e-4 else f"{p:.1e}"
 
 
-def controls_markdown(aligned: dict, rows: list[dict], summary: dict, timings: list[dict]) -> str:
-    """The table as markdown: the aligned base, per seed the controls and the head-to-head, then the seeds."""
+def controls_markdown(aligned: dict, rows: list[dict], summary: dict, timings: list[dict], tokens: str = "prompt") -> str:
+    """The table as markdown: the aligned base, per seed the controls and the head-to-head, then the seeds.
+
+    ``tokens``: the evaluation's token selection, named under the table (what the bounded AQI is of)."""
     lines = ["# Known-answer controls", ""]
     a, r = aligned["aligned"], aligned["raw"]
 
@@ -268,7 +270,9 @@ def controls_markdown(aligned: dict, rows: list[dict], summary: dict, timings: l
                      f"| {e['delta_aqi_bounded']['mean']:+.4f} {_fmt_ci(e['delta_aqi_bounded']['ci'], '+.4f')} |")
     lines += ["", "Delta = model - reference on the same held-out prompts (negative refusal Delta = lost refusals). "
               "p-values Holm-adjusted over the table's tests of one seed; intervals over seeds are t intervals "
-              "(none with one seed).", ""]
+              "(none with one seed). Bounded AQI of the hidden states "
+              + ("at the chat template's tokens after the user's message (tokens: post_instruction)."
+                 if tokens == "post_instruction" else "averaged over the prompt's tokens (tokens: prompt)."), ""]
     if timings:
         lines += ["## Stages", "", "| stage | seconds | |", "|---|---|---|"]
         lines += [f"| {t['stage']} | {t['seconds']:.0f} | {'skipped (done earlier)' if t['skipped'] else ''} |" for t in timings]

@@ -144,6 +144,9 @@ def test_aligned_base_targets_and_markdown(planted):
     assert "| harmful-form/qlora |" in text and "detected" in text and "| null/zero-adapter (identical) |" in text
     assert "quiet" in text and "FLAGGED" not in text
     assert "| align: fit | 12 |" in text
+    assert "averaged over the prompt's tokens (tokens: prompt)" in text
+    post = controls_markdown(row, rows, summarise_seeds(rows), [], tokens="post_instruction")
+    assert "(tokens: post_instruction)" in post and "## Stages" not in post
 
 
 def test_missing_comparison_names_the_fix(planted):
