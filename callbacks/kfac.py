@@ -109,7 +109,7 @@ class KFACPreconditioner(KFAC, L.Callback):
         for penalties in self._penalties:
             values.update(penalties.apply(trainer.global_step))
         # Metrics (and the CUDA syncs that make kfac_ms a true duration, which stall the launch queue)
-        # only on the steps Lightning writes to the logger: each self.log costs ~1 ms of host time.
+        # only on the steps Lightning writes to the logger: every self.log costs host time (BENCHMARKS.md).
         log_now = is_logging_step(trainer)
         cuda = log_now and any(group.device.type == "cuda" for group in self.groups)
         if cuda:

@@ -181,8 +181,8 @@ def _record(layer: GritLoraLinear, u: torch.Tensor, lead: tuple) -> None:
 # leaf's "gradient": one fused kernel inside the compiled backward, and autograd's C++
 # AccumulateGrad stores it in ``leaf.grad`` without a copy. The capture reads every layer's
 # ``leaf.grad`` after backward and folds them with its batched Gram matmuls. No Python runs per layer
-# during the step. On an H200 (batch 1 x 1024 with checkpointing) the opaque op below cost ~12 ms
-# of host time per step in the op itself plus three device copies per layer (u, du, the returned du).
+# during the step. The opaque op below costs host time in the op itself plus three device copies per
+# layer (u, du, the returned du); BENCHMARKS.md has the measured cost.
 #
 # Fallback, for micro-batches whose token count the capture cannot know in advance (no labels,
 # attention mask or input_ids in the batch):
@@ -197,8 +197,8 @@ def _record(layer: GritLoraLinear, u: torch.Tensor, lead: tuple) -> None:
 # (its storage address: an int argument would be a constant baked into the graph, one recompile
 # per layer), hence the process-wide registry of GRIT layers below, and gives the capture copies:
 # a compiled graph reuses its buffers after their last use. The op is registered with the low-level
-# torch.library API (no Python autograd wrapper: it only ever runs inside backward); measured on the
-# CPU stand-in, torch.library.custom_op's wrapper cost ~50 us per call.
+# torch.library API (no Python autograd wrapper: it only ever runs inside backward), which avoids the
+# per-call cost of torch.library.custom_op's wrapper.
 # ---------------------------------------------------------------------------------------------
 
 _LAYER_BY_WEIGHT: "weakref.WeakValueDictionary[int, GritLoraLinear]" = weakref.WeakValueDictionary()
