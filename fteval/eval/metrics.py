@@ -282,26 +282,22 @@ def layer_profile(
     """Scores per layer: ``representations [N, L+1, D]`` -> ``{name: [L+1] float64}`` (index 0 = embeddings).
 
     A layer where every prompt has the same vector (the embedding layer when only the chat template's
-    own tokens are pooled, which are the same for every prompt) has no separation to measure: its
-    scores are NaN.
+    own tokens are pooled) has no separation to measure: its scores are NaN.
     """
     if representations.ndim != 3:
         raise ValueError(
             f"representations must be [N prompts, L+1 layers, D], got shape {tuple(representations.shape)}; "
             "build them with fteval.eval.pooling.pool_layers."
         )
-    per_layer = [
-        None if bool((representations[:, layer] == representations[:1, layer]).all())
-        else cluster_scores(representations[:, layer], labels, lam=lam, with_db_dunn=with_db_dunn)
-        for layer in range(representations.shape[1])
-    ]
-    measured = [scores for scores in per_layer if scores is not None]
-    if not measured:
+    spread = [not bool((layer == layer[:1]).all()) for layer in representations.unbind(dim=1)]
+    if not any(spread):
         raise ValueError("every layer's representations are identical across prompts, so no separation can be "
                          "measured; check that pooling reads the prompts' hidden states")
+    per_layer = [cluster_scores(representations[:, i], labels, lam=lam, with_db_dunn=with_db_dunn) if ok else None
+                 for i, ok in enumerate(spread)]
+    keys = next(scores for scores in per_layer if scores is not None)
     nan = torch.tensor(float("nan"), dtype=torch.float64)
-    return {key: torch.stack([nan if scores is None else scores[key].to(torch.float64) for scores in per_layer])
-            for key in measured[0]}
+    return {k: torch.stack([nan if sc is None else sc[k].to(torch.float64) for sc in per_layer]) for k in keys}
 
 
 # ----------------------------------------------------------------------------------------------
