@@ -1,26 +1,25 @@
-"""K-FAC natural-gradient preconditioning of GRIT's LoRA factors, as a Lightning callback.
+"""GRIT's K-FAC statistics in a Trainer: which tokens count per micro-batch, and the step's metrics.
 
-The arithmetic is :class:`fteval.grit.KFAC` (constructor arguments, defaults and equations
-there and in docs/grit.md); this file adds the Lightning hooks. The callback owns GRIT's work
-between backward and the optimizer step, in GRIT's order, so the callbacks' order in the
-trainer does not matter: a :class:`~callbacks.regularisers.GeometryRegulariser` registers its
-penalties here and they are added first, then K-FAC clips, folds, refreshes and preconditions.
+The arithmetic is :class:`fteval.grit.KFAC` (constructor arguments, defaults and equations there
+and in docs/grit.md) and the whole optimizer step is :class:`fteval.grit.GRITOptimizer`, which
+``GRITModule.configure_optimizers`` wraps around the configured optimizer with this callback's
+K-FAC, the :class:`~callbacks.regularisers.GeometryRegulariser` and the
+:class:`~callbacks.reprojection.NeuralReprojection` of the trainer. This callback only schedules
+and logs: it starts each micro-batch's statistics, tells the optimizer whether this step's
+metrics are wanted, and logs them after the step. Its state (the factors) is saved in
+checkpoints as callback state.
 
 Hook placement (Lightning 2.6, lightning/pytorch/plugins/precision/precision.py and amp.py):
-``optimizer.step(closure)`` runs the closure (training_step + backward), then
-``Precision._after_closure`` calls the callbacks' ``on_before_optimizer_step``, then
-``_clip_gradients``; only after that does the optimizer update the parameters. Under fp16
-AMP, ``MixedPrecision.optimizer_step`` calls ``scaler.unscale_(optimizer)`` *before*
-``_after_closure``. So :meth:`KFACPreconditioner.on_before_optimizer_step` sees whole
-(accumulated), unscaled gradients, before Lightning's clipping and before the step: the
-place where editing ``.grad`` counts. ``trainer.gradient_clip_val`` therefore clips the
-*preconditioned* gradients; ``clip_grad_norm`` (default 1.0) clips before preconditioning,
-as the reference does.
+``optimizer.step(closure)`` runs the closure (training_step + backward, then the callbacks'
+``on_before_optimizer_step`` and Lightning's own ``gradient_clip_val`` clipping), and under
+fp16 AMP ``scaler.unscale_`` runs before that; :meth:`GRITOptimizer.step` then does GRIT's work
+on whole (accumulated), unscaled gradients and steps the inner optimizer. So
+``trainer.gradient_clip_val`` would clip the loss gradients before GRIT's step, a second clip
+besides ``clip_grad_norm``; the GRIT configs leave it null.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -28,10 +27,10 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
-from fteval.grit import KFAC, damped_cholesky, token_mask_from_batch
+from fteval.grit import KFAC, GRITOptimizer, damped_cholesky, token_mask_from_batch
 from fteval.models.base import is_logging_step
 
-__all__ = ["KFACPreconditioner", "damped_cholesky", "token_mask_from_batch"]
+__all__ = ["KFACPreconditioner", "damped_cholesky", "grit_optimizer", "token_mask_from_batch"]
 
 
 def _precision_dtype(trainer: Any) -> torch.dtype:
@@ -44,35 +43,56 @@ def _precision_dtype(trainer: Any) -> torch.dtype:
     return torch.float32
 
 
-class KFACPreconditioner(KFAC, L.Callback):
-    """:class:`fteval.grit.KFAC` in a Trainer: the same arguments, statistics attached at fit start.
+def grit_optimizer(trainer: L.Trainer) -> GRITOptimizer | None:
+    """The trainer's :class:`GRITOptimizer`, or None."""
+    for optimizer in getattr(trainer, "optimizers", []):
+        if isinstance(optimizer, GRITOptimizer):
+            return optimizer
+    return None
 
-    Logged on Lightning's logging steps: ``grit/preconditioned_layers``,
-    ``grit/preconditioned_grads``, ``grit/factor_cond_max`` (:meth:`optimizer_step_work`),
-    ``grit/kfac_ms`` (time in the K-FAC work of this hook, CUDA-synchronised),
-    ``grit/kfac_hook_ms`` (host time spent recording statistics since the previous step; no
-    kernels are launched there, the arithmetic runs batched in this hook) and the registered
-    penalties' values (``grit/reg_*``).
+
+def _install(trainer: L.Trainer, pl_module: L.LightningModule) -> GRITOptimizer:
+    """Wrap the trainer's one optimizer in a :class:`GRITOptimizer` built from its callbacks (for modules
+    that configure a plain optimizer; ``GRITModule`` builds it in ``configure_optimizers``), and
+    point its learning-rate schedulers at the wrapper (they share the parameter groups)."""
+    optimizers = list(trainer.optimizers)
+    if len(optimizers) != 1:
+        raise ValueError(f"KFACPreconditioner supports one optimizer; {type(pl_module).__name__} configures {len(optimizers)}.")
+    wrapped = GRITOptimizer.from_parts(optimizers[0], trainer.callbacks, pl_module)
+    trainer.strategy.optimizers = [wrapped]
+    for config in trainer.lr_scheduler_configs:
+        if config.scheduler.optimizer is optimizers[0]:
+            config.scheduler.optimizer = wrapped
+    return wrapped
+
+
+class KFACPreconditioner(KFAC, L.Callback):
+    """:class:`fteval.grit.KFAC` in a Trainer: the same arguments.
+
+    Logged on Lightning's logging steps (from :attr:`GRITOptimizer.metrics`):
+    ``grit/preconditioned_layers``, ``grit/preconditioned_grads``, ``grit/factor_cond_max``,
+    ``grit/kfac_ms`` (time in GRIT's work of the step, CUDA-synchronised), ``grit/kfac_hook_ms``
+    (host time spent recording statistics since the previous step; no kernels are launched there,
+    the arithmetic runs batched in the step), the weighted penalties (``grit/reg_*``) and, on
+    reprojection steps, ``grit/reprojected_layers`` and ``grit/effective_rank_mean``.
     """
 
     _warn = staticmethod(rank_zero_warn)
-    _penalties: tuple = ()  # GeometryRegulariser callbacks registered for this fit
-
-    def add_penalties(self, penalties: Any) -> None:
-        """Have ``penalties.apply(step)`` add its gradients at the start of every optimizer step's work."""
-        if penalties not in self._penalties:
-            self._penalties = (*self._penalties, penalties)
 
     # ------------------------------------------------------------------ Lightning hooks
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # after configure_model (layers exist), strategy.setup (on device) and a checkpoint restore
+        # after configure_optimizers (GRITModule attached this K-FAC and wrapped the optimizer) and a restore
+        optimizer = grit_optimizer(trainer)
+        if optimizer is None:  # a LightningModule of the user's own: wrap its optimizer here
+            optimizer = _install(trainer, pl_module)
+        if optimizer.kfac is not self:
+            raise ValueError("The trainer's GRITOptimizer uses another KFAC than this KFACPreconditioner; keep one.")
         if self.clip_grad_norm is not None and getattr(trainer, "gradient_clip_val", None):
             rank_zero_warn(
-                f"KFACPreconditioner clips gradients to {self.clip_grad_norm} before preconditioning and "
-                f"trainer.gradient_clip_val={trainer.gradient_clip_val} clips them again after it; set one of "
-                "them to null (GRIT's default: clip_grad_norm here, gradient_clip_val null)."
+                f"trainer.gradient_clip_val={trainer.gradient_clip_val} clips the loss gradients before GRIT's step "
+                f"and KFACPreconditioner clips them again to {self.clip_grad_norm}; set one of them to null "
+                "(GRIT's default: clip_grad_norm here, gradient_clip_val null)."
             )
-        self.attach(pl_module)
         self._graph_hook = None
         if getattr(pl_module, "cuda_graph_enabled", False):
             # Forward and backward run inside training_step (and a CUDA graph): the statistics are
@@ -85,7 +105,6 @@ class KFACPreconditioner(KFAC, L.Callback):
         if hook is not None and hasattr(pl_module, "remove_micro_batch_hook"):
             pl_module.remove_micro_batch_hook(hook)
         self.detach()
-        self._penalties = ()
 
     def _begin(self, trainer: L.Trainer, batch: Any) -> None:
         scaler = getattr(trainer.precision_plugin, "scaler", None)
@@ -104,27 +123,22 @@ class KFACPreconditioner(KFAC, L.Callback):
     def on_before_optimizer_step(
         self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        """GRIT's work on whole, unscaled gradients before the optimizer step: penalties, then K-FAC."""
-        values: dict[str, Any] = {}
-        for penalties in self._penalties:
-            values.update(penalties.apply(trainer.global_step))
-        # Metrics (and the CUDA syncs that make kfac_ms a true duration, which stall the launch queue)
-        # only on the steps Lightning writes to the logger: every self.log costs host time (BENCHMARKS.md).
-        log_now = is_logging_step(trainer)
-        cuda = log_now and any(group.device.type == "cuda" for group in self.groups)
-        if cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        on_cpu = all(group.device.type == "cpu" for group in self.groups)
-        metrics = self.optimizer_step_work(optimizer, check_finite=cuda or on_cpu, metrics=log_now)
-        if not log_now:
-            return
-        if cuda:
-            torch.cuda.synchronize()
-        metrics["grit/kfac_ms"] = 1000.0 * (time.perf_counter() - t0)
-        metrics["grit/kfac_hook_ms"] = 1000.0 * self.capture.host_seconds
-        self.capture.host_seconds = 0.0
-        for key, value in {**values, **metrics}.items():
+        """Before GRIT's step: whether it assembles its metrics (and CUDA-syncs to time itself).
+        Only on the steps Lightning writes to the logger: every self.log costs host time."""
+        if isinstance(optimizer, GRITOptimizer):
+            optimizer.collect_metrics = is_logging_step(trainer)
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        optimizer = grit_optimizer(trainer)
+        if optimizer is None or not optimizer.metrics:
+            return  # inside an accumulation window, or nothing wanted on this step
+        metrics, optimizer.metrics = optimizer.metrics, {}
+        if optimizer.collect_metrics:
+            metrics["grit/kfac_hook_ms"] = 1000.0 * self.capture.host_seconds
+            self.capture.host_seconds = 0.0
+        for key, value in metrics.items():
             pl_module.log(key, value, on_step=True, on_epoch=False)
 
 

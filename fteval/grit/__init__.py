@@ -1,6 +1,8 @@
 """GRIT (arXiv 2601.00231) as plain torch: LoRA + rank-space K-FAC natural-gradient preconditioning +
-Fisher-guided reprojection + geometry regularisers. The Lightning callbacks in ``callbacks/`` run
-these pieces inside a Trainer; the equations and defaults are in docs/grit.md.
+Fisher-guided reprojection + geometry regularisers, with :class:`GRITOptimizer` as the whole step
+(usable from a plain torch loop; ``GRITModule`` builds it under Lightning, where the callbacks in
+``callbacks/`` hold the settings, start each micro-batch's statistics and log). The equations and
+defaults are in docs/grit.md.
 
 One optimizer step, in the order the code runs it:
 
@@ -22,7 +24,8 @@ One optimizer step, in the order the code runs it:
 8. **reprojection** (:mod:`~fteval.grit.reprojection`): every ``every_n_steps`` steps, A and B
    onto the top-k eigenvectors of S_a and S_g.
 
-Steps 3-6 are :meth:`KFAC.optimizer_step_work`. What GRIT keeps per layer lives on the layer:
+Steps 2-8 are :meth:`GRITOptimizer.step`; 3-6 are :meth:`KFAC.optimizer_step_work` (with
+``inverse_timing="previous_step"``, 6 runs before 4, as the reference). What GRIT keeps per layer lives on the layer:
 ``layer.stats`` (the factors) and ``layer.subspace`` (what the last reprojection kept); the
 adapter and both are written by :mod:`~fteval.grit.export`.
 """
@@ -31,6 +34,7 @@ from fteval.grit.capture import StatisticsCapture, token_mask_from_batch
 from fteval.grit.export import adapter_rank, export_grit_adapter, save_kfac_artifacts
 from fteval.grit.kfac import KFAC
 from fteval.grit.layer import GritLoraLinear, grit_layers, inject_grit_layers
+from fteval.grit.optimizer import GRITOptimizer
 from fteval.grit.regularisers import GeometryPenalties
 from fteval.grit.reprojection import KeptSubspace, Reprojection, energy_rank, kept_ranks
 from fteval.grit.solve import clip_gradients, damped_cholesky
@@ -38,6 +42,7 @@ from fteval.grit.stats import FactorGroup, RankSpaceStats
 
 __all__ = [
     "FactorGroup",
+    "GRITOptimizer",
     "GeometryPenalties",
     "GritLoraLinear",
     "KFAC",

@@ -32,7 +32,7 @@ from fteval.grit.stats import FactorGroup
 
 __all__ = ["STATISTICS_TOKENS", "StatisticsCapture", "token_mask_from_batch"]
 
-STATISTICS_TOKENS = ("loss", "all")
+STATISTICS_TOKENS = ("loss", "all", "every")
 
 
 def token_mask_from_batch(batch: Any, tokens: str = "loss") -> torch.Tensor | None:
@@ -42,12 +42,12 @@ def token_mask_from_batch(batch: Any, tokens: str = "loss") -> torch.Tensor | No
     no loss is taken, and position t's output predicts ``labels[t + 1]``; so position t
     counts when ``labels[:, t + 1] != -100`` (the last position predicts nothing). Without
     labels, ``attention_mask`` marks the real tokens. ``tokens="all"``: every non-padding
-    position (``attention_mask``), prompt included, as the GRIT reference's hooks see them.
-    Without either tensor, None.
+    position (``attention_mask``), prompt included. ``tokens="every"``: None, every position
+    including padding, as the GRIT reference's hooks see them. Without either tensor, None.
     """
     if tokens not in STATISTICS_TOKENS:
         raise ValueError(f"statistics_tokens must be one of {STATISTICS_TOKENS}, got {tokens!r}.")
-    if not isinstance(batch, Mapping):
+    if tokens == "every" or not isinstance(batch, Mapping):
         return None
     labels = batch.get("labels")
     if tokens == "loss" and isinstance(labels, torch.Tensor) and labels.dim() == 2:
@@ -63,8 +63,8 @@ def token_mask_from_batch(batch: Any, tokens: str = "loss") -> torch.Tensor | No
 class StatisticsCapture:
     """Receives the GRIT layers' rank-space tensors and adds them to their groups' pending sums.
 
-    ``warn``: how a mismatched token mask is reported (``warnings.warn``; the Lightning
-    callback passes its rank-zero variant). ``host_seconds``: host time spent recording
+    ``warn``: how a mismatched token mask is reported (``warnings.warn``; a distributed
+    caller passes a rank-zero variant). ``host_seconds``: host time spent recording
     since the caller last reset it.
     """
 
@@ -90,14 +90,14 @@ class StatisticsCapture:
 
     # ------------------------------------------------------------------ attach / detach
     def attach(self, groups: Sequence[FactorGroup]) -> None:
-        """Make every layer of ``groups`` report here (``layer.recorder``); forgets what was waiting."""
+        """Make every layer of ``groups`` report here (``layer.capture``); forgets what was waiting."""
         self.detach()
         self._row_of = {id(layer): (group, i) for group in groups for i, layer in enumerate(group.layers)}
         self._deferred, self._deferred_pairs, self._awaiting_grad = {}, {}, []
         self._scale_cache, self._index_cache = {}, {}
         self._attached = [layer for group in groups for layer in group.layers]
         for layer in self._attached:
-            layer.recorder = self
+            layer.capture = self
         self._leaf_layers = [
             (layer, group, i) for group in groups for i, layer in enumerate(group.layers) if layer.in_compiled_block
         ]
@@ -106,8 +106,8 @@ class StatisticsCapture:
     def detach(self) -> None:
         """Stop recording statistics (they stay on the layers)."""
         for layer in self._attached:
-            if layer.recorder is self:
-                layer.recorder = None
+            if layer.capture is self:
+                layer.capture = None
                 layer.kfac_leaf = None
         self._attached = []
         self._leaf_layers, self._leaf_lead, self._leaf_dims = [], None, None
@@ -176,7 +176,7 @@ class StatisticsCapture:
         if lead != tuple(mask.shape):
             if not self._mask_warned:
                 self.warn(
-                    f"KFACPreconditioner: token mask of shape {tuple(mask.shape)} does not match GRIT activations "
+                    f"StatisticsCapture: token mask of shape {tuple(mask.shape)} does not match GRIT activations "
                     f"{lead}; statistics use all tokens for such layers."
                 )
                 self._mask_warned = True

@@ -152,7 +152,7 @@ def save_kfac_artifacts(
     with_stats = {name: layer for name, layer in layers.items() if layer.stats is not None}
     if not with_stats:
         raise ValueError(
-            "No GRIT layer has K-FAC statistics: train with callbacks.kfac.KFACPreconditioner before saving artifacts."
+            "No GRIT layer has K-FAC statistics: attach a fteval.grit.KFAC (GRITModule does so when fitting) and train before saving artifacts."
         )
     tensors: dict[str, torch.Tensor] = {}
     report: dict[str, dict[str, Any]] = {}

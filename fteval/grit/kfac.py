@@ -20,9 +20,11 @@ from fteval.grit.layer import GritLoraLinear, LayerState, grit_layers
 from fteval.grit.solve import DAMPING_MODES, PAIRINGS, clip_gradients, plan_preconditioning, precondition
 from fteval.grit.stats import FactorGroup
 
-__all__ = ["FACTOR_AVERAGES", "KFAC"]
+__all__ = ["CLIP_STAGES", "FACTOR_AVERAGES", "INVERSE_TIMINGS", "KFAC"]
 
 FACTOR_AVERAGES = ("ema", "mean")
+INVERSE_TIMINGS = ("same_step", "previous_step")
+CLIP_STAGES = ("before", "after")
 
 
 class KFAC(LayerState):
@@ -45,14 +47,20 @@ class KFAC(LayerState):
         preserve_grad_norm: rescale each preconditioned gradient tensor to its original norm
             (fteval variant; the reference keeps the preconditioned magnitude).
         clip_grad_norm: clip the global norm of the optimizer's gradients to this value
-            *before* preconditioning (the reference's order under transformers' Trainer,
-            its max_grad_norm 1.0); None: no clipping here (``trainer.gradient_clip_val``
-            then clips after preconditioning). Runs even with ``enabled=False``.
+            *before* preconditioning (the reference's order under transformers' Trainer; the
+            value is the same 1.0 as QLoRA's clipping, where the reference's examples use 1.5:
+            docs/grit.md); None: no clipping here. Runs even with ``enabled=False``.
+        clip_stage: ``"before"`` preconditioning (the reference's order) or ``"after"`` it (the
+            preconditioned gradients are clipped; fteval variant).
         factor_average: ``"ema"`` (spec: momentum-based updates) or ``"mean"`` (cumulative
             token-weighted mean throughout, the reference's averaging).
         statistics_tokens: ``"loss"`` (positions that predict a loss token; fteval's choice:
-            the Fisher of the trained objective) or ``"all"`` (every non-padding position,
-            as the reference's hooks record).
+            the Fisher of the trained objective), ``"all"`` (every non-padding position) or
+            ``"every"`` (every position, padding included, as the reference's hooks record).
+        inverse_timing: ``"same_step"`` (fold this step's statistics, refresh, then
+            precondition with them) or ``"previous_step"`` (the reference's: precondition with
+            the factors of the previous refresh, then fold and refresh; the first step is not
+            preconditioned).
         enabled: False keeps collecting statistics (the reprojection and the artifacts use
             them) but never preconditions a gradient: plain LoRA, for ablations.
 
@@ -73,8 +81,10 @@ class KFAC(LayerState):
         pairing: str = "grit",
         preserve_grad_norm: bool = False,
         clip_grad_norm: float | None = 1.0,
+        clip_stage: str = "before",
         factor_average: str = "ema",
         statistics_tokens: str = "loss",
+        inverse_timing: str = "same_step",
         enabled: bool = True,
     ) -> None:
         super().__init__()
@@ -86,6 +96,10 @@ class KFAC(LayerState):
             raise ValueError(f"factor_average must be one of {FACTOR_AVERAGES}, got {factor_average!r}.")
         if statistics_tokens not in STATISTICS_TOKENS:
             raise ValueError(f"statistics_tokens must be one of {STATISTICS_TOKENS}, got {statistics_tokens!r}.")
+        if clip_stage not in CLIP_STAGES:
+            raise ValueError(f"clip_stage must be one of {CLIP_STAGES}, got {clip_stage!r}.")
+        if inverse_timing not in INVERSE_TIMINGS:
+            raise ValueError(f"inverse_timing must be one of {INVERSE_TIMINGS}, got {inverse_timing!r}.")
         if not 0.0 <= ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay!r}.")
         if isinstance(update_freq, bool) or not isinstance(update_freq, int) or update_freq < 1:
@@ -106,8 +120,10 @@ class KFAC(LayerState):
         self.pairing = pairing
         self.preserve_grad_norm = bool(preserve_grad_norm)
         self.clip_grad_norm = None if clip_grad_norm is None else float(clip_grad_norm)
+        self.clip_stage = clip_stage
         self.factor_average = factor_average
         self.statistics_tokens = statistics_tokens
+        self.inverse_timing = inverse_timing
         self.enabled = bool(enabled)
 
         self.step = 0  # optimizer steps processed
@@ -126,7 +142,7 @@ class KFAC(LayerState):
         layers = grit_layers(model)
         if not layers:
             raise ValueError(
-                f"KFACPreconditioner found no GritLoraLinear in {type(model).__name__}: inject GRIT layers with "
+                f"KFAC found no GritLoraLinear in {type(model).__name__}: inject GRIT layers with "
                 "fteval.grit.inject_grit_layers (GRITModule does so in configure_model)."
             )
         self._layers = layers
@@ -171,27 +187,38 @@ class KFAC(LayerState):
         2. add the recorded statistics and fold them into the factors;
         3. refresh the due damped factors and precondition the adapter gradients (if ``enabled``).
 
-        ``check_finite`` reads the device's dropped-step flag (a host sync) to warn about
-        non-finite statistics. ``metrics=False`` skips assembling the metrics (an empty dict is
-        returned): ``grit/preconditioned_layers`` (layers with at least one preconditioned
-        gradient), ``grit/preconditioned_grads`` (tensors) and ``grit/factor_cond_max``
-        (largest condition number of the cached damped factors).
+        With ``clip_stage="after"`` the clip moves to the end. With ``inverse_timing="previous_step"``
+        the gradients are preconditioned between 1 and 2, with the factors cached by the previous
+        steps' refreshes. ``check_finite`` reads the
+        device's dropped-step flag (a host sync) to warn about non-finite statistics.
+        ``metrics=False`` skips assembling the metrics (an empty dict is returned):
+        ``grit/preconditioned_layers`` (layers with at least one preconditioned gradient),
+        ``grit/preconditioned_grads`` (tensors) and ``grit/factor_cond_max`` (largest condition
+        number of the cached damped factors).
         """
-        if self.clip_grad_norm is not None and optimizer is not None:
+        clip = self.clip_grad_norm is not None and optimizer is not None
+        if clip and self.clip_stage == "before":
             clip_gradients(optimizer, self.clip_grad_norm)
+        n_layers = n_grads = 0
+        previous = self.enabled and self.inverse_timing == "previous_step"
+        if previous:
+            jobs, n_layers = self._plan(optimizer)
+            n_grads = precondition(jobs, self.preserve_grad_norm)
         self.flush()
         for group in self._groups:
             group.fold(self.ema_decay)
         if check_finite and any([group.take_dropped() for group in self._groups]):
-            self._warn("KFACPreconditioner: non-finite statistics (fp16 overflow?) were dropped since the last check.")
-        n_layers = n_grads = 0
+            self._warn("KFAC: non-finite statistics (fp16 overflow?) were dropped since the last check.")
         if self.enabled:
             for group in self._groups:
                 if group.refresh(self.step, self.update_freq, self.min_samples, self.damping, self.damping_mode,
                                  ema=self.factor_average == "ema"):
                     self._chol_version += 1
-            jobs, n_layers = self._plan(optimizer)
-            n_grads = precondition(jobs, self.preserve_grad_norm)
+            if not previous:
+                jobs, n_layers = self._plan(optimizer)
+                n_grads = precondition(jobs, self.preserve_grad_norm)
+        if clip and self.clip_stage == "after":
+            clip_gradients(optimizer, self.clip_grad_norm)
         self.step += 1
         if not metrics:
             return {}

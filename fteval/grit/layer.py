@@ -6,7 +6,7 @@ does not expose in a form that can be counted once per micro-batch; hence a smal
 What it saves is a standard peft LoRA adapter (:mod:`fteval.grit.export`).
 
 Per token, layer y = W x + s B A x: u = A x (r), g = dL/dy (d_out), v = B^T g (r). The layer
-hands u (and, through autograd, s v) to ``layer.recorder`` (a
+hands u (and, through autograd, s v) to ``layer.capture`` (a
 :class:`fteval.grit.capture.StatisticsCapture`); the capture turns them into the factors
 S_a = E[u u^T] and S_g = E[v v^T] on ``layer.stats``.
 """
@@ -61,7 +61,7 @@ class GritLoraLinear(nn.Module):
     None until then.
 
     The branch is written out with plain tensor ops (``x A^T``, then ``addmm`` fusing the
-    residual add into the second matmul) so the forward can hand u = A x to ``recorder``
+    residual add into the second matmul) so the forward can hand u = A x to ``capture``
     directly, which keeps u's gradient (``retain_grad``) for v; no module hooks, no Python
     autograd Function in eager mode (both cost more host time per layer than the kernels
     they launch at small batches; BENCHMARKS.md). Inside a ``torch.compile``d block, where
@@ -105,7 +105,7 @@ class GritLoraLinear(nn.Module):
         self.adapter_enabled = True
         self.stats: RankSpaceStats | None = None
         self.subspace: KeptSubspace | None = None
-        self.recorder: StatisticsCapture | None = None  # receives u (and du) while statistics are attached
+        self.capture: StatisticsCapture | None = None  # receives u (and du) while statistics are attached
         # inside a compiled block: a [2, tokens, r] leaf the capture sizes per micro-batch, whose
         # .grad receives (u, du) from the backward (see _GritLeafTap); None in eager mode
         self.kfac_leaf: torch.Tensor | None = None
@@ -136,7 +136,7 @@ class GritLoraLinear(nn.Module):
         xd = torch.nn.functional.dropout(x, p, True) if p > 0.0 and self.training else x
         x2 = xd.reshape(-1, self.in_features).to(dtype)  # [N, in]
         u = x2 @ A.to(dtype).t()  # [N, r]
-        if self.recorder is not None and self.training and torch.is_grad_enabled():
+        if self.capture is not None and self.training and torch.is_grad_enabled():
             if torch.compiler.is_compiling():
                 # inside a compiled graph: u and du reach the capture from the backward, no graph break
                 leaf = self.kfac_leaf
@@ -169,7 +169,7 @@ def _record(layer: GritLoraLinear, u: torch.Tensor, lead: tuple) -> None:
     st = layer.stats
     if st is not None and not st.counted:
         st.counted = True
-        layer.recorder.record(layer, u, lead)
+        layer.capture.record(layer, u, lead)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -220,8 +220,8 @@ def _layer_of(lora_A: torch.Tensor) -> GritLoraLinear:
 def _grit_record(u: torch.Tensor, grad: torch.Tensor, lora_A: torch.Tensor) -> torch.Tensor:
     """Backward of a compiled GRIT layer: u and du ``[..., r]`` to the capture; returns du (a copy)."""
     layer = _layer_of(lora_A)
-    if layer.recorder is not None and layer.stats is not None:
-        layer.recorder.record_pair(layer, u.clone(), grad.clone(), tuple(u.shape[:-1]))
+    if layer.capture is not None and layer.stats is not None:
+        layer.capture.record_pair(layer, u.clone(), grad.clone(), tuple(u.shape[:-1]))
     return grad.clone()
 
 
@@ -339,8 +339,8 @@ def inject_grit_layers(
 class LayerState:
     """Base of what keeps GRIT state on attached layers (K-FAC statistics, kept subspaces) and saves it.
 
-    Lightning restores a callback's state before the model's layers are attached: a state loaded
-    while nothing is attached is held, restored by :meth:`_restore_pending` once ``_layers`` is
+    A checkpoint can be restored before the model's layers are attached (Lightning restores
+    callback state before the model is set up): a state loaded while nothing is attached is held, restored by :meth:`_restore_pending` once ``_layers`` is
     set, and returned unchanged if saved in between. Subclasses build their state in
     :meth:`_state` and restore it onto ``_layers`` in :meth:`_apply_state`.
     """

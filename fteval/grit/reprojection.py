@@ -6,7 +6,7 @@ top-k eigenvectors V_a of S_a (and V_g of S_g; V_a stands in while S_g has fewer
 ``min_samples`` tokens or a zero trace, e.g. B = 0), and project
 
     A <- V_a V_a^T A        (rows of A ``[r, in]`` into span(V_a))
-    B <- B V_g V_g^T        (two_sided; columns of B ``[out, r]``)
+    B <- B V_g V_g^T        (columns of B ``[out, r]``; V_a in place of V_g when not two_sided, as the reference)
 
 Defaults are GRIT's (docs/grit.md): the spec's top-k 4 every 40 steps, two-sided as the
 reference. ``project_moments=True`` (an fteval variant; the reference leaves the optimizer
@@ -80,7 +80,7 @@ class Reprojection(LayerState):
     Args:
         every_n_steps: optimizer steps between reprojections (:meth:`due`).
         top_k: rank kept when ``dynamic_rank`` is False (clamped to r).
-        two_sided: also project B with S_g's eigenvectors.
+        two_sided: project B with S_g's eigenvectors (False: with S_a's, as the reference's one-sided mode).
         dynamic_rank: choose k per layer by cumulative eigenvalue energy of S_a (reference option).
         energy_threshold: fraction of tr(S_a) the kept eigenvalues must hold (dynamic rank; reference 0.99).
         min_rank: lower clamp of the dynamic rank (reference 4; clamped to r).
@@ -210,9 +210,8 @@ class Reprojection(LayerState):
                 A, B = layer.lora_A.weight, layer.lora_B.weight
                 A.copy_((P_a[j] @ A.float()).to(A.dtype))  # [r, r] @ [r, in]
                 self._project_moments(states, A, lambda m, P=P_a[j]: P @ m)
-                if self.two_sided:
-                    B.copy_((B.float() @ P_g[j]).to(B.dtype))  # [out, r] @ [r, r]
-                    self._project_moments(states, B, lambda m, P=P_g[j]: m @ P)
+                B.copy_((B.float() @ P_g[j]).to(B.dtype))  # [out, r] @ [r, r]; P_g = P_a when one-sided
+                self._project_moments(states, B, lambda m, P=P_g[j]: m @ P)
                 layer.subspace = KeptSubspace(ks[j], bases[j])
                 count += 1
         return count

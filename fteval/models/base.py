@@ -402,7 +402,7 @@ class AdapterModule(L.LightningModule):
         return loss
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        # Runs after callbacks' on_before_optimizer_step (GRIT's preconditioning) and before clipping.
+        # The loss gradients, before any clipping and before a method's own step (GRIT's preconditioning).
         # One foreach reduction instead of a norm kernel per adapter tensor (448 at Llama-3-8B): at
         # small batches the step is bound by kernel launches, and per-tensor norms cost ~10% there.
         if not is_logging_step(self.trainer):
@@ -441,6 +441,11 @@ class AdapterModule(L.LightningModule):
         self._trainable_cache = (self.model, params)
         return list(params)
 
+    def wrap_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        """The optimizer the trainer steps, built around the configured one (a method's own step, e.g.
+        GRIT's; the configured optimizer itself by default)."""
+        return optimizer
+
     def configure_optimizers(self):
         try:
             optimizer = self.optimizer_factory(self.trainable_parameters())
@@ -461,6 +466,7 @@ class AdapterModule(L.LightningModule):
             progress = min((step - warmup) / max(total - warmup, 1), 1.0)
             return 0.5 * (1.0 + math.cos(math.pi * progress))
 
+        optimizer = self.wrap_optimizer(optimizer)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 

@@ -1,16 +1,15 @@
 """GRITModule: LoRA with K-FAC natural-gradient preconditioning and Fisher-guided reprojection (GRIT, arXiv 2601.00231).
 
 The module owns the model: a (4-bit or full-precision) base with fteval's own LoRA layers
-(:class:`fteval.grit.GritLoraLinear`). GRIT's arithmetic is :mod:`fteval.grit` (the order of one
-optimizer step is in its docstring; equations and defaults in docs/grit.md); the trainer's
-callbacks run it, in any order (configs/grit.yaml):
+(:class:`fteval.grit.GritLoraLinear`). GRIT's step is :class:`fteval.grit.GRITOptimizer` (the order
+of one optimizer step is in :mod:`fteval.grit`; equations and defaults in docs/grit.md), built in
+:meth:`GRITModule.wrap_optimizer` around the configured optimizer from the trainer's callbacks,
+which hold GRIT's settings and state, in any order (configs/grit.yaml):
 
-* :class:`callbacks.kfac.KFACPreconditioner` (required) attaches the rank-space K-FAC statistics
-  to the layers and, between backward and the optimizer step, adds the geometry penalties'
-  gradients, clips and preconditions the adapter gradients;
-* :class:`callbacks.regularisers.GeometryRegulariser` supplies those penalties;
-* :class:`callbacks.reprojection.NeuralReprojection` projects the adapters onto the top
-  eigenvectors of those statistics every N optimizer steps.
+* :class:`callbacks.kfac.KFACPreconditioner` (required): the rank-space K-FAC statistics and
+  preconditioner; it also starts each micro-batch's statistics and logs the step's metrics;
+* :class:`callbacks.regularisers.GeometryRegulariser`: the geometry penalties;
+* :class:`callbacks.reprojection.NeuralReprojection`: the reprojection every N optimizer steps.
 
 At the end of fit the adapter is exported as a standard PEFT LoRA folder, with the K-FAC factors,
 their eigenbases and the effective rank per layer beside it, all read from the layers.
@@ -22,7 +21,14 @@ from pathlib import Path
 
 import torch
 
-from fteval.grit import export_grit_adapter, grit_layers, inject_grit_layers, kept_ranks, save_kfac_artifacts
+from fteval.grit import (
+    GRITOptimizer,
+    export_grit_adapter,
+    grit_layers,
+    inject_grit_layers,
+    kept_ranks,
+    save_kfac_artifacts,
+)
 from fteval.models.base import AdapterModule
 
 
@@ -37,15 +43,11 @@ class GRITModule(AdapterModule):
                            use_rslora=hp.use_rslora)
         return model
 
-    def on_fit_start(self) -> None:
-        # Lightning runs the callbacks' on_fit_start first: by now the K-FAC callback has attached its statistics.
-        if not any(layer.recorder is not None for layer in grit_layers(self.model).values()):
-            names = [type(cb).__name__ for cb in self.trainer.callbacks]
-            raise ValueError(
-                "GRITModule needs callbacks.kfac.KFACPreconditioner in trainer.callbacks (configs/grit.yaml has it; "
-                f"set its enabled: false for a plain-LoRA ablation); the trainer has {names}"
-            )
-        super().on_fit_start()
+    def wrap_optimizer(self, optimizer: torch.optim.Optimizer) -> GRITOptimizer:
+        """:class:`fteval.grit.GRITOptimizer` around ``optimizer``, with the trainer's K-FAC, regulariser
+        and reprojection callbacks attached to this model's GRIT layers."""
+        callbacks = list(self.trainer.callbacks) if self._trainer is not None else []
+        return GRITOptimizer.from_parts(optimizer, callbacks, self.model)
 
     def export_adapter(self, output_dir: Path) -> Path:
         """PEFT folder (adapter_config.json + adapter_model.safetensors) plus kfac_factors.safetensors and effective_rank.json."""

@@ -63,12 +63,14 @@ class Probe(L.LightningModule):
         self.seen["B0"] = self.layer.lora_B.weight.detach().clone()
         return (self.layer(batch["x"]) * batch["g"]).sum()  # dL/dy = g exactly
 
-    def on_before_optimizer_step(self, optimizer):  # after the callbacks' hooks: what SGD will use
+    def before_inner_step(self, *_):  # after GRIT's clip and preconditioning: what SGD will use
         self.seen["dA"] = self.layer.lora_A.weight.grad.detach().clone()
         self.seen["dB"] = self.layer.lora_B.weight.grad.detach().clone()
 
     def configure_optimizers(self):
-        return torch.optim.SGD([self.layer.lora_A.weight, self.layer.lora_B.weight], lr=LR)
+        optimizer = torch.optim.SGD([self.layer.lora_A.weight, self.layer.lora_B.weight], lr=LR)
+        optimizer.register_step_pre_hook(self.before_inner_step)
+        return optimizer
 
 
 def fixed_batch() -> dict[str, torch.Tensor]:

@@ -113,14 +113,16 @@ class DenseProbe(L.LightningModule):
         self.record["dA"] = self.layer.lora_A.weight.grad.detach().clone()
         self.record["dB"] = self.layer.lora_B.weight.grad.detach().clone()
 
-    def on_before_optimizer_step(self, optimizer):  # runs after the callbacks' hook
+    def before_inner_step(self, *_):  # GRIT's step has clipped and preconditioned: what SGD will use
         self.record["dA_pre"] = self.layer.lora_A.weight.grad.detach().clone()
         self.record["dB_pre"] = self.layer.lora_B.weight.grad.detach().clone()
         self.record["A"] = self.layer.lora_A.weight.detach().clone()
         self.record["B"] = self.layer.lora_B.weight.detach().clone()
 
     def configure_optimizers(self):
-        return torch.optim.SGD([self.layer.lora_A.weight, self.layer.lora_B.weight], lr=0.1)
+        optimizer = torch.optim.SGD([self.layer.lora_A.weight, self.layer.lora_B.weight], lr=0.1)
+        optimizer.register_step_pre_hook(self.before_inner_step)
+        return optimizer
 
 
 def dense_batch() -> dict[str, torch.Tensor]:
@@ -232,8 +234,10 @@ def test_clip_grad_norm_clips_before_preconditioning():
         def on_after_backward(self):
             self.raw = self.norm()
 
-        def on_before_optimizer_step(self, optimizer):  # runs after the callbacks' hooks
-            self.final = self.norm()
+        def configure_optimizers(self):
+            optimizer = super().configure_optimizers()
+            optimizer.register_step_pre_hook(lambda *_: setattr(self, "final", self.norm()))  # after GRIT's work
+            return optimizer
 
     off = Spy("sgd")
     trainer(1, [KFACPreconditioner(min_samples=1, update_freq=1, clip_grad_norm=1e-3, enabled=False)]).fit(off, loader(1))
@@ -247,23 +251,34 @@ def test_clip_grad_norm_clips_before_preconditioning():
         trainer(1, [KFACPreconditioner(min_samples=1)], gradient_clip_val=1.0).fit(TinyGrit("sgd"), loader(1))
 
 
-def test_gradient_clipping_sees_preconditioned_gradient():
-    """Lightning's clipping runs after the hook: with preserve_grad_norm=False the clipped norm is the limit."""
+def test_clip_stage_after_clips_the_preconditioned_gradient():
+    """``clip_stage="after"`` clips what preconditioning produced: the optimizer sees the clip norm
+    exactly; Lightning's own clipping (``gradient_clip_val``) acts on the loss gradients, before GRIT."""
 
     class Spy(TinyGrit):
         def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
-            self.seen = [p.grad.detach().clone() for p in self.parameters() if p.grad is not None]
+            self.unclipped = [p.grad.detach().clone() for p in self.parameters() if p.grad is not None]
             super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+            self.clipped = [p.grad.detach().clone() for p in self.parameters() if p.grad is not None]
 
-        def on_before_optimizer_step(self, optimizer):
-            self.before = [p.grad.detach().clone() for p in self.parameters() if p.grad is not None]
+        def configure_optimizers(self):
+            optimizer = super().configure_optimizers()
+            optimizer.register_step_pre_hook(
+                lambda *_: setattr(self, "final", [p.grad.detach().clone() for p in self.parameters() if p.grad is not None]))
+            return optimizer
+
+    def norm(grads):
+        return float(torch.sqrt(sum((g.double() ** 2).sum() for g in grads)))
 
     module = Spy("sgd")
-    cb = KFACPreconditioner(min_samples=1, update_freq=1, preserve_grad_norm=False, clip_grad_norm=None)
+    cb = KFACPreconditioner(min_samples=1, update_freq=1, clip_grad_norm=1e-3, clip_stage="after")
+    trainer(1, [cb]).fit(module, loader(1))
+    assert norm(module.final) == pytest.approx(1e-3, rel=1e-5)
+    module = Spy("sgd")
+    cb = KFACPreconditioner(min_samples=1, update_freq=1, clip_grad_norm=None)
     trainer(1, [cb], gradient_clip_val=1e-3).fit(module, loader(1))
-    assert all(torch.equal(a, b) for a, b in zip(module.seen, module.before))
-    final = torch.sqrt(sum((p.grad.float() ** 2).sum() for p in module.parameters() if p.grad is not None))
-    assert float(final) == pytest.approx(1e-3, rel=1e-3)
+    assert norm(module.unclipped) > 1e-2 and norm(module.clipped) == pytest.approx(1e-3, rel=1e-5)
+    assert abs(norm(module.final) - 1e-3) > 1e-4  # preconditioned after Lightning's clip
 
 
 # --------------------------------------------------------------------------- resume

@@ -37,9 +37,9 @@ def layer_with_stats(seed: int = 0) -> tuple[GritLoraLinear, KFAC]:
     return layer, cb
 
 
-def test_curvature_gradient_equals_autograd_of_the_penalty():
+def test_curvature_gradient_equals_autograd_of_the_penalty_energy_form():
     layer, _ = layer_with_stats()
-    reg = GeometryPenalties(curvature_weight=0.3, reprojection_weight=0.0)
+    reg = GeometryPenalties(curvature_weight=0.3, reprojection_weight=0.0, form="energy")
     reg.attach(layer)
     before = layer.lora_B.weight.grad.clone()
     a_before = layer.lora_A.weight.grad.clone()
@@ -61,7 +61,33 @@ def test_curvature_gradient_equals_autograd_of_the_penalty():
     assert "grit/reg_reprojection" not in values  # no reprojection yet: no subspaces
 
 
-def test_reprojection_gradient_pulls_towards_the_kept_subspace():
+def test_curvature_gradient_equals_autograd_of_the_penalty_reference_form():
+    """The default: the reference's tr(A^T S_a A) + tr(B S_g B^T), on both factors."""
+    layer, _ = layer_with_stats()
+    reg = GeometryPenalties(curvature_weight=0.3, reprojection_weight=0.0)
+    assert reg.form == "reference"
+    reg.attach(layer)
+    before = (layer.lora_A.weight.grad.clone(), layer.lora_B.weight.grad.clone())
+    values = reg.apply(step=0)
+    A = layer.lora_A.weight.detach().double().requires_grad_()
+    B = layer.lora_B.weight.detach().double().requires_grad_()
+    S_a, S_g = layer.stats.S_a.detach().double(), layer.stats.S_g.detach().double()
+    assert float(torch.trace(S_a)) > 0 and float(torch.trace(S_g)) > 0
+    penalty = torch.trace(A.T @ S_a @ A) + torch.trace(B @ S_g @ B.T)
+    gA, gB = torch.autograd.grad(0.3 * penalty, (A, B))
+    r = S_a.shape[0]
+    for got, prev, ref, bound in (
+        (layer.lora_A.weight.grad, before[0], gA, 0.6 * (S_a.abs() @ A.detach().abs())),
+        (layer.lora_B.weight.grad, before[1], gB, 0.6 * (B.detach().abs() @ S_g.abs())),
+    ):
+        atol = 4 * r * EPS32 * float(bound.max()) + 4 * EPS32 * float((prev.abs() + ref.abs()).max())
+        torch.testing.assert_close((got - prev).double(), ref, rtol=0.0, atol=atol)
+    n = A.numel() + B.numel()
+    assert float(values["grit/reg_curvature"]) == pytest.approx(0.3 * float(penalty.detach()), rel=4 * n * EPS32)
+
+
+@pytest.mark.parametrize("form, half", [("reference", 1.0), ("energy", 0.5)])
+def test_reprojection_gradient_pulls_towards_the_kept_subspace(form, half):
     layer, _ = layer_with_stats(1)
     reproj = Reprojection(top_k=2, min_samples=1)
     assert reproj.reproject(layer) == 1
@@ -72,7 +98,7 @@ def test_reprojection_gradient_pulls_towards_the_kept_subspace():
         layer.lora_B.weight.add_(0.1 * torch.randn_like(layer.lora_B.weight))
     layer.lora_A.weight.grad = torch.zeros_like(layer.lora_A.weight)
     layer.lora_B.weight.grad = torch.zeros_like(layer.lora_B.weight)
-    reg = GeometryPenalties(curvature_weight=0.0, reprojection_weight=2.0)
+    reg = GeometryPenalties(curvature_weight=0.0, reprojection_weight=2.0, form=form)
     reg.attach(layer)  # the subspaces are read from the layer, where the reprojection left them
     values = reg.apply(step=5)
     A = layer.lora_A.weight.detach().double().requires_grad_()
@@ -80,7 +106,7 @@ def test_reprojection_gradient_pulls_towards_the_kept_subspace():
     V_a, V_g = V_a.double(), V_g.double()  # the subspaces the penalty used (fp32 eigh), exactly
     P_a, P_g = V_a @ V_a.T, V_g @ V_g.T
     eye = torch.eye(3, dtype=torch.float64)
-    penalty = 0.5 * (((eye - P_a) @ A).pow(2).sum() + (B @ (eye - P_g)).pow(2).sum())
+    penalty = half * (((eye - P_a) @ A).pow(2).sum() + (B @ (eye - P_g)).pow(2).sum())
     gA, gB = torch.autograd.grad(2.0 * penalty, (A, B))
     # fp32 P = V V^T (inner dim k = 2), then P A (inner dim r = 3) and A - P A: bound 4 (k + r + 1) eps |P| |A|
     r = 3
@@ -138,7 +164,7 @@ def test_fit_with_regularisers_differs_from_fit_without():
 @pytest.mark.parametrize(
     "kwargs, match",
     [({"curvature_weight": -1.0}, "curvature_weight"), ({"reprojection_weight": "a"}, "reprojection_weight"),
-     ({"warmup_steps": -2}, "warmup_steps")],
+     ({"warmup_steps": -2}, "warmup_steps"), ({"form": "half"}, "form")],
 )
 def test_bad_settings_are_refused(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -175,17 +175,14 @@ def test_acts_once_per_period_under_gradient_accumulation():
             self.calls: list[int] = []
 
         def reproject(self, model, optimizers=()):
-            self.calls.append(self._trainer_step)
+            self.calls.append(self.kfac.step)  # optimizer steps done when it acts
             return super().reproject(model, optimizers)
 
-        def on_train_batch_end(self, trainer, *args):
-            self._trainer_step = trainer.global_step
-            super().on_train_batch_end(trainer, *args)
-
     cb = Counting(every_n_steps=2, top_k=3, min_samples=1)
+    cb.kfac = KFACPreconditioner(min_samples=1)
     module = TinyGrit()
     # 8 micro-batches, 2 per optimizer step -> 4 optimizer steps -> reprojection at steps 2 and 4 only
-    fit(module, [KFACPreconditioner(min_samples=1), cb], steps=4, n_batches=8, accumulate_grad_batches=2)
+    fit(module, [cb.kfac, cb], steps=4, n_batches=8, accumulate_grad_batches=2)
     assert cb.calls == [2, 4]
     assert cb.state_dict()["period"] == 2
 

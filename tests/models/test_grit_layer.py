@@ -328,5 +328,5 @@ def test_save_kfac_artifacts(tmp_path):
     assert report["layers"][name] == expected
     assert report["layers"]["model.layers.0.self_attn.q_proj"]["effective_rank"] == 3
     assert report["mean_effective_rank"] == 2.5
-    with pytest.raises(ValueError, match="KFACPreconditioner"):
+    with pytest.raises(ValueError, match="attach a fteval.grit.KFAC"):
         save_kfac_artifacts(inject_grit_layers(tiny_llama(), ["q_proj"], r=2, alpha=2, dropout=0.0), tmp_path / "n")

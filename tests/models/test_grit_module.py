@@ -54,5 +54,5 @@ def test_grit_fit_preconditions_reprojects_and_exports_a_peft_adapter(tmp_path):
 
 
 def test_grit_without_kfac_callback_is_refused(tmp_path):
-    with pytest.raises(ValueError, match="GRITModule needs callbacks.kfac.KFACPreconditioner"):
+    with pytest.raises(ValueError, match=r"GRIT needs a KFAC \(callbacks.kfac.KFACPreconditioner"):
         trainer(tmp_path, max_steps=1, limit_val_batches=0).fit(GRITModule(**KW), datamodule(tmp_path))
