@@ -37,20 +37,23 @@ VARIANTS: dict[str, tuple[str, dict[str, dict[str, Any]]]] = {
     "pairing-kfac": ("textbook K-FAC pairing", {"KFACPreconditioner": {"pairing": "kfac"}}),
     "damping-trace": ("damping 1e-2 x tr(S)/r", {"KFACPreconditioner": {"damping_mode": "trace"}}),
     "preserve-norm": ("gradient norm preserved", {"KFACPreconditioner": {"preserve_grad_norm": True}}),
-    "clip-after": ("clipping after preconditioning",
-                   {"KFACPreconditioner": {"clip_grad_norm": None}, "trainer": {"gradient_clip_val": 1.0}}),
+    "clip-after": ("clipping after preconditioning", {"KFACPreconditioner": {"clip_stage": "after"}}),
     "no-regulariser": ("geometry regulariser off",
                        {"GeometryRegulariser": {"curvature_weight": 0.0, "reprojection_weight": 0.0}}),
+    "energy-regulariser": ("regulariser in the output-energy form (B only)", {"GeometryRegulariser": {"form": "energy"}}),
+    "previous-step-inverse": ("previous step's inverse (reference timing)",
+                              {"KFACPreconditioner": {"inverse_timing": "previous_step"}}),
     "project-moments": ("Adam first moment projected", {"NeuralReprojection": {"project_moments": True}}),
     "mean-factors": ("cumulative-mean factors", {"KFACPreconditioner": {"factor_average": "mean"}}),
-    "all-tokens": ("statistics over all tokens", {"KFACPreconditioner": {"statistics_tokens": "all"}}),
+    "all-tokens": ("statistics over all non-padding tokens", {"KFACPreconditioner": {"statistics_tokens": "all"}}),
+    "every-position": ("statistics over every position, padding included",
+                       {"KFACPreconditioner": {"statistics_tokens": "every"}}),
     "dynamic-rank": ("rank by 99% energy in [4, r]", {"NeuralReprojection": {"dynamic_rank": True}}),
     "fteval-variants": ("all fteval variants: kfac, trace, norm, moments, no reg., clip after", {
         "KFACPreconditioner": {"pairing": "kfac", "damping_mode": "trace", "preserve_grad_norm": True,
-                               "clip_grad_norm": None},
+                               "clip_stage": "after"},
         "NeuralReprojection": {"project_moments": True},
-        "GeometryRegulariser": {"curvature_weight": 0.0, "reprojection_weight": 0.0},
-        "trainer": {"gradient_clip_val": 1.0}}),
+        "GeometryRegulariser": {"curvature_weight": 0.0, "reprojection_weight": 0.0}}),
     "no-kfac": ("no preconditioning (reprojection, reg. kept)", {"KFACPreconditioner": {"enabled": False}}),
     "qlora": ("plain QLoRA (configs/qlora.yaml)", {}),
 }
@@ -224,8 +227,9 @@ def bench_grit_ablation(
 
     Args:
         variants: names from VARIANTS (default all): grit, pairing-kfac, damping-trace,
-            preserve-norm, clip-after, no-regulariser, project-moments, mean-factors, all-tokens,
-            dynamic-rank, fteval-variants, no-kfac, qlora.
+            preserve-norm, clip-after, no-regulariser, energy-regulariser, previous-step-inverse,
+            project-moments, mean-factors, all-tokens, every-position, dynamic-rank, fteval-variants,
+            no-kfac, qlora.
         steps: optimizer steps per fit.
         r: LoRA rank (alpha = 2 r, as the configs' 32/16).
         target_modules: adapted projections.

@@ -64,8 +64,8 @@ def test_variant_config_applies_only_its_overrides(tmp_path):
     d, e = by_name(default), by_name(earlier)
     assert set(d) == {"GeometryRegulariser", "KFACPreconditioner", "NeuralReprojection", "GarbageCollection"}
     assert d["KFACPreconditioner"]["pairing"] == "grit" and e["KFACPreconditioner"]["pairing"] == "kfac"
-    assert e["KFACPreconditioner"]["clip_grad_norm"] is None and earlier["trainer"]["gradient_clip_val"] == 1.0
-    assert default["trainer"]["gradient_clip_val"] is None
+    assert d["KFACPreconditioner"]["clip_stage"] == "before" and e["KFACPreconditioner"]["clip_stage"] == "after"
+    assert default["trainer"]["gradient_clip_val"] is None and earlier["trainer"]["gradient_clip_val"] is None
     assert d["KFACPreconditioner"]["update_freq"] == e["KFACPreconditioner"]["update_freq"] == 5  # schedule kept
     assert default["trainer"]["max_steps"] == 20 and default["trainer"]["val_check_interval"] == 40  # 20 x 2 accum
     assert default["model"]["init_args"]["target_modules"] == ["q_proj", "v_proj"]

@@ -190,10 +190,10 @@ def test_grit_configs_use_the_constructor_defaults(path):
     config = yaml.safe_load((REPO / path).read_text())
     callbacks = {c["class_path"].rsplit(".", 1)[1]: c.get("init_args", {}) for c in config["trainer"]["callbacks"]}
     kfac, reg, reproj = KFACPreconditioner(), GeometryRegulariser(), NeuralReprojection()
-    for key in ("pairing", "damping", "damping_mode", "preserve_grad_norm", "clip_grad_norm", "ema_decay",
-                "factor_average", "statistics_tokens"):
+    for key in ("pairing", "damping", "damping_mode", "preserve_grad_norm", "clip_grad_norm", "clip_stage", "ema_decay",
+                "factor_average", "statistics_tokens", "inverse_timing"):
         assert callbacks["KFACPreconditioner"][key] == getattr(kfac, key), key
-    for key in ("curvature_weight", "reprojection_weight", "warmup_steps"):
+    for key in ("curvature_weight", "reprojection_weight", "warmup_steps", "form"):
         assert callbacks["GeometryRegulariser"][key] == getattr(reg, key), key
     for key in ("top_k", "two_sided", "dynamic_rank", "project_moments"):
         assert callbacks["NeuralReprojection"][key] == getattr(reproj, key), key
