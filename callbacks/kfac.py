@@ -6,7 +6,7 @@ and in docs/grit.md) and the whole optimizer step is :class:`fteval.grit.GRITOpt
 K-FAC, the :class:`~callbacks.regularisers.GeometryRegulariser` and the
 :class:`~callbacks.reprojection.NeuralReprojection` of the trainer. This callback only schedules
 and logs: it starts each micro-batch's statistics, tells the optimizer whether this step's
-metrics are wanted, and logs them after the step. Its state (the factors) is saved in
+metrics are wanted, and logs them right after the step. Its state (the factors) is saved in
 checkpoints as callback state.
 
 Hook placement (Lightning 2.6, lightning/pytorch/plugins/precision/precision.py and amp.py):
@@ -93,6 +93,9 @@ class KFACPreconditioner(KFAC, L.Callback):
                 f"and KFACPreconditioner clips them again to {self.clip_grad_norm}; set one of them to null "
                 "(GRIT's default: clip_grad_norm here, gradient_clip_val null)."
             )
+        # The step's metrics are logged right after GRIT's step (inside Lightning's optimizer_step), so every
+        # callback's on_train_batch_end, wherever it stands in the list, already sees this step's values.
+        self._log_handle = optimizer.register_step_post_hook(lambda opt, args, kwargs: self._log(opt, pl_module))
         self._graph_hook = None
         if getattr(pl_module, "cuda_graph_enabled", False):
             # Forward and backward run inside training_step (and a CUDA graph): the statistics are
@@ -101,6 +104,9 @@ class KFACPreconditioner(KFAC, L.Callback):
             pl_module.add_micro_batch_hook(self._graph_hook)
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        handle, self._log_handle = getattr(self, "_log_handle", None), None
+        if handle is not None:
+            handle.remove()
         hook, self._graph_hook = getattr(self, "_graph_hook", None), None
         if hook is not None and hasattr(pl_module, "remove_micro_batch_hook"):
             pl_module.remove_micro_batch_hook(hook)
@@ -128,13 +134,10 @@ class KFACPreconditioner(KFAC, L.Callback):
         if isinstance(optimizer, GRITOptimizer):
             optimizer.collect_metrics = is_logging_step(trainer)
 
-    def on_train_batch_end(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        optimizer = grit_optimizer(trainer)
-        if optimizer is None or not optimizer.metrics:
-            return  # inside an accumulation window, or nothing wanted on this step
+    def _log(self, optimizer: GRITOptimizer, pl_module: L.LightningModule) -> None:
         metrics, optimizer.metrics = optimizer.metrics, {}
+        if not metrics:
+            return  # nothing wanted on this step
         if optimizer.collect_metrics:
             metrics["grit/kfac_hook_ms"] = 1000.0 * self.capture.host_seconds
             self.capture.host_seconds = 0.0

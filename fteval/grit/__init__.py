@@ -25,9 +25,10 @@ One optimizer step, in the order the code runs it:
    onto the top-k eigenvectors of S_a and S_g.
 
 Steps 2-8 are :meth:`GRITOptimizer.step`; 3-6 are :meth:`KFAC.optimizer_step_work` (with
-``inverse_timing="previous_step"``, 6 runs before 4, as the reference). What GRIT keeps per layer lives on the layer:
-``layer.stats`` (the factors) and ``layer.subspace`` (what the last reprojection kept); the
-adapter and both are written by :mod:`~fteval.grit.export`.
+``inverse_timing="previous_step"`` 6 runs before 4, as the reference; with ``clip_stage="after"``
+3 runs after 6). What GRIT keeps per layer lives on the layer: ``layer.stats`` (the factors) and
+``layer.subspace`` (what the last reprojection kept); the adapter and both are written by
+:mod:`~fteval.grit.export`.
 """
 
 from fteval.grit.capture import StatisticsCapture, token_mask_from_batch

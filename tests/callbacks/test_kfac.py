@@ -364,3 +364,19 @@ def test_invalid_arguments(kwargs, match):
 def test_model_without_grit_layers_is_rejected():
     with pytest.raises(ValueError, match="inject_grit_layers"):
         KFACPreconditioner().attach(nn.Sequential(nn.Linear(2, 2)))
+
+
+def test_step_metrics_are_this_steps_for_callbacks_listed_before_kfac():
+    """GRIT's metrics are logged inside the optimizer step: a callback listed *before* the K-FAC callback
+    reads this step's values in its on_train_batch_end (the database logger does), not the previous step's.
+    With the reference's timing the first step preconditions nothing and the later ones do."""
+    seen = []
+
+    class Spy(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            seen.append(float(trainer.callback_metrics.get("grit/preconditioned_grads", -1)))
+
+    kfac = KFACPreconditioner(min_samples=1, update_freq=1, inverse_timing="previous_step")
+    trainer(3, [Spy(), kfac]).fit(TinyGrit("sgd"), loader(3))
+    n = 2 * len(TARGETS) * 2  # A and B of every GRIT layer (2 blocks)
+    assert seen == [0.0, float(n), float(n)]
