@@ -65,11 +65,10 @@ class GarbageCollection(L.Callback):
     """Keeps Python's garbage collector from pausing training steps.
 
     A full (generation-2) collection walks every tracked Python object; with a transformers
-    model, Lightning and their modules loaded that took ~550 ms on the 2-core development CPU,
-    about once every 20-30 steps, and the same pauses show as +500 ms outlier steps on the H200's
-    host (BENCHMARKS.md). At train start this callback runs one full collection and then
-    ``gc.freeze()``: everything alive (the model, its modules, the libraries) moves to the
-    permanent generation, which later collections skip (a full collection then took ~4 ms).
+    model, Lightning and their modules loaded it pauses a step every few dozen steps, on the CPU
+    and on a GPU host alike (BENCHMARKS.md has the measured pauses). At train start this callback
+    runs one full collection and then ``gc.freeze()``: everything alive (the model, its modules,
+    the libraries) moves to the permanent generation, which later collections skip.
     Objects are still freed by reference counting as usual; only cycles among the frozen objects
     are never collected, and those live for the whole run anyway.
 

@@ -11,10 +11,9 @@ one batched Gram matmul per group of same-shaped tensors. The gradient reaching 
 ``scaling * v * loss_scale`` (v = B^T dL/dy), so its Gram matrix is divided by
 ``(scaling * loss_scale)^2``.
 
-At Llama-3-8B scale a per-layer form launched ~4 small kernels per layer and side per micro-batch
-(224 layers); at launch-bound shapes (batch 1, checkpointing) that dominated GRIT's overhead.
-Recording costs 24-31 us per layer and micro-batch with ``retain_grad`` against ~57-65 us with a
-Python tensor hook (CPU, forward and backward of 32 GRIT layers; BENCHMARKS.md).
+Batching matters at launch-bound shapes (batch 1, checkpointing), where a per-layer form's few small
+kernels per layer and side would dominate GRIT's overhead; ``retain_grad`` (a hook that runs in C++)
+records for about half the host time of a Python tensor hook (BENCHMARKS.md, "GRIT host-side costs").
 """
 
 from __future__ import annotations

@@ -49,9 +49,8 @@ class GritLoraLinear(nn.Module):
     Shapes: x ``[..., in_features]`` -> ``[..., out_features]``; ``lora_A.weight`` ``[r, in]``,
     ``lora_B.weight`` ``[out, r]``. The adapter weights are stored in ``adapter_dtype`` (fp32
     by default). Without autocast the branch computes in that dtype; under AMP it computes
-    in the autocast dtype like peft's LoRA layer (an fp32 branch kept an fp32 copy of every
-    adapted layer's input and cost GRIT 30-37% step time against QLoRA on an H200 at
-    Llama-3-8B shape). The statistics accumulate u = A x in fp32 either way; the sum is
+    in the autocast dtype like peft's LoRA layer (an fp32 branch would keep an fp32 copy of every
+    adapted layer's input; BENCHMARKS.md has what that cost). The statistics accumulate u = A x in fp32 either way; the sum is
     cast back to the base output's dtype.
 
     ``adapter_enabled = False`` makes the layer exactly its base layer (the paired
@@ -188,8 +187,8 @@ def _record(layer: GritLoraLinear, u: torch.Tensor, lead: tuple) -> None:
 # attention mask or input_ids in the batch):
 #
 # A compiled graph cannot hold the capture's Python (it keeps u and asks autograd for its gradient).
-# Leaving the graph at every adapted layer (torch.compiler.disable) cut a block into 8 graphs and made
-# GRIT 2.9x slower than eager on the CPU stand-in. Instead the forward passes u through ``_GritTap``,
+# Leaving the graph at every adapted layer (torch.compiler.disable) would cut a block into 8 graphs
+# (slower than eager; BENCHMARKS.md). Instead the forward passes u through ``_GritTap``,
 # an autograd Function the compiler traces (identity; it saves u), and its backward calls one opaque
 # op, ``fteval::grit_record(u, du, lora_A)``, which hands both u and du to the capture: one Python
 # call per layer per backward, none in forward, so gradient checkpointing's recompute records
