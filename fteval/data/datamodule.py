@@ -29,7 +29,7 @@ from fteval.data.resumable import ResumableDataLoader
 from fteval.data.formatting import (
     Template,
     flatten_batch,
-    format_prompt,
+    fit_prompt,
     generation_suffix_tokens,
     pad_batch,
     tokenize_example,
@@ -47,6 +47,10 @@ TRAIN_PRESETS = {
     "instruction": ("Prompt", "Instruction generated"),
     "accepted": ("Prompt", "Accepted Response"),
 }
+
+# Training rows dropped because their prompt alone exceeds max_length: above this share of the
+# rows a warning names the count and the option (every count is in data_statistics.json).
+DROP_WARNING_SHARE = 0.05
 
 
 class AlignmentDataModule(L.LightningDataModule):
@@ -72,7 +76,11 @@ class AlignmentDataModule(L.LightningDataModule):
         unsafe_values: label values meaning unsafe.
         n_per_class: evaluation prompts per class (the smaller class caps it to stay balanced).
         seed: seed of the train/validation split and the evaluation sample.
-        max_length: maximum tokens per training example (responses are truncated to fit).
+        max_length: maximum tokens per training example (responses are truncated to fit; an example
+            whose prompt alone does not fit is dropped, with a warning when that is more than
+            ``DROP_WARNING_SHARE`` of the rows) and per evaluation prompt (a longer prompt keeps the
+            first tokens of the user's message and its whole chat template:
+            :func:`fteval.data.formatting.fit_prompt`; the tokenizer's ``model_max_length`` caps it too).
         batch_size: training and validation batch size per device.
         padding_free: concatenate each training/validation batch into one row without padding
             (``position_ids`` restart per sequence; transformers keeps the sequences apart in
@@ -140,7 +148,7 @@ class AlignmentDataModule(L.LightningDataModule):
         self.tokenizer = None
         self.train_set: list[dict] = []
         self.val_set: list[dict] = []
-        self.eval_records: list[dict] = []  # {"prompt", "text", "label", "axiom", "index"}
+        self.eval_records: list[dict] = []  # {"prompt", "message" (as kept), "text", "label", "axiom", "index", ...}
         self.eval_set: list[dict] = []
         self.statistics: dict = {}
         self.provenance: list[dict] = []  # one entry per processed split (see _add_provenance)
@@ -228,6 +236,10 @@ class AlignmentDataModule(L.LightningDataModule):
                 f"{name}: no example fits max_length={hp.max_length} in the "
                 f"{'training' if not self.train_set else 'validation'} split; raise max_length"
             )
+        encoded = len(train_rows) + len(val_rows)
+        if too_long > DROP_WARNING_SHARE * encoded:
+            log.warning("%s: %d of %d training rows dropped: their prompt alone is longer than max_length=%d tokens; "
+                        "raise --data.max_length to keep them", name, too_long, encoded, hp.max_length)
         prompt_lens = [sum(1 for t in ex["labels"] if t == -100) for ex in self.train_set]
         resp_lens = [len(ex["labels"]) - p for ex, p in zip(self.train_set, prompt_lens)]
         self.statistics["training"] = {
@@ -295,14 +307,20 @@ class AlignmentDataModule(L.LightningDataModule):
             suffix = generation_suffix_tokens(tok, hp.template, hp.system_prompt)
         except ValueError:
             suffix = 0  # no post-instruction tokens in this format; token selection 'prompt' still works
+        limit = self.eval_token_limit()
         self.eval_records, self.eval_set = [], []
+        truncated = 0
         for j, i in enumerate(idx):
-            text = format_prompt(tok, texts[i], hp.template, hp.system_prompt)
-            rec = {"index": j, "prompt": texts[i], "text": text, "label": labels[i], "axiom": axioms[i],
-                   SOURCE_ROW: rows[i][SOURCE_ROW]}
+            message, text, ids, cut = fit_prompt(tok, texts[i], limit, hp.template, hp.system_prompt)
+            truncated += cut
+            rec = {"index": j, "prompt": texts[i], "message": message, "text": text, "label": labels[i], "axiom": axioms[i],
+                   SOURCE_ROW: rows[i][SOURCE_ROW], "truncated": cut}
             self.eval_records.append(rec)
-            ids = tok(text, add_special_tokens=False)["input_ids"]
             self.eval_set.append({"input_ids": ids, "safety_label": labels[i], "index": j, "suffix_tokens": suffix})
+        if truncated:
+            log.warning("%s: %d of %d evaluation prompts are longer than %d tokens and were cut to their first tokens "
+                        "(the chat template kept whole); raise --data.max_length to keep more of them",
+                        name, truncated, len(idx), limit)
         sel_labels = [labels[i] for i in idx]
         self.statistics["evaluation"] = {
             "source": name,
@@ -317,6 +335,8 @@ class AlignmentDataModule(L.LightningDataModule):
                 for ax in sorted({axioms[i] for i in idx})
             },
             "prompt_tokens": length_stats([len(e["input_ids"]) for e in self.eval_set]),
+            "token_limit": limit,
+            "truncated_prompts": truncated,
             "keyword_categoriser": keyword_agreement([texts[i] for i in idx], sel_labels),
         }
         processed = [{"index": r["index"], SOURCE_ROW: r[SOURCE_ROW], "prompt": r["prompt"], "label": r["label"],
@@ -324,6 +344,15 @@ class AlignmentDataModule(L.LightningDataModule):
         self._add_provenance("accd", "evaluation", hp.eval_source, processed,
                              {"rows_read": self.statistics["evaluation"]["rows_read"], **dup, "sampled_per_class": n,
                               "sample_seed": hp.seed, "source_split": hp.eval_split})
+
+    def eval_token_limit(self) -> int:
+        """Tokens an evaluation prompt may take: ``max_length``, capped by the tokenizer's ``model_max_length``
+        (transformers sets that to a huge sentinel when a model states no limit)."""
+        model_limit = getattr(self._tokenizer(), "model_max_length", None)
+        limit = self.hparams.max_length
+        if isinstance(model_limit, int) and 8 <= model_limit < limit:
+            limit = model_limit
+        return limit
 
     # ------------------------------------------------------------ provenance
     def _add_provenance(self, kind: str, split: str, source: str, processed: list[dict], details: dict) -> None:

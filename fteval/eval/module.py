@@ -240,7 +240,7 @@ class AQIEvaluator(L.LightningModule):
         idx = [int(i) for i in batch["index"] if int(i) in self._behaviour_indices]
         if not idx:
             return
-        prompts = [records[i]["prompt"] for i in idx]
+        prompts = [records[i].get("message", records[i]["prompt"]) for i in idx]  # as cut to the token limit
         criteria = list(self._judge.criteria) if self._judge is not None else []
         for v, name in enumerate(self.variants):
             results = self._backend.batch_generate(prompts, model=name)
