@@ -94,6 +94,9 @@ class ExperimentDBLogger(L.Callback):
         self._t_batch = 0.0
         self._t_fit = 0.0
         self._lrs: dict[str, float] = {}
+        # The resolved command-line config of this run, handed over by fteval's CLI before the run starts
+        # (else read from the log folder's config.yaml).
+        self.run_config: Optional[dict[str, Any]] = None
 
     # -- state -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -121,12 +124,14 @@ class ExperimentDBLogger(L.Callback):
     def _method(pl_module: L.LightningModule) -> str:
         return str(getattr(pl_module, "method_name", None) or type(pl_module).__name__)
 
-    @staticmethod
-    def _config(trainer: L.Trainer, pl_module: L.LightningModule, log_dir: Optional[str]) -> dict[str, Any]:
-        """hparams, the LightningCLI config saved in the log dir, and the trainer's runtime settings."""
+    def _config(self, trainer: L.Trainer, pl_module: L.LightningModule, log_dir: Optional[str]) -> dict[str, Any]:
+        """hparams, the run's LightningCLI config (:attr:`run_config`, else the one saved in the log dir), and
+        the trainer's runtime settings."""
         config: dict[str, Any] = {"hparams": dict(pl_module.hparams)}
         cli_file = Path(log_dir) / "config.yaml" if log_dir else None
-        if cli_file is not None and cli_file.is_file():
+        if self.run_config is not None:
+            config["cli"] = self.run_config
+        elif cli_file is not None and cli_file.is_file():
             import yaml
 
             text = cli_file.read_text(encoding="utf-8")
