@@ -93,9 +93,26 @@ def resolve_config_args(argv: list[str], cwd: Path | None = None) -> list[str]:
     return out
 
 
-def _one_line(message: str, command: str) -> str:
-    """A parser's (multi-line) message as one line, with where to look for the accepted options."""
+def _config_files(argv: list[str]) -> list[str]:
+    """The files given with ``--config`` (in order)."""
+    files = []
+    for i, arg in enumerate(argv):
+        if arg == "--config" and i + 1 < len(argv):
+            files.append(argv[i + 1])
+        elif arg.startswith("--config="):
+            files.append(arg.split("=", 1)[1])
+    return files
+
+
+def _one_line(message: str, command: str, argv: list[str] = ()) -> str:
+    """A parser's (multi-line) message as one line, with where to look for the accepted options.
+
+    The YAML reader names the text it parsed ``"<unicode string>"``; the config file is named instead
+    (the files when several were given).
+    """
     text = " ".join(part.strip() for part in str(message).splitlines() if part.strip())
+    if '"<unicode string>"' in text and (files := _config_files(list(argv))):
+        text = text.replace('"<unicode string>"', " or ".join(files))
     if len(text) > 600:
         text = text[:600] + " ..."
     return f"{text} (accepted options: python -m fteval {command} --help)"
@@ -147,7 +164,7 @@ def main(argv: list[str] | None = None) -> None:
     except argparse.ArgumentError as exc:
         if os.environ.get("FTEVAL_TRACEBACK"):
             raise
-        print(f"fteval: error: {_one_line(exc.message if hasattr(exc, 'message') else exc, command)}", file=sys.stderr)
+        print(f"fteval: error: {_one_line(exc.message if hasattr(exc, 'message') else exc, command, argv)}", file=sys.stderr)
         sys.exit(2)
     except _user_errors() as exc:
         if os.environ.get("FTEVAL_TRACEBACK"):
