@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -141,12 +142,18 @@ def main(argv: list[str] | None = None) -> None:
     command = " ".join(a for a in argv[:2] if not a.startswith("-")) or "COMMAND"
     try:
         if argv and argv[0] in TRAINER_COMMANDS:
+            from lightning.pytorch.utilities.exceptions import SIGTERMException
+
             from fteval.cli import FTEvalCLI
 
             argv = resolve_config_args(argv)
             if from_sys:  # LightningCLI reads sys.argv itself (and warns when given both)
                 sys.argv[1:] = argv
-            FTEvalCLI(args=None if from_sys else argv)
+            try:
+                FTEvalCLI(args=None if from_sys else argv)
+            except SIGTERMException:  # Lightning stops at the next batch and exits with no status of its own
+                print("fteval: stopped by SIGTERM; the run is recorded as interrupted", file=sys.stderr)
+                sys.exit(128 + signal.SIGTERM)
             return
         if not argv or argv[0] in ("-h", "--help"):
             print(_overview())
