@@ -32,6 +32,7 @@ from fteval.data.formatting import (
     fit_prompt,
     generation_suffix_tokens,
     pad_batch,
+    prompt_token_limit,
     tokenize_example,
 )
 from fteval.data.safety import keyword_agreement
@@ -76,11 +77,9 @@ class AlignmentDataModule(L.LightningDataModule):
         unsafe_values: label values meaning unsafe.
         n_per_class: evaluation prompts per class (the smaller class caps it to stay balanced).
         seed: seed of the train/validation split and the evaluation sample.
-        max_length: maximum tokens per training example (responses are truncated to fit; an example
-            whose prompt alone does not fit is dropped, with a warning when that is more than
-            ``DROP_WARNING_SHARE`` of the rows) and per evaluation prompt (a longer prompt keeps the
-            first tokens of the user's message and its whole chat template:
-            :func:`fteval.data.formatting.fit_prompt`; the tokenizer's ``model_max_length`` caps it too).
+        max_length: maximum tokens per training example (responses are truncated to fit; a prompt that
+            alone does not fit drops its row) and per evaluation prompt (cut by the rule of
+            :func:`fteval.data.formatting.fit_prompt`; the tokenizer's ``model_max_length`` caps it).
         batch_size: training and validation batch size per device.
         padding_free: concatenate each training/validation batch into one row without padding
             (``position_ids`` restart per sequence; transformers keeps the sequences apart in
@@ -307,7 +306,7 @@ class AlignmentDataModule(L.LightningDataModule):
             suffix = generation_suffix_tokens(tok, hp.template, hp.system_prompt)
         except ValueError:
             suffix = 0  # no post-instruction tokens in this format; token selection 'prompt' still works
-        limit = self.eval_token_limit()
+        limit = prompt_token_limit(tok, hp.max_length)
         self.eval_records, self.eval_set = [], []
         truncated = 0
         for j, i in enumerate(idx):
@@ -344,15 +343,6 @@ class AlignmentDataModule(L.LightningDataModule):
         self._add_provenance("accd", "evaluation", hp.eval_source, processed,
                              {"rows_read": self.statistics["evaluation"]["rows_read"], **dup, "sampled_per_class": n,
                               "sample_seed": hp.seed, "source_split": hp.eval_split})
-
-    def eval_token_limit(self) -> int:
-        """Tokens an evaluation prompt may take: ``max_length``, capped by the tokenizer's ``model_max_length``
-        (transformers sets that to a huge sentinel when a model states no limit)."""
-        model_limit = getattr(self._tokenizer(), "model_max_length", None)
-        limit = self.hparams.max_length
-        if isinstance(model_limit, int) and 8 <= model_limit < limit:
-            limit = model_limit
-        return limit
 
     # ------------------------------------------------------------ provenance
     def _add_provenance(self, kind: str, split: str, source: str, processed: list[dict], details: dict) -> None:

@@ -68,6 +68,13 @@ def generation_suffix_tokens(tokenizer, template: Template = "auto", system_prom
     return n
 
 
+def prompt_token_limit(tokenizer, max_length: int) -> int:
+    """Tokens an evaluation prompt may take: ``max_length``, capped by the tokenizer's ``model_max_length``
+    (transformers sets that to a huge sentinel when a model states no limit)."""
+    model_limit = getattr(tokenizer, "model_max_length", None)
+    return model_limit if isinstance(model_limit, int) and 8 <= model_limit < max_length else max_length
+
+
 def fit_prompt(
     tokenizer, prompt: str, limit: int, template: Template = "auto", system_prompt: Optional[str] = None
 ) -> tuple[str, str, list[int], bool]:

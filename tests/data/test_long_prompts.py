@@ -62,3 +62,13 @@ def test_dropped_training_rows_warn_with_count_and_option(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         quiet.setup("fit")
     assert not any("dropped" in m for m in caplog.messages)
+
+
+def test_token_limit_is_capped_by_the_model():
+    from types import SimpleNamespace
+
+    from fteval.data.formatting import prompt_token_limit
+
+    assert prompt_token_limit(SimpleNamespace(model_max_length=40), 128) == 40
+    assert prompt_token_limit(SimpleNamespace(model_max_length=int(1e30)), 128) == 128  # transformers' "no limit"
+    assert prompt_token_limit(SimpleNamespace(), 128) == 128
