@@ -165,8 +165,8 @@ def _check_hub_reachable(repo_id: str) -> None:
         return
     if constants.HF_HUB_OFFLINE:
         raise ModelLoadError(
-            f"model '{repo_id}' is not a local folder nor in the local Hugging Face cache, and HF_HUB_OFFLINE is "
-            "set; download it once with network, pass a local folder, or use 'embedded'"
+            f"could not load model '{repo_id}': it is not a local folder nor in the local Hugging Face cache, and "
+            "HF_HUB_OFFLINE is set. Fix: download it once with network, pass a local folder, or use 'embedded'."
         )
     if urllib.request.getproxies():
         return
@@ -175,9 +175,9 @@ def _check_hub_reachable(repo_id: str) -> None:
         socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=5).close()
     except OSError as exc:
         raise ModelLoadError(
-            f"model '{repo_id}' is not a local folder nor in the local Hugging Face cache, and the hub "
-            f"({constants.ENDPOINT}) cannot be reached ({exc}); check the id and the network, pass a local "
-            "folder, or use 'embedded'"
+            f"could not load model '{repo_id}': it is not a local folder nor in the local Hugging Face cache, and "
+            f"the hub ({constants.ENDPOINT}) cannot be reached ({exc}). Fix: check the id and the network, pass a "
+            "local folder, or use 'embedded'."
         ) from None
 
 
