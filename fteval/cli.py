@@ -155,11 +155,17 @@ class FTEvalCLI(LightningCLI):
         return folders
 
     def _bytes_needed(self) -> int:
-        """What a fit writes beyond logs: the exported adapter and one checkpoint holding the adapter and
-        Adam's two moments (4 x the fp32 adapter); 0 when the model's config cannot be read without loading
-        it (a hub id not in the local cache) or the run trains no adapter."""
+        """What the run writes beyond logs, from the model's ``config.json`` (no weights are read).
+
+        fit: the exported adapter and one checkpoint holding the adapter and Adam's two moments, 4 x the
+        fp32 adapter. test: ``embeddings.safetensors``, fp32 ``[prompts, layers + 1, hidden]`` plus the
+        pooled ``[prompts, hidden]`` per model (baseline and each adapter). 0 when the config cannot be
+        read without loading the model (a hub id not in the local cache) or the run writes neither.
+        """
         hp = getattr(self.model, "hparams", {})
-        if self.subcommand != "fit" or "r" not in hp or "target_modules" not in hp:
+        fit = self.subcommand == "fit" and "r" in hp and "target_modules" in hp
+        test = self.subcommand == "test" and hp.get("save_embeddings") and self.datamodule is not None
+        if not (fit or test):
             return 0
         from transformers import AutoConfig
 
@@ -168,7 +174,11 @@ class FTEvalCLI(LightningCLI):
         source = resolve_model_path(hp["model_name_or_path"], Path(hp["cache_dir"]) if hp.get("cache_dir") else None)
         try:
             config = AutoConfig.from_pretrained(source, local_files_only=True)
-            return 4 * adapter_bytes_estimate(config, hp["r"], hp["target_modules"])
+            if fit:
+                return 4 * adapter_bytes_estimate(config, hp["r"], hp["target_modules"])
+            prompts = 2 * int(self.datamodule.hparams.n_per_class)
+            models = 1 + len(hp.get("adapters") or {})
+            return 4 * prompts * (int(config.num_hidden_layers) + 2) * int(config.hidden_size) * models
         except (OSError, ValueError, AttributeError, TypeError):
             return 0
 

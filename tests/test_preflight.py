@@ -43,7 +43,11 @@ def test_full_disk_is_refused_before_a_fit_with_the_estimate(tmp_path, capsys, m
     monkeypatch.setattr("fteval.preflight.shutil.disk_usage", lambda p: Usage(10 << 30, 10 << 30, 5 << 20))
     err = _run(["fit", "--config", "fit.yaml", "--model.init_args.export_dir", "out/adapter"], capsys)
     assert "only 5 MiB free" in err and "needs about 65 MiB" in err  # margin + 4 x the r=2 q_proj adapter
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["fit.yaml"]
+    (tmp_path / "test.yaml").write_text(yaml.safe_dump(TEST))
+    err = _run(["test", "--config", "test.yaml", "--model.init_args.save_embeddings", "true", "--data.n_per_class", "100"],
+               capsys)
+    assert "needs about 78 MiB" in err  # margin + 200 prompts x 32 x 576 fp32 (every layer and the pooled vector)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fit.yaml", "test.yaml"]
 
 
 def test_adapter_estimate_matches_the_module_shapes():
