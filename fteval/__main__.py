@@ -168,6 +168,12 @@ def main(argv: list[str] | None = None) -> None:
         result = CLI(commands, args=argv, as_positional=True, exit_on_error=False)  # required arguments are positional
         if isinstance(result, int) and result != 0:
             sys.exit(result)
+    except KeyboardInterrupt:  # Ctrl-C in a tool command (the Trainer commands record the run as interrupted)
+        if os.environ.get("FTEVAL_TRACEBACK"):
+            raise
+        print("fteval: interrupted (Ctrl-C); files are written whole or not at all, so nothing is half-written",
+              file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)
     except argparse.ArgumentError as exc:
         if os.environ.get("FTEVAL_TRACEBACK"):
             raise

@@ -114,3 +114,18 @@ def test_classify_refusals_reads_csv_cells_over_131072_characters(tmp_path, caps
         rows = list(csv_reader(fh))
     assert [len(r["completion"]) for r in rows] == [len(long_answer), 17]
     assert [r["refusal_label"] for r in rows] == ["full_refusal", "compliance"]
+
+
+def test_ctrl_c_in_a_tool_command_is_one_line(monkeypatch, capsys):
+    from fteval import __main__ as cli
+
+    def env(check: str = "") -> int:
+        """Stands in for a command interrupted by Ctrl-C."""
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_commands", lambda: {"env": env})
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["env"])
+    assert exit_.value.code == 130
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("fteval: interrupted (Ctrl-C)") and "Traceback" not in err and len(err.splitlines()) == 1
