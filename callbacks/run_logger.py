@@ -11,8 +11,12 @@ What it writes (rank zero only; other ranks never open the database):
   with ``val``/``test``/``predict`` and not ending in ``_epoch``; like Lightning's own
   loggers, a metric logged every k steps keeps its last value in between), ``lr`` (the
   rate the step used; one per param group: ``lr/pg<i>``), ``epoch``, ``time/step_s`` (wall seconds of the step's
-  batches) and, on CUDA, ``memory/peak_alloc_gib``. Micro-batches of one optimizer step
-  (gradient accumulation) are averaged;
+  batches) and, on CUDA, ``memory/peak_alloc_gib``. Under gradient accumulation the
+  ``training_step`` outputs are averaged over the step's micro-batches, and the
+  ``callback_metrics`` are read once, at the micro-batch the optimizer stepped on: the
+  values Lightning's loggers (TensorBoard) write for that step. Read at every micro-batch,
+  a metric logged around the optimizer step (``train/grad_norm``) would mix in the previous
+  step's value;
 * validation scalars (names starting with ``val``) at each validation end, at the current
   global step, and ``time/fit_s`` at the end of training;
 * artifacts at the end of fit: the ModelCheckpoint files (best and last) and every path in
@@ -94,6 +98,9 @@ class ExperimentDBLogger(L.Callback):
         self._t_batch = 0.0
         self._t_fit = 0.0
         self._lrs: dict[str, float] = {}
+        # The resolved command-line config of this run, handed over by fteval's CLI before the run starts
+        # (else read from the log folder's config.yaml).
+        self.run_config: Optional[dict[str, Any]] = None
 
     # -- state -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -121,12 +128,14 @@ class ExperimentDBLogger(L.Callback):
     def _method(pl_module: L.LightningModule) -> str:
         return str(getattr(pl_module, "method_name", None) or type(pl_module).__name__)
 
-    @staticmethod
-    def _config(trainer: L.Trainer, pl_module: L.LightningModule, log_dir: Optional[str]) -> dict[str, Any]:
-        """hparams, the LightningCLI config saved in the log dir, and the trainer's runtime settings."""
+    def _config(self, trainer: L.Trainer, pl_module: L.LightningModule, log_dir: Optional[str]) -> dict[str, Any]:
+        """hparams, the run's LightningCLI config (:attr:`run_config`, else the one saved in the log dir), and
+        the trainer's runtime settings."""
         config: dict[str, Any] = {"hparams": dict(pl_module.hparams)}
         cli_file = Path(log_dir) / "config.yaml" if log_dir else None
-        if cli_file is not None and cli_file.is_file():
+        if self.run_config is not None:
+            config["cli"] = self.run_config
+        elif cli_file is not None and cli_file.is_file():
             import yaml
 
             text = cli_file.read_text(encoding="utf-8")
@@ -216,7 +225,9 @@ class ExperimentDBLogger(L.Callback):
         self._ready = []
 
     @staticmethod
-    def _train_scalars(trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any) -> dict[str, float]:
+    def _train_scalars(trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
+                       logged: bool = True) -> dict[str, float]:
+        """The batch's scalars: ``training_step`` outputs, and with ``logged`` the ``callback_metrics``."""
         values: dict[str, float] = {}
         if isinstance(outputs, Mapping):
             for key, value in outputs.items():
@@ -227,6 +238,8 @@ class ExperimentDBLogger(L.Callback):
         if "loss" in values and pl_module.automatic_optimization:
             # Lightning hands on_train_batch_end the loss already divided by accumulate_grad_batches
             values["loss"] *= trainer.accumulate_grad_batches
+        if not logged:
+            return values
         metrics = trainer.callback_metrics
         for name, value in metrics.items():
             if name.startswith(_EVAL_PREFIXES) or name.endswith("_epoch"):
@@ -260,7 +273,8 @@ class ExperimentDBLogger(L.Callback):
     ) -> None:
         if not trainer.is_global_zero or self.experiment_id is None or self._step is None:
             return
-        values = self._train_scalars(trainer, pl_module, outputs)
+        stepped = trainer.global_step >= self._step  # the optimizer stepped on this micro-batch
+        values = self._train_scalars(trainer, pl_module, outputs, logged=stepped)
         values["time/step_s"] = time.perf_counter() - self._t_batch
         values["epoch"] = float(trainer.current_epoch)
         values.update(self._lrs)
@@ -268,7 +282,7 @@ class ExperimentDBLogger(L.Callback):
             values["memory/peak_alloc_gib"] = torch.cuda.max_memory_allocated(pl_module.device) / 1024**3
         self._add(self._step, {k: v for k, v in values.items() if not math.isnan(v)})
         # this step is complete once the optimizer stepped (global_step caught up); earlier ones always are
-        self._complete(before=self._step + 1 if trainer.global_step >= self._step else self._step)
+        self._complete(before=self._step + 1 if stepped else self._step)
         if len({s for s, _, _ in self._ready}) >= self.log_every_n_steps:
             self._flush()
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -93,9 +94,26 @@ def resolve_config_args(argv: list[str], cwd: Path | None = None) -> list[str]:
     return out
 
 
-def _one_line(message: str, command: str) -> str:
-    """A parser's (multi-line) message as one line, with where to look for the accepted options."""
+def _config_files(argv: list[str]) -> list[str]:
+    """The files given with ``--config`` (in order)."""
+    files = []
+    for i, arg in enumerate(argv):
+        if arg == "--config" and i + 1 < len(argv):
+            files.append(argv[i + 1])
+        elif arg.startswith("--config="):
+            files.append(arg.split("=", 1)[1])
+    return files
+
+
+def _one_line(message: str, command: str, argv: list[str] = ()) -> str:
+    """A parser's (multi-line) message as one line, with where to look for the accepted options.
+
+    The YAML reader names the text it parsed ``"<unicode string>"``; the config file is named instead
+    (the files when several were given).
+    """
     text = " ".join(part.strip() for part in str(message).splitlines() if part.strip())
+    if '"<unicode string>"' in text and (files := _config_files(list(argv))):
+        text = text.replace('"<unicode string>"', " or ".join(files))
     if len(text) > 600:
         text = text[:600] + " ..."
     return f"{text} (accepted options: python -m fteval {command} --help)"
@@ -124,12 +142,18 @@ def main(argv: list[str] | None = None) -> None:
     command = " ".join(a for a in argv[:2] if not a.startswith("-")) or "COMMAND"
     try:
         if argv and argv[0] in TRAINER_COMMANDS:
+            from lightning.pytorch.utilities.exceptions import SIGTERMException
+
             from fteval.cli import FTEvalCLI
 
             argv = resolve_config_args(argv)
             if from_sys:  # LightningCLI reads sys.argv itself (and warns when given both)
                 sys.argv[1:] = argv
-            FTEvalCLI(args=None if from_sys else argv)
+            try:
+                FTEvalCLI(args=None if from_sys else argv)
+            except SIGTERMException:  # Lightning stops at the next batch and exits with no status of its own
+                print("fteval: stopped by SIGTERM; the run is recorded as interrupted", file=sys.stderr)
+                sys.exit(128 + signal.SIGTERM)
             return
         if not argv or argv[0] in ("-h", "--help"):
             print(_overview())
@@ -144,10 +168,16 @@ def main(argv: list[str] | None = None) -> None:
         result = CLI(commands, args=argv, as_positional=True, exit_on_error=False)  # required arguments are positional
         if isinstance(result, int) and result != 0:
             sys.exit(result)
+    except KeyboardInterrupt:  # Ctrl-C in a tool command (the Trainer commands record the run as interrupted)
+        if os.environ.get("FTEVAL_TRACEBACK"):
+            raise
+        print("fteval: interrupted (Ctrl-C); files are written whole or not at all, so nothing is half-written",
+              file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)
     except argparse.ArgumentError as exc:
         if os.environ.get("FTEVAL_TRACEBACK"):
             raise
-        print(f"fteval: error: {_one_line(exc.message if hasattr(exc, 'message') else exc, command)}", file=sys.stderr)
+        print(f"fteval: error: {_one_line(exc.message if hasattr(exc, 'message') else exc, command, argv)}", file=sys.stderr)
         sys.exit(2)
     except _user_errors() as exc:
         if os.environ.get("FTEVAL_TRACEBACK"):

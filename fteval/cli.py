@@ -17,12 +17,39 @@ from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback, ProgressBar
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from callbacks.progress import default_progress_bar
 
 from fteval.data import AlignmentDataModule
-from fteval.io import check_checkpoint_file
+from fteval.db.values import redact_secrets
+from fteval.io import check_checkpoint_file, write_text_atomic
+from fteval.preflight import FolderLock, adapter_bytes_estimate, check_output_folders, claim_version_dir
+
+
+def _redacted_yaml(text: str) -> str:
+    """A YAML config with every credential (``api_key``, ``token``, ...) replaced by ``<redacted>``."""
+    import yaml
+
+    return yaml.safe_dump(redact_secrets(yaml.safe_load(text)), sort_keys=False, allow_unicode=True)
+
+
+class RedactedConfigCallback(SaveConfigCallback):
+    """Lightning's ``config.yaml`` in the run's log folder, with credentials redacted (written atomically).
+
+    A judge's key is best given by environment variable (``OPENAI_API_KEY``); one written in the
+    config still never reaches a file.
+    """
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self.already_saved:
+            return
+        log_dir = trainer.log_dir  # a collective call: every rank makes it
+        if trainer.is_global_zero and self.save_to_log_dir and log_dir is not None:
+            text = self.parser.dump(self.config, skip_none=False)
+            write_text_atomic(Path(log_dir) / self.config_filename, _redacted_yaml(text))
+            self.save_config(trainer, pl_module, stage)
+        self.already_saved = trainer.strategy.broadcast(True)
 
 
 class FTEvalCLI(LightningCLI):
@@ -39,6 +66,7 @@ class FTEvalCLI(LightningCLI):
             subclass_mode_model=True,
             subclass_mode_data=False,
             auto_configure_optimizers=False,
+            save_config_callback=RedactedConfigCallback,
             save_config_kwargs={"overwrite": True},
             parser_kwargs={"default_env": False, "exit_on_error": False},  # parse errors: one line from __main__
             args=args,
@@ -89,11 +117,98 @@ class FTEvalCLI(LightningCLI):
             args.version = run_dir.name
 
     def _run_subcommand(self, subcommand: str) -> None:
+        locks: list[FolderLock] = []
         try:
+            self._preflight(subcommand, locks)
             super()._run_subcommand(subcommand)
         except BaseException:
             self._remove_empty_log_dir()
             raise
+        finally:
+            for lock in locks:
+                lock.release()
+
+    def _output_folders(self) -> list[tuple[Path, str, bool]]:
+        """``(folder, setting, lock it)`` for every folder this run writes into."""
+        from callbacks.run_logger import ExperimentDBLogger
+
+        trainer, hp = self.trainer, getattr(self.model, "hparams", {})
+        folders: list[tuple[Path, str, bool]] = []
+        if hp.get("export_dir"):
+            folders.append((Path(hp["export_dir"]), "--model.init_args.export_dir", True))
+        if self.subcommand == "test" and hp.get("results_dir"):
+            folders.append((Path(hp["results_dir"]), "--model.init_args.results_dir", True))
+        if self.datamodule is not None:
+            folders.append((Path(self.datamodule.hparams.output_dir), "--data.output_dir", False))
+        for logger in trainer.loggers:
+            root = getattr(logger, "root_dir", None) or getattr(logger, "save_dir", None)
+            if root:
+                folders.append((Path(root), "the logger's save_dir (--trainer.logger.init_args.save_dir)", False))
+        if not trainer.loggers:
+            folders.append((Path(trainer.default_root_dir), "--trainer.default_root_dir", False))
+        for cb in trainer.checkpoint_callbacks:
+            if getattr(cb, "dirpath", None):
+                folders.append((Path(cb.dirpath), "the ModelCheckpoint dirpath", False))
+        for cb in trainer.callbacks:
+            if isinstance(cb, ExperimentDBLogger):
+                folders.append((cb.db_path.parent, "the ExperimentDBLogger db_path", False))
+        return folders
+
+    def _bytes_needed(self) -> int:
+        """What the run writes beyond logs, from the model's ``config.json`` (no weights are read).
+
+        fit: the exported adapter and one checkpoint holding the adapter and Adam's two moments, 4 x the
+        fp32 adapter. test: ``embeddings.safetensors``, fp32 ``[prompts, layers + 1, hidden]`` plus the
+        pooled ``[prompts, hidden]`` per model (baseline and each adapter). 0 when the config cannot be
+        read without loading the model (a hub id not in the local cache) or the run writes neither.
+        """
+        hp = getattr(self.model, "hparams", {})
+        fit = self.subcommand == "fit" and "r" in hp and "target_modules" in hp
+        test = self.subcommand == "test" and hp.get("save_embeddings") and self.datamodule is not None
+        if not (fit or test):
+            return 0
+        from transformers import AutoConfig
+
+        from fteval.models.loading import resolve_model_path
+
+        source = resolve_model_path(hp["model_name_or_path"], Path(hp["cache_dir"]) if hp.get("cache_dir") else None)
+        try:
+            config = AutoConfig.from_pretrained(source, local_files_only=True)
+            if fit:
+                return 4 * adapter_bytes_estimate(config, hp["r"], hp["target_modules"])
+            prompts = 2 * int(self.datamodule.hparams.n_per_class)
+            models = 1 + len(hp.get("adapters") or {})
+            return 4 * prompts * (int(config.num_hidden_layers) + 2) * int(config.hidden_size) * models
+        except (OSError, ValueError, AttributeError, TypeError):
+            return 0
+
+    def _preflight(self, subcommand: str, locks: list[FolderLock]) -> None:
+        """Before any model loads: every output folder writable with room to spare, the results/export folder
+        locked for this run, a version folder of its own claimed, and the run's own config handed to the
+        experiment-database logger (so its row never reads another run's ``config.yaml``)."""
+        from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+        from callbacks.run_logger import ExperimentDBLogger
+
+        trainer = self.trainer
+        if not trainer.is_global_zero:
+            return
+        folders = self._output_folders()
+        check_output_folders([(f, option) for f, option, _ in folders], self._bytes_needed())
+        for folder, option, lock in folders:
+            if lock:
+                locks.append(FolderLock(folder, option).acquire())
+        for logger in trainer.loggers:
+            # A version chosen by the logger itself (the next free number) is only read when first used,
+            # so two runs started together would pick the same one; claim it here instead.
+            if isinstance(logger, (TensorBoardLogger, CSVLogger)) and logger._version is None:
+                logger._version = claim_version_dir(Path(logger.root_dir))
+        run_config = self._parser(subcommand).dump(self.config[subcommand], skip_none=False)
+        import yaml
+
+        for cb in trainer.callbacks:
+            if isinstance(cb, ExperimentDBLogger):
+                cb.run_config = yaml.safe_load(run_config)
 
     def _remove_empty_log_dir(self) -> None:
         """After a run that failed before any batch ran, remove the log folder it created.

@@ -16,6 +16,18 @@ from typing import Any, Callable, Iterator
 WRITTEN_MANIFEST = ".fteval-written.json"
 
 
+def csv_reader(fh, **kwargs):
+    """``csv.DictReader`` over ``fh`` that accepts cells of any length.
+
+    The standard library refuses cells over 131,072 characters by default (a process-wide limit);
+    responses and prompts can be longer, so the limit is raised to the largest the C reader takes.
+    """
+    import csv
+
+    csv.field_size_limit(2**31 - 1)
+    return csv.DictReader(fh, **kwargs)
+
+
 def _written(target: Path) -> list[str]:
     manifest = target / WRITTEN_MANIFEST
     try:
@@ -41,14 +53,16 @@ def check_writable_directory(target: Path, overwrite: bool, option: str = "--ove
 
 
 @contextlib.contextmanager
-def atomic_directory(target: Path, overwrite: bool = True) -> Iterator[Path]:
+def atomic_directory(target: Path, overwrite: bool = True, keep_foreign: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside ``target``; on success its entries move into ``target``.
 
     Nothing is deleted that fteval did not write: when ``target`` exists, only the entries listed
     in its manifest (``.fteval-written.json``, the previous write) are removed before the new
     entries are moved in, one ``os.replace`` each; a user's other files stay. A new or empty
     ``target`` is replaced in one rename. With ``overwrite=False`` a non-empty ``target`` is refused
-    (``FileExistsError``). On error the temporary folder is removed and ``target`` is untouched.
+    (``FileExistsError``). With ``keep_foreign`` a same-named entry fteval did not write is never
+    replaced either: the write is refused (``FileExistsError`` naming those entries) before ``target``
+    changes. On error the temporary folder is removed and ``target`` is untouched.
     """
     target = Path(target)
     check_writable_directory(target, overwrite)
@@ -59,6 +73,13 @@ def atomic_directory(target: Path, overwrite: bool = True) -> Iterator[Path]:
         entries = sorted(p.name for p in tmp.iterdir())
         (tmp / WRITTEN_MANIFEST).write_text(json.dumps({"entries": entries}))
         check_writable_directory(target, overwrite)
+        if keep_foreign and target.is_dir():
+            theirs = sorted(n for n in entries if (target / n).exists() and n not in _written(target))
+            if theirs:
+                raise FileExistsError(
+                    f"{target} holds {', '.join(theirs[:5])}, not written by fteval, where this write would put its "
+                    "own files of those names; move them or choose another output folder (nothing was changed)"
+                )
         if target.is_dir() and not any(target.iterdir()):
             target.rmdir()
         if not target.exists():

@@ -42,7 +42,8 @@ def test_parse_errors_are_one_line(extra, expected, capsys):
 def test_malformed_yaml_is_one_line(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("trainer:\n  max_steps: [1\n")
-    assert "Problems parsing config" in _run(["fit", "--config", str(bad)], capsys)
+    err = _run(["fit", "--config", str(bad)], capsys)
+    assert "Problems parsing config" in err and str(bad) in err and "<unicode string>" not in err
 
 
 def test_missing_tool_arguments_are_one_line(capsys):

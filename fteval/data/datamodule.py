@@ -29,9 +29,10 @@ from fteval.data.resumable import ResumableDataLoader
 from fteval.data.formatting import (
     Template,
     flatten_batch,
-    format_prompt,
+    fit_prompt,
     generation_suffix_tokens,
     pad_batch,
+    prompt_token_limit,
     tokenize_example,
 )
 from fteval.data.safety import keyword_agreement
@@ -47,6 +48,10 @@ TRAIN_PRESETS = {
     "instruction": ("Prompt", "Instruction generated"),
     "accepted": ("Prompt", "Accepted Response"),
 }
+
+# Training rows dropped because their prompt alone exceeds max_length: above this share of the
+# rows a warning names the count and the option (every count is in data_statistics.json).
+DROP_WARNING_SHARE = 0.05
 
 
 class AlignmentDataModule(L.LightningDataModule):
@@ -72,7 +77,9 @@ class AlignmentDataModule(L.LightningDataModule):
         unsafe_values: label values meaning unsafe.
         n_per_class: evaluation prompts per class (the smaller class caps it to stay balanced).
         seed: seed of the train/validation split and the evaluation sample.
-        max_length: maximum tokens per training example (responses are truncated to fit).
+        max_length: maximum tokens per training example (responses are truncated to fit; a prompt that
+            alone does not fit drops its row) and per evaluation prompt (cut by the rule of
+            :func:`fteval.data.formatting.fit_prompt`; the tokenizer's ``model_max_length`` caps it).
         batch_size: training and validation batch size per device.
         padding_free: concatenate each training/validation batch into one row without padding
             (``position_ids`` restart per sequence; transformers keeps the sequences apart in
@@ -140,7 +147,7 @@ class AlignmentDataModule(L.LightningDataModule):
         self.tokenizer = None
         self.train_set: list[dict] = []
         self.val_set: list[dict] = []
-        self.eval_records: list[dict] = []  # {"prompt", "text", "label", "axiom", "index"}
+        self.eval_records: list[dict] = []  # {"prompt", "message" (as kept), "text", "label", "axiom", "index", ...}
         self.eval_set: list[dict] = []
         self.statistics: dict = {}
         self.provenance: list[dict] = []  # one entry per processed split (see _add_provenance)
@@ -228,6 +235,10 @@ class AlignmentDataModule(L.LightningDataModule):
                 f"{name}: no example fits max_length={hp.max_length} in the "
                 f"{'training' if not self.train_set else 'validation'} split; raise max_length"
             )
+        encoded = len(train_rows) + len(val_rows)
+        if too_long > DROP_WARNING_SHARE * encoded:
+            log.warning("%s: %d of %d training rows dropped: their prompt alone is longer than max_length=%d tokens; "
+                        "raise --data.max_length to keep them", name, too_long, encoded, hp.max_length)
         prompt_lens = [sum(1 for t in ex["labels"] if t == -100) for ex in self.train_set]
         resp_lens = [len(ex["labels"]) - p for ex, p in zip(self.train_set, prompt_lens)]
         self.statistics["training"] = {
@@ -295,14 +306,20 @@ class AlignmentDataModule(L.LightningDataModule):
             suffix = generation_suffix_tokens(tok, hp.template, hp.system_prompt)
         except ValueError:
             suffix = 0  # no post-instruction tokens in this format; token selection 'prompt' still works
+        limit = prompt_token_limit(tok, hp.max_length)
         self.eval_records, self.eval_set = [], []
+        truncated = 0
         for j, i in enumerate(idx):
-            text = format_prompt(tok, texts[i], hp.template, hp.system_prompt)
-            rec = {"index": j, "prompt": texts[i], "text": text, "label": labels[i], "axiom": axioms[i],
-                   SOURCE_ROW: rows[i][SOURCE_ROW]}
+            message, text, ids, cut = fit_prompt(tok, texts[i], limit, hp.template, hp.system_prompt)
+            truncated += cut
+            rec = {"index": j, "prompt": texts[i], "message": message, "text": text, "label": labels[i], "axiom": axioms[i],
+                   SOURCE_ROW: rows[i][SOURCE_ROW], "truncated": cut}
             self.eval_records.append(rec)
-            ids = tok(text, add_special_tokens=False)["input_ids"]
             self.eval_set.append({"input_ids": ids, "safety_label": labels[i], "index": j, "suffix_tokens": suffix})
+        if truncated:
+            log.warning("%s: %d of %d evaluation prompts are longer than %d tokens and were cut to their first tokens "
+                        "(the chat template kept whole); raise --data.max_length to keep more of them",
+                        name, truncated, len(idx), limit)
         sel_labels = [labels[i] for i in idx]
         self.statistics["evaluation"] = {
             "source": name,
@@ -317,6 +334,8 @@ class AlignmentDataModule(L.LightningDataModule):
                 for ax in sorted({axioms[i] for i in idx})
             },
             "prompt_tokens": length_stats([len(e["input_ids"]) for e in self.eval_set]),
+            "token_limit": limit,
+            "truncated_prompts": truncated,
             "keyword_categoriser": keyword_agreement([texts[i] for i in idx], sel_labels),
         }
         processed = [{"index": r["index"], SOURCE_ROW: r[SOURCE_ROW], "prompt": r["prompt"], "label": r["label"],

@@ -68,6 +68,45 @@ def generation_suffix_tokens(tokenizer, template: Template = "auto", system_prom
     return n
 
 
+def prompt_token_limit(tokenizer, max_length: int) -> int:
+    """Tokens an evaluation prompt may take: ``max_length``, capped by the tokenizer's ``model_max_length``
+    (transformers sets that to a huge sentinel when a model states no limit)."""
+    model_limit = getattr(tokenizer, "model_max_length", None)
+    return model_limit if isinstance(model_limit, int) and 8 <= model_limit < max_length else max_length
+
+
+def fit_prompt(
+    tokenizer, prompt: str, limit: int, template: Template = "auto", system_prompt: Optional[str] = None
+) -> tuple[str, str, list[int], bool]:
+    """``(message, formatted text, token ids, truncated)`` of an evaluation prompt, at most ``limit`` tokens.
+
+    The rule: a prompt whose formatted form is longer than ``limit`` keeps the first tokens of the
+    user's message that fit, and the whole prompt format around it (system message, chat template,
+    the post-instruction tokens), so the model still sees a complete turn ending where it answers.
+    The message is cut on its own tokens and re-formatted; when re-tokenising the cut text merges
+    tokens differently, the cut moves back by the excess until the result fits. ``message`` is the
+    user's message as kept (what generation and the judges are given).
+    """
+    text = format_prompt(tokenizer, prompt, template, system_prompt)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if len(ids) <= limit:
+        return prompt, text, ids, False
+    frame = len(tokenizer(format_prompt(tokenizer, "", template, system_prompt), add_special_tokens=False)["input_ids"])
+    message = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    keep = min(len(message), limit - frame)
+    while keep > 0:
+        cut = tokenizer.decode(message[:keep])
+        text = format_prompt(tokenizer, cut, template, system_prompt)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) <= limit:
+            return cut, text, ids, True
+        keep -= len(ids) - limit
+    raise ValueError(
+        f"the prompt format alone takes {frame} tokens, more than the limit of {limit}; raise --data.max_length "
+        "or shorten --data.system_prompt"
+    )
+
+
 def format_example(
     tokenizer, prompt: str, response: str, template: Template = "auto", system_prompt: Optional[str] = None
 ) -> tuple[str, str]:

@@ -11,6 +11,8 @@ import logging
 from pathlib import Path
 from typing import Optional
 
+from fteval.io import csv_reader
+
 log = logging.getLogger(__name__)
 
 # Bundled samples, written for this project in the schemas of the hub datasets.
@@ -70,7 +72,7 @@ def _read_local(path: Path) -> list[dict]:
             import io
 
             try:
-                rows = list(csv.DictReader(io.StringIO(text, newline="")))
+                rows = list(csv_reader(io.StringIO(text, newline="")))
             except csv.Error as exc:
                 raise DataSourceError(f"data file {path} is not valid CSV: {exc}; fix the file") from None
             if any(None in r for r in rows):  # more cells than header names

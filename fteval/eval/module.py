@@ -26,6 +26,7 @@ import torch
 
 from fteval.backends.base import BASELINE, generation_metrics
 from fteval.data.sampling import SOURCE_ROW
+from fteval.db.values import redact_secrets
 from fteval.eval.collectors import BehaviourCollector, RepresentationCollector
 from fteval.eval.headtohead import SUMMARY_METRICS
 from fteval.eval.metrics import DEFAULT_LAMBDA
@@ -86,7 +87,9 @@ class AQIEvaluator(L.LightningModule):
             detector, offline), 'openai' (a judge model on an OpenAI-compatible server) or 'hf' (a local
             causal LM's label-token probabilities; default the evaluated base model, adapters off).
         refusal_judge_options: the judge's options (``fteval.eval.refusal.judges``), e.g. ``{base_url: ...,
-            model: ...}`` for 'openai', ``{model_name_or_path: ...}`` for 'hf'.
+            model: ...}`` for 'openai', ``{model_name_or_path: ...}`` for 'hf'. The 'openai' judge's key is
+            best given as the ``OPENAI_API_KEY`` environment variable; an ``api_key`` here is used but kept
+            out of every file (hparams, TensorBoard, config.yaml and the database hold ``<redacted>``).
         db_path: not accepted (an error names the fix). Scores go to the run's experiment database: the
             one of ``callbacks.run_logger.ExperimentDBLogger`` in the trainer's callbacks, which creates the
             experiment and hands this module ``experiment_db_path``; without that callback nothing is
@@ -138,6 +141,13 @@ class AQIEvaluator(L.LightningModule):
             raise ValueError(f"tokens={tokens!r}: use 'prompt' (mean over the prompt's tokens) or 'post_instruction' "
                              "(the tokens the chat template adds after the user's message)")
         self.save_hyperparameters(ignore=["db_path"])
+        # Credentials stay in memory: the saved hyperparameters (hparams.yaml, TensorBoard, checkpoints) are redacted.
+        options = dict(refusal_judge_options or {})
+        redacted = redact_secrets(options)
+        self._judge_secrets = {k: v for k, v in options.items() if redacted.get(k) != v}
+        if self._judge_secrets:
+            self.hparams["refusal_judge_options"] = redacted
+            self._hparams_initial["refusal_judge_options"] = redacted
         self.settings = SummarySettings(tokens=tokens, sink=sink, layer_pooling=layer_pooling, layers=layers, lam=lam,
                                         intervals=bool(n_bootstrap), confidence=confidence, correction=correction,
                                         method=statistics, n_bootstrap=max(n_bootstrap, 1), seed=bootstrap_seed)
@@ -230,7 +240,7 @@ class AQIEvaluator(L.LightningModule):
             self._judge = GEvalJudge(self.model, self.tokenizer, adapters_off=True)
         from fteval.eval.refusal import make_judge
 
-        options = dict(hp.refusal_judge_options or {})
+        options = {**(hp.refusal_judge_options or {}), **self._judge_secrets}
         if hp.refusal_judge == "hf" and "model" not in options and "model_name_or_path" not in options:
             options.update(model=self.model, tokenizer=self.tokenizer, adapters_off=True)
         self._refusal_judge = make_judge(hp.refusal_judge, **options)
@@ -240,7 +250,7 @@ class AQIEvaluator(L.LightningModule):
         idx = [int(i) for i in batch["index"] if int(i) in self._behaviour_indices]
         if not idx:
             return
-        prompts = [records[i]["prompt"] for i in idx]
+        prompts = [records[i].get("message", records[i]["prompt"]) for i in idx]  # as cut to the token limit
         criteria = list(self._judge.criteria) if self._judge is not None else []
         for v, name in enumerate(self.variants):
             results = self._backend.batch_generate(prompts, model=name)

@@ -76,14 +76,35 @@ def materialise_embedded(cache_dir: Optional[Path] = None, force: bool = False) 
     The folder is written under a temporary name and renamed into place, so an interrupted run
     never leaves a half-written model that a later run would trust.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     target = cache_dir / "models" / EMBEDDED_NAME
     if (target / _COMPLETE_MARKER).is_file() and not force:
         return target
-    gguf = embedded_gguf_path()
-    log.info("materialising the embedded model from %s into %s (once)", gguf, target)
+    return _materialise_gguf(embedded_gguf_path(), target)
+
+
+def materialise_gguf(gguf: Path, cache_dir: Optional[Path] = None) -> Path:
+    """A user's GGUF file as a Hugging Face safetensors folder in the cache (converted once per file version).
+
+    The folder is named after the file's name, path, size and modification time, so a changed file is
+    converted again. transformers dequantises GGUF weights to fp32 on reading.
+    """
+    import hashlib
+
+    gguf = Path(gguf).expanduser().resolve()
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf}\0{stat.st_size}\0{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    target = cache_dir / "models" / f"gguf-{gguf.stem}-{key}"
+    if (target / _COMPLETE_MARKER).is_file():
+        return target
+    return _materialise_gguf(gguf, target)
+
+
+def _materialise_gguf(gguf: Path, target: Path) -> Path:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("materialising %s into %s (once)", gguf, target)
     with atomic_directory(target) as tmp:
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
@@ -104,6 +125,13 @@ def resolve_model_path(name_or_path: str, cache_dir: Optional[Path] = None) -> s
     if is_embedded(name):
         return str(materialise_embedded(cache_dir))
     path = Path(name).expanduser()
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        return str(materialise_gguf(path, cache_dir))
+    if path.is_file():
+        raise ModelLoadError(
+            f"model path {path} is a file; pass the folder written by save_pretrained (config.json and the "
+            "weights), a .gguf file, a hub id, or 'embedded'"
+        )
     if path.exists():
         if not (path / "config.json").is_file():
             raise ModelLoadError(
@@ -113,7 +141,44 @@ def resolve_model_path(name_or_path: str, cache_dir: Optional[Path] = None) -> s
         return str(path)
     if name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise ModelLoadError(f"model folder {path} does not exist; check the path")
+    _check_hub_reachable(name)
     return name
+
+
+def _check_hub_reachable(repo_id: str) -> None:
+    """Fail at once for a hub id that is not in the local Hugging Face cache while the hub cannot be reached.
+
+    Without this, transformers retries the download for about a minute, printing a line per retry.
+    The check is one TCP connection to the hub's endpoint (5 s at most); it is skipped when a proxy is
+    configured (the connection would go through it) or the id is already cached.
+    """
+    import socket
+    import urllib.request
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    try:
+        if isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
+            return
+    except ValueError:  # not a valid repo id: transformers' own error names it
+        return
+    if constants.HF_HUB_OFFLINE:
+        raise ModelLoadError(
+            f"could not load model '{repo_id}': it is not a local folder nor in the local Hugging Face cache, and "
+            "HF_HUB_OFFLINE is set. Fix: download it once with network, pass a local folder, or use 'embedded'."
+        )
+    if urllib.request.getproxies():
+        return
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=5).close()
+    except OSError as exc:
+        raise ModelLoadError(
+            f"could not load model '{repo_id}': it is not a local folder nor in the local Hugging Face cache, and "
+            f"the hub ({constants.ENDPOINT}) cannot be reached ({exc}). Fix: check the id and the network, pass a "
+            "local folder, or use 'embedded'."
+        ) from None
 
 
 def select_attn_implementation(requested: str = "auto") -> str:
@@ -233,8 +298,19 @@ def load_causal_lm(
         kwargs["device_map"] = {"": device}
     try:
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-    except OSError as exc:
-        raise _hub_error(name_or_path, exc) from exc
+    except Exception as exc:
+        from safetensors import SafetensorError
+
+        if Path(source).is_dir() and isinstance(exc, (OSError, ValueError, SafetensorError)):
+            raise ModelLoadError(
+                f"model folder {source} could not be loaded ({type(exc).__name__}: "
+                f"{str(exc).strip().splitlines()[0][:200] if str(exc).strip() else 'no detail'}); its weights are "
+                "truncated, corrupt or do not match its config.json: save it again with save_pretrained, or use "
+                "'embedded'"
+            ) from None
+        if isinstance(exc, OSError):
+            raise _hub_error(name_or_path, exc) from exc
+        raise
     if quantization != "none" and not cuda:
         disable_cpu_inference_repacking(model)
     tokenizer = load_tokenizer(name_or_path, cache_dir, local_files_only=local_files_only)

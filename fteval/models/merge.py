@@ -40,8 +40,9 @@ def merge(
         tolerance: maximum allowed |merged - adapter| logit difference.
         cache_dir: embedded-model cache.
         overwrite: write into an existing non-empty ``output`` folder, replacing what an earlier
-            fteval write left there; files fteval did not write are kept. Without it such a folder
-            is refused before any work.
+            fteval write left there; files fteval did not write are kept, and a file of the user's that
+            has the name of one the merge writes stops the command (nothing is changed). Without it such
+            a folder is refused before any work.
     """
     from peft import PeftModel
 
@@ -57,7 +58,15 @@ def merge(
         base = base.dequantize()
     tok = loaded.tokenizer
     probe = tok("The quick brown fox explains why the sky is blue.", return_tensors="pt")
-    model = PeftModel.from_pretrained(base, str(adapter))
+    try:
+        model = PeftModel.from_pretrained(base, str(adapter))
+    except (RuntimeError, ValueError, KeyError) as exc:
+        trained_on = _adapter_base(adapter)
+        raise ValueError(
+            f"adapter {adapter} does not fit the base model {base_name!r} ({type(exc).__name__}: "
+            f"{str(exc).strip().splitlines()[0][:160]}); it was trained on {trained_on!r}: pass --base_model with "
+            "that model, or leave --base_model out"
+        ) from None
     model.eval()
     with torch.no_grad():
         ref = model(**probe).logits
@@ -67,7 +76,7 @@ def merge(
     print(f"max |logit(merged) - logit(base + adapter)| = {diff:.3e} (tolerance {tolerance:g})")
     if diff > tolerance:
         raise ValueError(f"merged logits differ by {diff:.3e} > tolerance {tolerance:g}; not writing {output}")
-    with atomic_directory(output, overwrite=overwrite) as tmp:
+    with atomic_directory(output, overwrite=overwrite, keep_foreign=True) as tmp:
         if getattr(merged, "hf_quantizer", None) is not None:
             merged.hf_quantizer.remove_quantization_config(merged)
         merged.save_pretrained(tmp, safe_serialization=True)

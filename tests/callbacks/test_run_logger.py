@@ -118,6 +118,40 @@ def test_gradient_accumulation_averages_micro_batches(tmp_path):
     assert lr == [(1, pytest.approx(0.05)), (2, pytest.approx(0.025)), (3, pytest.approx(0.05 / 3))]
 
 
+class GradNormModule(TinyModule):
+    """Logs the gradient norm the optimizer is about to use, as fteval's adapter modules do."""
+
+    def __init__(self) -> None:
+        super().__init__(decay=True)
+        self.step_norms: list[float] = []
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in self.parameters()]))
+        self.step_norms.append(float(norm))
+        self.log("train/grad_norm", norm, on_step=True, on_epoch=False)
+
+
+def test_grad_norm_under_accumulation_is_the_steps_own_value(tmp_path):
+    """Each step's train/grad_norm is that step's norm, as Lightning's logger (TensorBoard, CSV) writes it."""
+    import csv
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    torch.manual_seed(0)
+    model = GradNormModule()
+    cb = ExperimentDBLogger(db_path=tmp_path / "g.db")
+    logger = CSVLogger(tmp_path, name="csv", version=0)
+    trainer(cb, tmp_path, max_steps=4, accumulate_grad_batches=3, limit_val_batches=0, logger=logger,
+            log_every_n_steps=1).fit(model, loader())
+    with ExperimentDB(tmp_path / "g.db") as db:
+        recorded = values(db, cb.experiment_id, "train/grad_norm")
+    assert len(set(model.step_norms)) == 4  # four different norms: a mix of two steps would show
+    assert recorded == [(s + 1, pytest.approx(v, rel=1e-6)) for s, v in enumerate(model.step_norms)]
+    with open(tmp_path / "csv" / "version_0" / "metrics.csv") as fh:
+        written = [(int(r["step"]) + 1, float(r["train/grad_norm"])) for r in csv.DictReader(fh) if r["train/grad_norm"]]
+    assert written == [(s, pytest.approx(v, rel=1e-6)) for s, v in recorded]
+
+
 @pytest.mark.parametrize("every, flushes", [(1, 4), (2, 2), (5, 1)])
 def test_flush_every_n_steps_uses_one_transaction_per_flush(tmp_path, monkeypatch, every, flushes):
     calls = []

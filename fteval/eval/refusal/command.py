@@ -13,7 +13,7 @@ from fteval.eval.refusal.agreement import agreement, format_agreement, parse_ref
 from fteval.eval.refusal.detector import LABELS
 from fteval.eval.refusal.judges import JudgeName, make_judge
 from fteval.eval.refusal.rates import refusal_rates
-from fteval.io import write_atomic
+from fteval.io import csv_reader, write_atomic
 
 __all__ = ["classify_refusals"]
 
@@ -34,11 +34,14 @@ def _read_table(path: Path) -> tuple[list[dict], list[int], list[str], str]:
     try:
         if suffix == ".csv":
             with path.open(newline="", encoding="utf-8") as fh:
-                reader = csv.DictReader(fh)
+                reader = csv_reader(fh)
                 rows, lines = [], []
-                for row in reader:
-                    rows.append(row)
-                    lines.append(reader.line_num)
+                try:
+                    for row in reader:
+                        rows.append(row)
+                        lines.append(reader.line_num)
+                except csv.Error as exc:
+                    raise ValueError(f"{path}: line {reader.line_num} is not valid CSV ({exc}); fix the file") from None
                 return rows, lines, list(reader.fieldnames or []), "csv"
         if suffix in (".jsonl", ".ndjson"):
             rows, lines, columns = [], [], []

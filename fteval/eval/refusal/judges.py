@@ -19,6 +19,7 @@ field names it; an empty response is a full refusal for every judge (nothing to 
 from __future__ import annotations
 
 import abc
+import os
 import re
 from collections.abc import Sequence
 from typing import Literal, Optional
@@ -103,7 +104,8 @@ class OpenAIJudge(_PromptedJudge):
     Args:
         base_url: the API root, e.g. ``http://127.0.0.1:8000/v1``.
         model: the served model name; default the first model the server lists.
-        api_key: sent as a bearer token; None for local servers.
+        api_key: sent as a bearer token; default the ``OPENAI_API_KEY`` environment variable (the OpenAI
+            clients' convention; the way to give a key that no file then holds), None for local servers.
         prompts_version: which ``refusal_judge_<version>.json``.
         timeout_s / max_retries / backoff_s: per request, passed to the HTTP client.
         max_parse_retries: times a row is asked again when the answer is not 1, 2 or 3.
@@ -120,6 +122,8 @@ class OpenAIJudge(_PromptedJudge):
         super().__init__(prompts_version)
         if max_parse_retries < 0:
             raise ValueError(f"max_parse_retries={max_parse_retries} must be >= 0")
+        if api_key is None:
+            api_key = os.environ.get("OPENAI_API_KEY") or None
         self.backend = OpenAIBackend(base_url=base_url, models={"baseline": model} if model else None, api_key=api_key,
                                      endpoint="chat", system_prompt=self.prompts["system"], timeout_s=timeout_s,
                                      max_retries=max_retries, backoff_s=backoff_s, concurrency=concurrency,
