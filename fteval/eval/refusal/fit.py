@@ -25,12 +25,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
 from scipy.optimize import minimize_scalar
 from sklearn.calibration import calibration_curve
+from sklearn.exceptions import UndefinedMetricWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import LeaveOneGroupOut, cross_val_predict
 from sklearn.pipeline import make_pipeline
@@ -135,10 +137,13 @@ def reliability(probs: np.ndarray, refused: np.ndarray, n_bins: int = 10) -> dic
 
 
 def _grouped(reference: list[str], predicted: list[str], groups: np.ndarray) -> dict:
+    """Agreement per group; a group of one label (every phenomenon) has an undefined kappa (nan), unwarned."""
     out = {}
-    for g in sorted(set(groups)):
-        idx = np.flatnonzero(groups == g)
-        out[str(g)] = agreement([reference[i] for i in idx], [predicted[i] for i in idx])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UndefinedMetricWarning)
+        for g in sorted(set(groups)):
+            idx = np.flatnonzero(groups == g)
+            out[str(g)] = agreement([reference[i] for i in idx], [predicted[i] for i in idx])
     return out
 
 
