@@ -1,8 +1,10 @@
 """Refusal detection: full refusal, partial refusal or compliance, by a fitted rule detector or a model judge.
 
 * :mod:`.features`: cue families and content measures of a response;
+* :mod:`.lexicon`: cues in other languages, impersonal and guard-model refusals, chat-template clean-up;
 * :mod:`.detector`: the fitted weights (plain JSON) and :func:`classify_refusal`;
 * :mod:`.fit`: refits the weights on the development set (``python -m fteval.eval.refusal.fit``);
+* :mod:`.compose`: composes the development set's second part (``python -m fteval.eval.refusal.compose.build``);
 * :mod:`.judges`: ``rules`` / ``openai`` / ``hf`` judges behind one interface;
 * :mod:`.agreement`: accuracy, kappa, precision/recall and confusion matrices against reference labels;
 * :mod:`.rates`: refusal and over-refusal rates with exact (Clopper-Pearson) intervals;
