@@ -35,14 +35,14 @@ def default_lora_gguf(adapter: Path, outtype: str = "f16") -> Path:
 def modelfile_text(from_: str, adapter: Optional[str] = None) -> str:
     """An Ollama Modelfile: ``FROM`` a model GGUF (absolute, or ``./`` beside the Modelfile), optional ``ADAPTER``.
 
-    Ollama takes the chat template from the GGUF's ``tokenizer.chat_template``; temperature 0 makes its
-    answers greedy like fteval's evaluation.
+    Ollama takes the chat template from the GGUF's ``tokenizer.chat_template``; temperature 0 and no
+    repetition penalty (Ollama's default is 1.1) make its answers greedy like fteval's evaluation.
     """
     lines = ["# Ollama model definition written by `fteval export`; create it with: ollama create NAME -f Modelfile",
              f"FROM {from_}"]
     if adapter is not None:
         lines.append(f"ADAPTER {adapter}")
-    lines.append("PARAMETER temperature 0")
+    lines += ["PARAMETER temperature 0", "PARAMETER repeat_penalty 1"]
     return "\n".join(lines) + "\n"
 
 

@@ -171,7 +171,7 @@ def test_modelfile_is_well_formed(exported):
     folder = exported / "gguf"
     lines = [line for line in (folder / "Modelfile").read_text().splitlines() if line and not line.startswith("#")]
     instructions = [line.split(" ", 1) for line in lines]
-    assert [i[0] for i in instructions] == ["FROM", "ADAPTER", "PARAMETER"]
+    assert [i[0] for i in instructions] == ["FROM", "ADAPTER", "PARAMETER", "PARAMETER"]
     base = instructions[0][1]
     adapter = folder / instructions[1][1]
     assert base.endswith(".gguf") and gguf.GGUFReader(base).fields["general.type"].contents() == "model"
@@ -181,7 +181,7 @@ def test_modelfile_is_well_formed(exported):
     assert reader.fields["adapter.lora.alpha"].contents() == 8.0
     assert reader.fields["general.architecture"].contents() == "llama"
     assert {t.name for t in reader.tensors} >= {"blk.0.attn_q.weight.lora_a", "blk.29.ffn_down.weight.lora_b"}
-    assert instructions[2][1] == "temperature 0"
+    assert instructions[2][1] == "temperature 0" and instructions[3][1] == "repeat_penalty 1"
     record = json.loads((folder / "export.json").read_text())
     assert record["file"] == "adapter-f16.gguf" and record["merged"] is False
 
