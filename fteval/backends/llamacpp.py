@@ -135,6 +135,9 @@ class LlamaCppBackend(GenerationBackend):
             )
         return self._models[variant]
 
+    def load(self, variant: str) -> None:
+        self.llama(variant)
+
     def describe(self, variant: str) -> str:
         """What ``variant`` runs: its GGUF file, plus ``+ LORA.gguf`` for an adapter."""
         lora = f" + {self.loras[variant].name}" if variant in self.loras else ""

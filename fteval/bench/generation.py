@@ -11,7 +11,8 @@ decoding and the same ``max_new_tokens``. Reported per backend and variant:
   backend a prompt's latency is its batch's time, so they are batch latencies);
 * ``memory_gib`` and how it was measured (CUDA peak allocated, or process RSS: the in-process
   backends share one process, so RSS includes what earlier backends left loaded);
-* ``load_s``, prompt and completion token totals;
+* ``load_s`` (building the backend, plus loading the variant where that happens on first use: a
+  llama.cpp variant maps its GGUF and LoRA), prompt and completion token totals;
 * ``requests_per_s`` with ``clients`` requests in flight (the openai backend's ``concurrency``; hf
   batches ``batch_size`` prompts; llama-cpp-python in process answers one at a time);
 * ``agreement_with_hf``: whether the greedy answers agree with the hf backend's answers of the same
@@ -65,6 +66,9 @@ def first_tokens_agreement(reference: list[str], other: list[str], tokenizer, k:
 
 def _run_variant(backend, variant: str, prompts: list[str]) -> dict[str, Any]:
     start = time.perf_counter()
+    backend.load(variant)  # llama.cpp maps a variant's GGUF (and LoRA) on first use
+    variant_load_s = time.perf_counter() - start
+    start = time.perf_counter()
     backend.generate_response(prompts[0], variant)  # warm-up: caches, kernels, lazy loads (a llama.cpp variant's file)
     warmup_s = time.perf_counter() - start
     backend.records.clear()
@@ -82,6 +86,7 @@ def _run_variant(backend, variant: str, prompts: list[str]) -> dict[str, Any]:
         **metrics,
         "requests_per_s": len(prompts) / wall if wall > 0 else 0.0,
         "memory_kind": backend.records[-1].memory_kind,
+        "variant_load_s": variant_load_s,
         "warmup_s": warmup_s,
         "finish_reasons": {k: sum(r.finish_reason == k for r in results) for k in {r.finish_reason for r in results}},
         "example": {"prompt": prompts[0], "response": results[0].text},
@@ -99,7 +104,7 @@ def _run_backend(name: str, kwargs: dict, variants: list[str], prompts: list[str
             if variant not in backend.variants:
                 continue
             row = _run_variant(backend, variant, prompts)
-            out[variant] = {**row, "load_s": load_s, "clients": clients}
+            out[variant] = {**row, "load_s": load_s + row["variant_load_s"], "clients": clients}
         return out
     finally:
         backend.close()
@@ -133,6 +138,7 @@ def bench_generation(
     base_url: Optional[str] = None,
     served: Optional[dict[str, str]] = None,
     concurrency: int = 4,
+    extra: Optional[dict[str, Any]] = None,
     batch_size: int = 8,
     n_threads: Optional[int] = None,
     n_gpu_layers: int = 0,
@@ -153,6 +159,8 @@ def bench_generation(
         served: variant name -> the server's model name for it (vLLM --lora-modules, Ollama tags, a llama.cpp
             server's model alias); default the server's first model as the baseline only.
         concurrency: requests in flight at once on the openai backend (requests/s under that many clients).
+        extra: further fields of every openai request, e.g. ``{repeat_penalty: 1.0}`` for llama.cpp and Ollama
+            servers (their default 1.1 is not plain greedy decoding).
         batch_size: prompts per generate call on the hf backend.
         n_threads: CPU threads for torch (hf) and llama.cpp (default: their own defaults).
         n_gpu_layers: llama.cpp layers on the GPU (needs a CUDA build of llama-cpp-python).
@@ -194,7 +202,7 @@ def bench_generation(
     settings = {
         "hf": dict(model=model, adapters=adapters or None, batch_size=batch_size, **common),
         "llamacpp": dict(gguf=gguf, adapters=loras or None, n_threads=n_threads, n_gpu_layers=n_gpu_layers, **common),
-        "openai": dict(base_url=base_url or "", models=served or None, concurrency=concurrency, **common),
+        "openai": dict(base_url=base_url or "", models=served or None, concurrency=concurrency, extra=extra, **common),
     }
     clients = {"hf": batch_size, "llamacpp": 1, "openai": concurrency}
     results: dict[str, dict[str, dict]] = {}

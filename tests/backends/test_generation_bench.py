@@ -75,3 +75,39 @@ def test_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match=r"\['vllm'\] must be a non-empty list"):
         bench_generation(backends=["vllm"], output=tmp_path / "x.json")
     assert not (tmp_path / "x.json").exists()
+
+
+def test_bench_every_variant_on_every_backend(tmp_path):
+    from fteval.__main__ import main
+    from tests.eval.test_module import make_adapter
+
+    noisy = make_adapter(tmp_path / "noisy", 0.05)
+    plain = make_adapter(tmp_path / "plain", 0.05, seed=1)  # not exported: llama.cpp has no file for it
+    main(["export", str(noisy)])
+    out = tmp_path / "bench.json"
+    rc = bench_generation(backends=["hf", "llamacpp"], n_prompts=2, max_new_tokens=4, output=out, n_threads=1,
+                          adapters={"noisy": str(noisy), "plain": str(plain)})
+    assert rc == 0
+    report = json.loads(out.read_text())
+    assert report["variants"] == ["baseline", "noisy", "plain"]
+    assert sorted(report["results"]["hf"]) == ["baseline", "noisy", "plain"]
+    if HAVE_LLAMA:
+        llama = report["results"]["llamacpp"]
+        assert sorted(llama) == ["baseline", "noisy"]
+        assert llama["noisy"]["served"] == "SmolLM2-135M-Instruct.Q4_1.gguf + adapter-f16.gguf"
+        assert llama["noisy"]["load_s"] >= llama["noisy"]["variant_load_s"] > 0
+        assert "python -m fteval export" in report["skipped"]["llamacpp/plain"]
+        for variant in ("baseline", "noisy"):
+            agree = llama[variant]["agreement_with_hf"]
+            assert 0 <= agree["exact"] <= agree["prefix"] <= 1
+    assert all(len(r["responses"]) == 2 and r["clients"] == 8 for r in report["results"]["hf"].values())
+
+
+def test_bench_refuses_bad_adapters(tmp_path):
+    with pytest.raises(FileNotFoundError, match="adapter 'x': .* is not a PEFT adapter folder"):
+        bench_generation(backends=["hf"], adapters={"x": str(tmp_path)}, output=tmp_path / "x.json")
+    with pytest.raises(ValueError, match="adapter name 'baseline' is reserved"):
+        bench_generation(backends=["hf"], adapters={"baseline": str(tmp_path)}, output=tmp_path / "x.json")
+    with pytest.raises(ValueError, match="concurrency=0 must be >= 1"):
+        bench_generation(backends=["hf"], concurrency=0, output=tmp_path / "x.json")
+    assert not (tmp_path / "x.json").exists()
