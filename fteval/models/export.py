@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Literal, Optional
 
 from fteval.io import atomic_directory, check_adapter_folder, check_writable_directory
-from fteval.models.gguf_export import (OUTTYPES, GGUFExportError, OutType, architecture, lora_tensors, write_lora_gguf,
-                                       write_model_gguf)
+from fteval.models.gguf_export import (OUTTYPES, GGUFExportError, OutType, architecture, check_base_gguf, lora_tensors,
+                                       write_lora_gguf, write_model_gguf)
 
 __all__ = ["default_lora_gguf", "export", "modelfile_text"]
 
@@ -106,6 +106,8 @@ def export(
     hf_config = AutoConfig.from_pretrained(resolve_model_path(base_name, cache_dir))
     arch = architecture(hf_config)  # refuse unsupported architectures before any work
     base = _base_gguf(base_name, base_gguf)
+    if merged:
+        check_base_gguf(base, hf_config)  # its metadata goes into the merged file: check it before merging
     name = f"{adapter.resolve().parent.name}-{adapter.name}"
     with atomic_directory(output, overwrite=overwrite) as tmp:
         if merged:

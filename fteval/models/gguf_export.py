@@ -23,7 +23,7 @@ from typing import Literal, Optional
 
 import numpy as np
 
-__all__ = ["ARCHITECTURES", "OUTTYPES", "GGUFExportError", "architecture", "lora_tensors", "permute_rotary_rows",
+__all__ = ["ARCHITECTURES", "OUTTYPES", "GGUFExportError", "architecture", "check_base_gguf", "lora_tensors", "permute_rotary_rows",
            "write_lora_gguf", "write_model_gguf"]
 
 # Hugging Face ``model_type`` -> GGUF architecture name; both use llama.cpp's llama graph.
@@ -203,7 +203,14 @@ _FILE_TYPES = {"f32": 0, "f16": 1, "q8_0": 7, "bf16": 32}  # llama.cpp's LLAMA_F
 _NOT_COPIED = ("general.architecture", "general.file_type", "general.quantization_version", "general.name")
 
 
-def _check_base_gguf(reader, hf_config, arch: str, base_gguf: Path) -> None:
+def check_base_gguf(base_gguf: Path, hf_config, reader=None) -> None:
+    """Raise :class:`GGUFExportError` unless ``base_gguf`` describes the model of ``hf_config`` (architecture,
+    layers, width, heads): its metadata is what a merged GGUF is written with."""
+    import gguf
+
+    arch = architecture(hf_config)
+    reader = reader if reader is not None else gguf.GGUFReader(str(base_gguf))
+
     def value(key):
         field = reader.fields.get(key)
         return field.contents() if field is not None else None
@@ -233,7 +240,7 @@ def write_model_gguf(path: Path, state_dict: Mapping[str, "object"], hf_config, 
     arch = architecture(hf_config)
     name_map = _name_map(hf_config)
     reader = gguf.GGUFReader(str(base_gguf))
-    _check_base_gguf(reader, hf_config, arch, Path(base_gguf))
+    check_base_gguf(Path(base_gguf), hf_config, reader)
     tensors: dict[str, np.ndarray] = {}
     tied = bool(getattr(hf_config, "tie_word_embeddings", False))
     for hf_name, value in state_dict.items():
