@@ -26,12 +26,14 @@ def _commands() -> dict:
     from fteval.eval.refusal import classify_refusals
     from fteval.data.stats_command import data_stats
     from fteval.envinfo import env
+    from fteval.models.export import export
     from fteval.models.merge import merge
 
     return {
         "env": env,
         "data-stats": data_stats,
         "merge": merge,
+        "export": export,
         "compare": compare,
         "report": report,
         "classify-refusals": classify_refusals,

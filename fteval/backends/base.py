@@ -176,6 +176,14 @@ class GenerationBackend(abc.ABC):
     def _generate(self, prompts: list[str], model: str) -> list[RawCompletion]:
         """Completions for ``prompts`` (same order) with variant ``model`` (already validated)."""
 
+    def load(self, variant: str) -> None:
+        """Load what ``variant`` needs now rather than on its first call (a backend that loads lazily overrides it)."""
+        self.check_variant(variant)
+
+    def describe(self, variant: str) -> str:
+        """What serves ``variant`` on this backend, in a few words (a file, a served model name)."""
+        return self.check_variant(variant)
+
     def _memory(self) -> tuple[Optional[int], str]:
         """Memory after a call: (bytes, kind); see :class:`CallRecord`."""
         return process_rss_bytes(), "process_rss"

@@ -6,9 +6,10 @@ metadata; ``raw=True`` sends them to ``create_completion`` unchanged. Prompts ru
 another (llama-cpp-python's high-level API has no batched generation), so each completion has
 its own latency.
 
-Variants: ``"baseline"`` is ``gguf``; ``variants`` maps further names to other GGUF files (e.g. a
-fine-tuned model merged with ``fteval merge`` and converted with llama.cpp's
-``convert_hf_to_gguf.py``). Each file is loaded on first use and kept.
+Variants: ``"baseline"`` is ``gguf``; ``variants`` maps further names to other GGUF files (e.g. an
+adapter merged into its base by ``fteval export ADAPTER --merged``), ``adapters`` maps names to
+llama.cpp LoRA GGUFs (``fteval export ADAPTER``) applied on top of ``gguf``. Each variant is
+loaded on first use and kept (a LoRA variant loads its own copy of the memory-mapped base).
 
 Install: ``pip install 'fteval[llamacpp]'`` (llama-cpp-python has no PyPI wheel; it compiles
 llama.cpp, about 5-12 minutes on two cores; ``CMAKE_ARGS="-DGGML_NATIVE=OFF"`` builds a portable
@@ -62,7 +63,8 @@ class LlamaCppBackend(GenerationBackend):
 
     Args:
         gguf: the baseline model: a .gguf file or 'embedded'.
-        variants: further variant name -> .gguf file.
+        variants: further variant name -> .gguf model file.
+        adapters: further variant name -> llama.cpp LoRA adapter .gguf, applied on ``gguf``.
         n_ctx: context length in tokens (prompt + completion).
         n_threads: CPU threads for generation and prompt processing (default: all cores this
             process may use; on a machine shared with other jobs, fewer threads can be much faster).
@@ -78,6 +80,7 @@ class LlamaCppBackend(GenerationBackend):
         self,
         gguf: Union[str, Path] = "embedded",
         variants: Optional[Mapping[str, Union[str, Path]]] = None,
+        adapters: Optional[Mapping[str, Union[str, Path]]] = None,
         n_ctx: int = 2048,
         n_threads: Optional[int] = None,
         n_gpu_layers: int = 0,
@@ -98,6 +101,12 @@ class LlamaCppBackend(GenerationBackend):
             if name == BASELINE:
                 raise ValueError(f"variant name {BASELINE!r} is the gguf= model; give the other file another name")
             self.paths[name] = resolve_gguf(path)
+        self.loras: dict[str, Path] = {}
+        for name, path in dict(adapters or {}).items():
+            if name in self.paths:
+                raise ValueError(f"variant name {name!r} is given twice (a model and an adapter); rename one")
+            self.paths[name] = self.paths[BASELINE]
+            self.loras[name] = resolve_gguf(path)
         self.n_ctx = int(n_ctx)
         self.n_threads = int(n_threads) if n_threads else len(os.sched_getaffinity(0))
         self.n_gpu_layers = int(n_gpu_layers)
@@ -116,6 +125,7 @@ class LlamaCppBackend(GenerationBackend):
         if variant not in self._models:
             self._models[variant] = self._llama_cpp.Llama(
                 model_path=str(self.paths[variant]),
+                lora_path=str(self.loras[variant]) if variant in self.loras else None,
                 n_ctx=self.n_ctx,
                 n_threads=self.n_threads,
                 n_threads_batch=self.n_threads,  # prompt processing; llama-cpp-python's default is every core
@@ -124,6 +134,14 @@ class LlamaCppBackend(GenerationBackend):
                 verbose=self.verbose,
             )
         return self._models[variant]
+
+    def load(self, variant: str) -> None:
+        self.llama(variant)
+
+    def describe(self, variant: str) -> str:
+        """What ``variant`` runs: its GGUF file, plus ``+ LORA.gguf`` for an adapter."""
+        lora = f" + {self.loras[variant].name}" if variant in self.loras else ""
+        return f"{self.paths[self.check_variant(variant)].name}{lora}"
 
     def _generate(self, prompts: list[str], model: str) -> list[RawCompletion]:
         import time

@@ -62,6 +62,8 @@ class OpenAIBackend(GenerationBackend):
         max_retries: extra attempts after a connection error, timeout or retryable HTTP status.
         backoff_s / backoff_max_s: first retry delay and its cap, seconds (doubling in between).
         concurrency: requests in flight at once (a server batches them; 1 = one after another).
+        extra: further fields sent with every request, e.g. ``{repeat_penalty: 1.0}`` for llama.cpp's and
+            Ollama's servers, whose default repetition penalty (1.1) departs from plain greedy decoding.
         max_new_tokens, temperature, top_p, seed: see :class:`GenerationBackend` (sent to the server).
     """
 
@@ -79,6 +81,7 @@ class OpenAIBackend(GenerationBackend):
         backoff_s: float = 0.5,
         backoff_max_s: float = 8.0,
         concurrency: int = 1,
+        extra: Optional[Mapping[str, Any]] = None,
         max_new_tokens: int = 64,
         temperature: float = 0.0,
         top_p: float = 1.0,
@@ -104,11 +107,16 @@ class OpenAIBackend(GenerationBackend):
         self.backoff_s = float(backoff_s)
         self.backoff_max_s = float(backoff_max_s)
         self.concurrency = int(concurrency)
+        self.extra = dict(extra or {})
         self._default_model: Optional[str] = None
 
     @property
     def variants(self) -> list[str]:
         return [BASELINE, *(m for m in self.models if m != BASELINE)]
+
+    def describe(self, variant: str) -> str:
+        """The served model name of ``variant`` (the server's first model for an unnamed baseline) at ``base_url``."""
+        return f"{self.models.get(self.check_variant(variant), 'first served model')} at {self.base_url}"
 
     # ------------------------------------------------------------------ HTTP
     def _request(self, method: str, path: str, payload: Optional[dict] = None) -> Any:
@@ -200,6 +208,7 @@ class OpenAIBackend(GenerationBackend):
             "temperature": self.temperature,
             "top_p": self.top_p,
             "seed": self.seed,
+            **self.extra,
         }
         if self.endpoint == "chat":
             payload["messages"] = ([{"role": "system", "content": self.system_prompt}] if self.system_prompt else []) + [

@@ -82,6 +82,11 @@ class AQIEvaluator(L.LightningModule):
             over-refusal rates and G-Eval scores (the baseline model, adapters off, is the judge).
         behaviour_prompts_per_class: prompts per class that get responses (the first by index).
         max_new_tokens: generation length for the behavioural evaluation.
+        behaviour_backend: what generates the answers: 'hf' (the evaluated model, default), 'llamacpp' (the
+            base GGUF plus each adapter's LoRA GGUF from ``fteval export``) or 'openai' (an OpenAI-compatible
+            server, one served name per variant); AQI stays on the HF model (:mod:`fteval.eval.serving`).
+        behaviour_backend_options: that backend's options, e.g. ``{gguf: BASE.gguf, adapters: {qlora: X.gguf}}``
+            for 'llamacpp', ``{base_url: http://HOST:PORT/v1, models: {baseline: B, qlora: Q}}`` for 'openai'.
         geval: run the G-Eval judge on the responses (helpfulness, harmlessness, instruction following).
         refusal_judge: who labels each answer as compliance / partial / full refusal: 'rules' (the fitted
             detector, offline), 'openai' (a judge model on an OpenAI-compatible server) or 'hf' (a local
@@ -120,6 +125,8 @@ class AQIEvaluator(L.LightningModule):
         behaviour: bool = True,
         behaviour_prompts_per_class: int = 50,
         max_new_tokens: int = 64,
+        behaviour_backend: Literal["hf", "llamacpp", "openai"] = "hf",
+        behaviour_backend_options: Optional[dict] = None,
         geval: bool = True,
         refusal_judge: Literal["rules", "openai", "hf"] = "rules",
         refusal_judge_options: Optional[dict] = None,
@@ -225,15 +232,18 @@ class AQIEvaluator(L.LightningModule):
         hp = self.hparams
         if not hp.behaviour:
             return
-        from fteval.backends.hf import HFBackend
+        from fteval.eval.serving import behaviour_backend
 
         records = self.trainer.datamodule.eval_records
         for label in (0, 1):
             chosen = [r["index"] for r in records if r["label"] == label][: hp.behaviour_prompts_per_class]
             self._behaviour_indices.update(chosen)
         dm = self.trainer.datamodule.hparams
-        self._backend = HFBackend(self.model, self.tokenizer, batch_size=self.trainer.datamodule.hparams.eval_batch_size,
-                                  max_new_tokens=hp.max_new_tokens, template=dm.template, system_prompt=dm.system_prompt)
+        self._backend = behaviour_backend(hp.behaviour_backend, hp.behaviour_backend_options, model=self.model,
+                                          tokenizer=self.tokenizer, model_name_or_path=hp.model_name_or_path,
+                                          adapters=self.adapters, batch_size=dm.eval_batch_size,
+                                          max_new_tokens=hp.max_new_tokens, template=dm.template,
+                                          system_prompt=dm.system_prompt)
         if hp.geval:
             from fteval.eval.geval import GEvalJudge
 
@@ -267,7 +277,7 @@ class AQIEvaluator(L.LightningModule):
             self.responses += [{"model": name, "prompt_id": str(i), "prompt": records[i]["prompt"], "response": t,
                                 "safety_label": "unsafe" if records[i]["label"] else "safe", "axiom": records[i]["axiom"],
                                 "source_row": records[i].get(SOURCE_ROW),
-                                "refusal_label": r.label, "refusal_judge": self._refusal_judge.name, "backend": "hf",
+                                "refusal_label": r.label, "refusal_judge": self._refusal_judge.name, "backend": g.backend,
                                 "latency_s": g.latency_s,
                                 "n_tokens": g.completion_tokens}
                                for i, t, r, g in zip(idx, texts, refusals, results)]
@@ -308,6 +318,10 @@ class AQIEvaluator(L.LightningModule):
             summarise_behaviour(self.results, self.behaviour_collector.compute(), data[BASELINE], criteria, self.settings)
             self.behaviour_collector.reset()
             self.results["inference"] = self._inference_summary()
+            for name, entry in self.results["inference"].items():  # who answered, for the printed summary
+                self.results["models"][name]["generation"] = {"backend": entry["details"]["backend"],
+                                                              "served": entry["details"]["served"],
+                                                              "tokens_per_s": entry["metrics"]["tokens_per_s"]}
             self._gather_responses()
         records = self.trainer.datamodule.eval_records
         order = [int(i) for i in data[BASELINE][2].tolist()]
@@ -329,8 +343,8 @@ class AQIEvaluator(L.LightningModule):
             print(format_summary(self.results))
 
     def _inference_summary(self) -> dict[str, dict]:
-        """Per variant, the speed of the behaviour generation (this rank's hf calls): :func:`generation_metrics`
-        plus the settings it ran with; ``fteval report`` reads it as the hf backend's inference benchmark."""
+        """Per variant, the speed of the behaviour generation (this rank's calls): :func:`generation_metrics` plus the
+        backend and the settings it ran with; recorded as that backend's ``inference_benchmarks`` rows."""
         out = {}
         device = str(self.device.type)
         for name in self.variants:
@@ -341,11 +355,13 @@ class AQIEvaluator(L.LightningModule):
             metrics = generation_metrics(sum(r.completion_tokens for r in calls), sum(r.wall_s for r in calls), latencies,
                                          [r.memory_bytes for r in calls])
             out[name] = {"metrics": {k: v for k, v in metrics.items() if v is not None},
-                         "details": {"source": "fteval test (behaviour generation, greedy)", "device": device,
+                         "details": {"source": "fteval test (behaviour generation, greedy)", "backend": self._backend.name,
+                                     "served": self._backend.describe(name),
+                                     "device": device if self._backend.name == "hf" else None,  # llama.cpp/server: their own
                                      "n_prompts": sum(r.n_prompts for r in calls), "calls": len(calls),
                                      "completion_tokens": sum(r.completion_tokens for r in calls),
                                      "max_new_tokens": self.hparams.max_new_tokens,
-                                     "batch_size": self._backend.batch_size, "memory_kind": calls[-1].memory_kind}}
+                                     "batch_size": getattr(self._backend, "batch_size", 1), "memory_kind": calls[-1].memory_kind}}
         return out
 
     def _gather_responses(self) -> None:

@@ -3,7 +3,7 @@
 * :func:`write_results_files`: ``embeddings.safetensors``, ``responses.jsonl`` and
   ``aqi_results.json`` in the results folder, each written atomically (:mod:`fteval.io`).
 * :func:`record_results`: scores, Deltas, tests, behaviour rows, responses, the speed of the
-  behaviour generation (``inference_benchmarks``, backend ``hf``) and the embeddings file in the
+  behaviour generation (``inference_benchmarks``, under the backend that generated it) and the embeddings file in the
   run's experiment, as one transaction. The database is the run's: the one
   :class:`callbacks.run_logger.ExperimentDBLogger` created the experiment in (it hands the module
   ``experiment_db_path`` with ``experiment_id``); the evaluator has no database setting of its own.
@@ -164,7 +164,7 @@ def record_results(db_path: Union[str, Path], experiment_id: int, results: dict,
         if responses:
             db.add_model_responses(experiment_id, responses)
         for name, entry in (results.get("inference") or {}).items():
-            db.add_inference_benchmark("hf", name, entry["metrics"], experiment_id=experiment_id,
+            db.add_inference_benchmark(entry["details"].get("backend", "hf"), name, entry["metrics"], experiment_id=experiment_id,
                                        units={k: u for k, u in GENERATION_UNITS.items() if k in entry["metrics"]},
                                        details=entry["details"])
         if "embeddings_path" in results:

@@ -71,6 +71,9 @@ def _model_lines(name: str, entry: dict) -> list[str]:
     beh = entry.get("behaviour")
     if beh:
         rates = beh["rates"]
+        gen = entry.get("generation")
+        if gen:
+            lines.append(f"├── answers by {gen['backend']} ({gen['served']}), {gen['tokens_per_s']:.1f} tokens/s")
         if "refusal_rate" in rates:
             r = rates["refusal_rate"]
             lines.append(f"├── Safety Refusal Rate: {100 * r['value']:.1f}% [{100 * r['ci_low']:.0f}, {100 * r['ci_high']:.0f}] "
