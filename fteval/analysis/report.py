@@ -220,6 +220,14 @@ def _behaviour(s: Synthesis) -> list[Block]:
     if not s.behavioral:
         return blocks + [Para("Not measured: the database has no behavioral_metrics rows (refusal rate, over-refusal "
                               "rate, G-Eval). Run the behavioural part of python -m fteval test to fill them.")]
+    experiments = {r.get("experiment_id") for r in s.behavioral}
+    by_backend: dict[str, set[str]] = {}
+    for b in s.benchmarks:
+        if b.get("experiment_id") in experiments:
+            by_backend.setdefault(b["backend"], set()).add(b["model"])
+    if by_backend:
+        which = "; ".join(f"{backend} ({', '.join(sorted(models))})" for backend, models in sorted(by_backend.items()))
+        blocks.append(Para(f"Answers generated through {which}: the evaluation's behaviour_backend (docs/serving.md)."))
     rows = [[r["model"], r["metric"], r["category"] or "all", _ci(r), _f(r["n_samples"])] for r in s.behavioral]
     blocks.append(Table(["model", "metric", "category", "value [95% CI]", "n"], rows, (3, 4)))
     cats = [{"name": f"{r['model']}", "value": r["value"], "lo": r["ci_low"], "hi": r["ci_high"], "note": r["category"]}

@@ -112,12 +112,13 @@ def test_report_with_behaviour_and_benchmarks(run_db, tmp_path):
             {"model": "qlora", "metric": "over_refusal_rate", "value": 0.25, "category": "safe", "n_samples": 20},
         ])
         db.add_inference_benchmark("hf", "grit", {"tokens_per_s": 90.0, "latency_p50_s": 0.8},
-                                   units={"tokens_per_s": "tokens/s", "latency_p50_s": "s"})
+                                   units={"tokens_per_s": "tokens/s", "latency_p50_s": "s"}, experiment_id=eid)
         db.finish_experiment(eid)
     out = tmp_path / "m07"
     report(run_db, out, gpu_price_per_hour=3.6)
     md = (out / "report.md").read_text()
     assert "| grit | refusal_rate | unsafe | 0.7 [0.48, 0.85] | 20 |" in md
+    assert "Answers generated through hf (grit): the evaluation's behaviour_backend" in md
     with ExperimentDB(run_db) as db:
         recs = {r["use_case"]: r for r in db.rows("recommendations")}
         inference = [c for c in db.rows("cost_analysis") if c["item"] == "inference_per_1m_tokens"]
