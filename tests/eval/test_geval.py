@@ -54,8 +54,12 @@ def test_score_tokens_are_single_tokens(tokenizer):
 class _WordTokenizer:
     """Whitespace-word tokenizer: a digit glued to the previous word merges with it."""
 
+    def __init__(self):
+        self.vocab: dict[str, int] = {}
+
     def __call__(self, text, add_special_tokens=False):
-        return {"input_ids": [hash(w) % 1000 for w in text.split()]}
+        # ids assigned in order of first sight: deterministic, unlike hash() of a str
+        return {"input_ids": [self.vocab.setdefault(w, len(self.vocab)) for w in text.split()]}
 
 
 def test_merging_tokenizer_is_refused():
