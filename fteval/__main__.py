@@ -22,6 +22,7 @@ def _commands() -> dict:
     from fteval.analysis.report import report
     from fteval.bench import bench_eval, bench_generation, bench_stats, bench_train
     from fteval.bench.grit_ablation import bench_grit_ablation
+    from fteval.bench.pipeline import bench_pipeline
     from fteval.controls import bench_controls
     from fteval.eval.refusal import classify_refusals
     from fteval.data.stats_command import data_stats
@@ -39,7 +40,8 @@ def _commands() -> dict:
         "classify-refusals": classify_refusals,
         "db": {"export": db.export},
         "bench": {"train": bench_train, "eval": bench_eval, "generation": bench_generation,
-                  "grit-ablation": bench_grit_ablation, "stats": bench_stats, "controls": bench_controls},
+                  "grit-ablation": bench_grit_ablation, "stats": bench_stats, "controls": bench_controls,
+                  "pipeline": bench_pipeline},
     }
 
 

@@ -108,6 +108,9 @@ class HFBackend(GenerationBackend):
         raw: send prompts as they are instead of chat-formatting them.
         template / system_prompt: passed to ``format_prompt``.
         cache_dir: where the embedded model is materialised.
+        cache_implementation: 'dynamic' (a KV cache that grows per token) or 'static' (one of fixed size
+            per ``generate`` call; on a GPU transformers then compiles the decoding step). Greedy answers
+            are the same up to floating-point differences between the two kernels' orders.
         max_new_tokens, temperature, top_p, seed: see :class:`GenerationBackend`.
     """
 
@@ -128,13 +131,17 @@ class HFBackend(GenerationBackend):
         template: Template = "auto",
         system_prompt: Optional[str] = None,
         cache_dir: Optional[Path] = None,
+        cache_implementation: Literal["dynamic", "static"] = "dynamic",
     ) -> None:
         super().__init__(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
         if int(batch_size) < 1:
             raise ValueError(f"batch_size={batch_size} must be >= 1")
+        if cache_implementation not in ("dynamic", "static"):
+            raise ValueError(f"cache_implementation={cache_implementation!r} is not one of 'dynamic', 'static'")
         if quantization not in ("auto", "none", "nf4", "fp4"):
             raise ValueError(f"quantization={quantization!r} is not one of 'auto', 'none', 'nf4', 'fp4'")
         self.batch_size = int(batch_size)
+        self.cache_implementation = cache_implementation
         self.raw = bool(raw)
         self.template: Template = template
         self.system_prompt = system_prompt
@@ -234,6 +241,10 @@ class HFBackend(GenerationBackend):
             eos_token_id=sorted(self.eos_ids),
             use_cache=True,
         )
+        if self.cache_implementation == "static":
+            # one KV cache of fixed size for the whole call: on a GPU transformers compiles the decoding step
+            # (with CUDA graphs) once per batch shape instead of running it op by op
+            kwargs["cache_implementation"] = "static"
         if self.temperature > 0:
             kwargs.update(do_sample=True, temperature=self.temperature, top_p=self.top_p)
         else:
@@ -258,7 +269,9 @@ class HFBackend(GenerationBackend):
         with self._variant(model), _eval_mode(self.model), torch.no_grad():
             for start in range(0, len(order), self.batch_size):
                 chunk = order[start : start + self.batch_size]
-                batch = pad_batch([{"input_ids": encoded[i]} for i in chunk], self.tokenizer.pad_token_id, side="left")
+                # a static cache is compiled per shape: prompt widths in steps of 64 bound the shapes
+                batch = pad_batch([{"input_ids": encoded[i]} for i in chunk], self.tokenizer.pad_token_id, side="left",
+                                  multiple_of=64 if self.cache_implementation == "static" else 1)
                 ids = batch["input_ids"].to(device)  # [batch, seq]
                 mask = batch["attention_mask"].to(device)  # [batch, seq]
                 start_time = time.perf_counter()

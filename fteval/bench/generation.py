@@ -140,6 +140,7 @@ def bench_generation(
     concurrency: int = 4,
     extra: Optional[dict[str, Any]] = None,
     batch_size: int = 8,
+    hf_cache: str = "dynamic",
     n_threads: Optional[int] = None,
     n_gpu_layers: int = 0,
     db: Optional[Path] = None,
@@ -162,6 +163,7 @@ def bench_generation(
         extra: further fields of every openai request, e.g. ``{repeat_penalty: 1.0}`` for llama.cpp and Ollama
             servers (their default 1.1 is not plain greedy decoding).
         batch_size: prompts per generate call on the hf backend.
+        hf_cache: the hf backend's KV cache, 'dynamic' or 'static' (compiled decoding on a GPU).
         n_threads: CPU threads for torch (hf) and llama.cpp (default: their own defaults).
         n_gpu_layers: llama.cpp layers on the GPU (needs a CUDA build of llama-cpp-python).
         db: experiment database to add one inference_benchmarks row per metric to (optional).
@@ -200,7 +202,8 @@ def bench_generation(
             skipped[f"llamacpp/{name}"] = f"no LoRA GGUF at {path}; run `python -m fteval export {adapters[name]}`"
             del loras[name]
     settings = {
-        "hf": dict(model=model, adapters=adapters or None, batch_size=batch_size, **common),
+        "hf": dict(model=model, adapters=adapters or None, batch_size=batch_size, cache_implementation=hf_cache,
+                   **common),
         "llamacpp": dict(gguf=gguf, adapters=loras or None, n_threads=n_threads, n_gpu_layers=n_gpu_layers, **common),
         "openai": dict(base_url=base_url or "", models=served or None, concurrency=concurrency, extra=extra, **common),
     }

@@ -22,6 +22,7 @@ __all__ = ["BEHAVIOUR_BACKENDS", "BehaviourBackendName", "behaviour_backend"]
 BehaviourBackendName = Literal["hf", "llamacpp", "openai"]
 BEHAVIOUR_BACKENDS = ("hf", "llamacpp", "openai")
 _LLAMACPP_OPTIONS = {"gguf", "adapters", "n_ctx", "n_threads", "n_gpu_layers", "verbose"}
+_HF_OPTIONS = {"batch_size", "cache_implementation"}
 _OPENAI_OPTIONS = {"base_url", "models", "api_key", "endpoint", "timeout_s", "max_retries", "backoff_s",
                    "backoff_max_s", "concurrency", "extra"}
 
@@ -89,7 +90,9 @@ def behaviour_backend(kind: str, options: Optional[dict[str, Any]], *, model, to
 
     Args:
         kind: 'hf', 'llamacpp' or 'openai'.
-        options: the backend's options (``behaviour_backend_options``): llamacpp ``gguf`` (default the
+        options: the backend's options (``behaviour_backend_options``): hf ``batch_size`` (prompts per
+            ``generate`` call; default the data's ``eval_batch_size``) and ``cache_implementation``
+            ('dynamic' or 'static': a fixed-size KV cache, whose decoding step transformers compiles on a GPU); llamacpp ``gguf`` (default the
             embedded GGUF), ``adapters`` (name -> LoRA GGUF; default ADAPTER_DIR/gguf/adapter-f16.gguf),
             ``n_ctx``, ``n_threads``, ``n_gpu_layers``; openai ``base_url``, ``models`` (variant -> served
             name, every variant), ``api_key``, ``endpoint``, ``timeout_s``, ``concurrency``, ...
@@ -99,12 +102,11 @@ def behaviour_backend(kind: str, options: Optional[dict[str, Any]], *, model, to
     options = dict(options or {})
     common = dict(max_new_tokens=max_new_tokens, temperature=0.0, system_prompt=system_prompt)
     if kind == "hf":
-        if options:
-            raise ValueError(f"behaviour_backend hf takes no behaviour_backend_options (got {sorted(options)}); "
-                             "it generates with the evaluated model")
+        _unknown("hf", options, _HF_OPTIONS)
         from fteval.backends.hf import HFBackend
 
-        return HFBackend(model, tokenizer, batch_size=batch_size, template=template, **common)
+        batch_size = options.pop("batch_size", batch_size)  # default: the data's eval_batch_size
+        return HFBackend(model, tokenizer, batch_size=batch_size, template=template, **options, **common)
     if kind == "llamacpp":
         return _llamacpp(options, model_name_or_path, adapters, common)
     if kind == "openai":
