@@ -85,8 +85,28 @@ def test_openai_and_hf_options_are_checked():
     backend = _make("openai", {"base_url": "http://127.0.0.1:9/v1", "models": {"baseline": "b", "qlora": "q"}},
                     {"qlora": "q"})
     assert backend.variants == [BASELINE, "qlora"] and backend.describe("qlora") == "q at http://127.0.0.1:9/v1"
-    with pytest.raises(ValueError, match="behaviour_backend hf takes no behaviour_backend_options"):
+    with pytest.raises(ValueError, match=r"\['gguf'\] are not options of the hf backend; use \['batch_size', "
+                                         r"'cache_implementation'\]"):
         _make("hf", {"gguf": "x"})
+    with pytest.raises(ValueError, match=r"cache_implementation='paged' is not one of 'dynamic', 'static'"):
+        _make("hf", {"cache_implementation": "paged"})
+
+
+def test_hf_options_set_the_batch_and_the_cache(tokenizer):
+    from transformers import LlamaForCausalLM
+
+    from fteval.bench.common import llama_config
+
+    config = llama_config("tiny")
+    config.vocab_size = len(tokenizer)
+    model = LlamaForCausalLM(config)
+    backend = behaviour_backend("hf", {"batch_size": 16, "cache_implementation": "static"}, model=model,
+                                tokenizer=tokenizer, model_name_or_path="embedded", adapters={}, batch_size=4,
+                                max_new_tokens=8, template="auto", system_prompt=None)
+    assert backend.batch_size == 16 and backend._generation_config().cache_implementation == "static"
+    default = behaviour_backend("hf", None, model=model, tokenizer=tokenizer, model_name_or_path="embedded",
+                                adapters={}, batch_size=4, max_new_tokens=8, template="auto", system_prompt=None)
+    assert default.batch_size == 4 and default._generation_config().cache_implementation is None
 
 
 def test_a_missing_lora_gguf_is_one_line_exit_2(tmp_path, capsys):
