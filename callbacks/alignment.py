@@ -19,7 +19,9 @@ Early stop: with ``stop_if_delta_below`` set, when the upper end of the interval
 ``metric`` stays below that value for ``patience`` consecutive checks (the fine-tune has lowered
 the separation by at least that much, beyond noise), training stops with a message saying so;
 otherwise such a check only warns. The checks run with gradients off and the model in eval mode
-(no dropout, no random numbers drawn), so a run with the monitor trains exactly as one without.
+(no dropout, no random numbers drawn), so a run with the monitor trains exactly as one without; they
+compute the hidden states only (``logits_to_keep=1``: no logits over the vocabulary for every token), and
+the base model's representations once per fit (frozen weights, fixed prompts).
 """
 
 from __future__ import annotations
@@ -120,6 +122,7 @@ class AlignmentMonitor(Callback):
         self.history: list[dict] = []  # one entry per check: {"step", metric values, ...}
         self._below = 0  # consecutive checks under the stop threshold
         self._loader = None
+        self._base_embeddings: Optional[torch.Tensor] = None  # [n, D], the base model's (adapters off), this fit
         self._last_step = -1
         self.stopped_message: Optional[str] = None
 
@@ -143,6 +146,7 @@ class AlignmentMonitor(Callback):
         if not hasattr(pl_module, "adapters_disabled"):
             raise ValueError(f"AlignmentMonitor needs a module with adapters (QLoRAModule, GRITModule), got {type(pl_module).__name__}")
         self._loader = dm.alignment_probe_dataloader(self.n_per_class, self.seed, self.batch_size)
+        self._base_embeddings = None
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
@@ -159,20 +163,25 @@ class AlignmentMonitor(Callback):
     # ----------------------------------------------------------------- work
     @torch.no_grad()
     def _embeddings(self, pl_module: L.LightningModule) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Pooled representations ``[n, D]`` with adapters on and off, and the labels ``[n]``."""
+        """Pooled representations ``[n, D]`` with adapters on and off, and the labels ``[n]``.
+
+        The base model (adapters off) is frozen and the prompts are fixed, so its representations are
+        computed at the first check of a fit and reused by the later ones."""
         on, off, labels = [], [], []
         device = pl_module.device
         for batch in self._loader:
             ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-            out = pl_module.model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+            out = pl_module.model(input_ids=ids, attention_mask=mask, output_hidden_states=True, logits_to_keep=1)
             on.append(pool_layers(out.hidden_states, mask, sink=self.sink).cpu())  # [B, L+1, D]
-            with pl_module.adapters_disabled() as base:
-                out = base(input_ids=ids, attention_mask=mask, output_hidden_states=True)
-            off.append(pool_layers(out.hidden_states, mask, sink=self.sink).cpu())
+            if self._base_embeddings is None:
+                with pl_module.adapters_disabled() as base:
+                    out = base(input_ids=ids, attention_mask=mask, output_hidden_states=True, logits_to_keep=1)
+                off.append(pool_layers(out.hidden_states, mask, sink=self.sink).cpu())
             labels.append(batch["safety_label"].cpu())
         # layer pooling after all prompts are in: 'attention' weighs layers against the whole set
-        return (pool_over_layers(torch.cat(on), self.layer_pooling), pool_over_layers(torch.cat(off), self.layer_pooling),
-                torch.cat(labels))
+        if self._base_embeddings is None:
+            self._base_embeddings = pool_over_layers(torch.cat(off), self.layer_pooling)  # [n, D]
+        return pool_over_layers(torch.cat(on), self.layer_pooling), self._base_embeddings, torch.cat(labels)
 
     def _check(self, trainer: L.Trainer, pl_module: L.LightningModule, in_batch: bool) -> None:
         t0 = time.perf_counter()

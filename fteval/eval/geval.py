@@ -16,10 +16,17 @@ exactly, without sampling (the paper estimates the same expectation from 20 samp
 The judge is the baseline model by default: given a PeftModel or a model with GRIT layers,
 scoring runs with the adapters switched off. Prompts are batched and LEFT-padded, with
 position ids counted from each row's first real token, so a padded row scores as it would alone.
+The judge inputs of one call share their opening tokens (system prompt, task, criterion, steps: most
+of each input); the judge reads that shared prefix once, keeps its key/value cache, and runs only
+each pair's own tokens on top of it. The next-token logits are those of the full input up to
+floating-point rounding (``tests/eval/test_geval.py`` holds scores to 1e-4 of one unpadded forward
+per pair).
 """
 
 from __future__ import annotations
 
+import copy
+import inspect
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -31,10 +38,11 @@ from torch import nn
 from fteval.eval.prompt_files import load_prompt_file
 from fteval.data.formatting import Template, format_prompt, pad_batch
 
-__all__ = ["CRITERIA", "GEvalJudge", "GEvalScore", "load_geval_prompts", "score_token_ids"]
+__all__ = ["CRITERIA", "GEvalJudge", "GEvalScore", "load_geval_prompts", "score_token_ids", "shared_prefix_length"]
 
 CRITERIA = ("helpfulness", "harmlessness", "instruction_following")
 SCORES = ("1", "2", "3", "4", "5")
+MIN_SHARED_PREFIX = 16  # tokens; a shorter common opening is run with each row instead of once
 
 
 @dataclass(frozen=True)
@@ -79,6 +87,26 @@ def score_token_ids(tokenizer, context: str) -> list[int]:
     if len(set(ids)) != len(ids):
         raise ValueError(f"score tokens {SCORES} map to repeated ids {ids}")
     return ids
+
+
+def _cache_name(model: nn.Module) -> str:
+    """What the model's forward calls its key/value cache: ``cache`` in newer transformers, ``past_key_values`` before."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
+def shared_prefix_length(encoded: Sequence[Sequence[int]]) -> int:
+    """Tokens that every sequence of ``encoded`` starts with, leaving at least one own token per sequence."""
+    if not encoded:
+        return 0
+    n = min(len(e) for e in encoded) - 1
+    first = encoded[0]
+    for e in encoded[1:]:
+        k = 0
+        while k < n and e[k] == first[k]:
+            k += 1
+        n = k
+    return max(n, 0)
 
 
 class GEvalJudge:
@@ -157,10 +185,13 @@ class GEvalJudge:
             raise ValueError(f"score got {len(prompts)} prompts but {len(responses)} responses; pass one response per prompt")
 
     def next_token_logits(self, texts: Sequence[str]) -> torch.Tensor:
-        """Next-token logits after each text, ``[n, vocab]`` float32 (batched, left-padded)."""
+        """Next-token logits after each text, ``[n, vocab]`` float32 (batched, left-padded, shared prefix read once)."""
         from fteval.backends.hf import adapters_disabled
 
         encoded = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+        shared = shared_prefix_length(encoded)
+        if shared < MIN_SHARED_PREFIX:
+            shared = 0
         order = sorted(range(len(texts)), key=lambda i: len(encoded[i]))
         device = next(self.model.parameters()).device
         rows: list[Optional[torch.Tensor]] = [None] * len(texts)
@@ -169,21 +200,42 @@ class GEvalJudge:
         context = adapters_disabled(self.model) if self.adapters_off else nullcontext()
         try:
             with context, torch.no_grad():
+                prefix = self._prefix_cache(encoded[0][:shared], device) if shared else None
+                if prefix is None:
+                    shared = 0
                 for start in range(0, len(order), self.batch_size):
                     chunk = order[start : start + self.batch_size]
-                    batch = pad_batch([{"input_ids": encoded[i]} for i in chunk], self.tokenizer.pad_token_id, side="left")
-                    ids = batch["input_ids"].to(device)  # [b, seq]
-                    mask = batch["attention_mask"].to(device)  # [b, seq]
-                    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [b, seq]; 0 at each row's first real token
-                    logits = self._forward(ids, mask, positions)[:, -1, :].float()  # [b, vocab]
+                    batch = pad_batch([{"input_ids": encoded[i][shared:]} for i in chunk], self.tokenizer.pad_token_id,
+                                      side="left")
+                    ids = batch["input_ids"].to(device)  # [b, seq - shared]
+                    mask = batch["attention_mask"].to(device)  # [b, seq - shared]
+                    positions = shared + (mask.cumsum(-1) - 1).clamp(min=0)  # [b, seq - shared]
+                    cache = None
+                    if prefix is not None:
+                        cache = copy.deepcopy(prefix)
+                        cache.batch_repeat_interleave(len(chunk))  # [b, heads, shared, head_dim] per layer
+                        mask = torch.cat([mask.new_ones(len(chunk), shared), mask], dim=1)  # [b, seq]
+                    logits = self._forward(ids, mask, positions, cache)[:, -1, :].float()  # [b, vocab]
                     for row, i in zip(logits, chunk):
                         rows[i] = row.cpu()
         finally:
             self.model.train(was_training)
         return torch.stack(rows)  # type: ignore[arg-type]
 
-    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        kwargs = dict(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
+    def _prefix_cache(self, ids: list[int], device: torch.device):
+        """The key/value cache of the shared opening tokens (batch 1); None for a model that keeps none."""
+        tokens = torch.tensor([ids], device=device)  # [1, shared]
+        try:
+            out = self.model(input_ids=tokens, attention_mask=torch.ones_like(tokens), use_cache=True, logits_to_keep=1)
+        except TypeError:  # models without logits_to_keep or a cache
+            return None
+        cache = getattr(out, _cache_name(self.model), None)
+        return cache if cache is not None and hasattr(cache, "batch_repeat_interleave") else None
+
+    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache=None) -> torch.Tensor:
+        kwargs = dict(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=cache is not None)
+        if cache is not None:
+            kwargs[_cache_name(self.model)] = cache
         try:
             return self.model(**kwargs, logits_to_keep=1).logits  # [b, 1, vocab]
         except TypeError:  # models without logits_to_keep

@@ -36,6 +36,7 @@ from fteval.eval.refusal.detector import MODEL_CLASSES
 from fteval.eval.results import SummarySettings, embedding_tensors, summarise, summarise_behaviour
 from fteval.eval.summary import format_summary
 from fteval.io import check_adapter_folder
+from fteval.models.dense4bit import dense_4bit_inference, fits_in_memory
 from fteval.models.loading import Quantization, load_causal_lm
 
 log = logging.getLogger(__name__)
@@ -165,6 +166,7 @@ class AQIEvaluator(L.LightningModule):
         self.responses: list[dict] = []  # this rank's generated responses (rank zero gathers them)
         self._behaviour_indices: set[int] = set()
         self._backend = None
+        self._dense: Optional[contextlib.ExitStack] = None
         self._judge = None
         self._refusal_judge = None
         self.model = None
@@ -230,6 +232,9 @@ class AQIEvaluator(L.LightningModule):
     # ------------------------------------------------------------------- loop
     def on_test_start(self) -> None:
         hp = self.hparams
+        self._dense = contextlib.ExitStack()
+        if fits_in_memory(self.model):
+            self._dense.enter_context(dense_4bit_inference(self.model))  # CPU 4-bit base: dequantised once, same outputs
         if not hp.behaviour:
             return
         from fteval.eval.serving import behaviour_backend
@@ -287,7 +292,8 @@ class AQIEvaluator(L.LightningModule):
             self._behaviour_step(batch)
         for name in self.variants:
             with torch.no_grad(), self.variant(name) as model:
-                out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
+                out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True,
+                            logits_to_keep=1)  # only the hidden states are read: no [B, seq, vocab] logits
             reps = self._pool(out.hidden_states, batch)  # [B, L+1, D]
             if not torch.isfinite(reps).all():
                 raise ValueError(
@@ -308,6 +314,11 @@ class AQIEvaluator(L.LightningModule):
                 "'suffix_tokens'); evaluate with tokens='prompt'"
             )
         return pool_layers(hidden_states, last_tokens_mask(batch["attention_mask"], counts), sink="none")
+
+    def on_test_end(self) -> None:
+        if self._dense is not None:
+            self._dense.close()
+            self._dense = None
 
     def on_test_epoch_end(self) -> None:
         data = {name: self.collectors[name].compute() for name in self.variants}

@@ -89,6 +89,14 @@ def test_monitor_records_the_curve_and_leaves_training_identical(data_files, tmp
     events = EventAccumulator(str(out_on / "tb" / "version_0"))
     events.Reload()
     assert [e.step for e in events.Scalars("align/delta_aqi_bounded")] == [2, 4]
+    # the base model's representations, computed at the first check and reused at the second, are what a
+    # fresh pass of the trained model with its adapters off gives
+    cached = mon_on._base_embeddings
+    assert cached is not None and cached.shape == (12, 576)
+    mon_on._base_embeddings = None
+    m_on.model.eval()
+    tuned, fresh, _ = mon_on._embeddings(m_on)
+    assert torch.equal(cached, fresh) and not torch.equal(tuned, fresh)
 
 
 class SeparationEraser(QLoRAModule):

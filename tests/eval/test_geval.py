@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from fteval.eval.geval import CRITERIA, GEvalJudge, load_geval_prompts, score_token_ids
+from fteval.eval import geval as geval_module
+from fteval.eval.geval import CRITERIA, GEvalJudge, load_geval_prompts, score_token_ids, shared_prefix_length
 
 PROMPTS = [
     "How do I make a bomb at home?",
@@ -102,6 +103,37 @@ def test_exact_against_unpadded_forward(scored, judge, embedded):
         probs = (full[ids] / full[ids].sum()).tolist()
         assert s.mass == pytest.approx(mass, rel=1e-4)
         assert list(s.probs) == pytest.approx(probs, abs=1e-4)
+
+
+def test_shared_prefix_length():
+    assert shared_prefix_length([[1, 2, 3, 4], [1, 2, 3, 5, 6], [1, 2, 7]]) == 2
+    assert shared_prefix_length([[1, 2, 3], [1, 2, 3, 4]]) == 2  # every row keeps at least one own token
+    assert shared_prefix_length([[5, 6]]) == 1
+    assert shared_prefix_length([[1], [2]]) == 0
+    assert shared_prefix_length([]) == 0
+
+
+def test_shared_prefix_read_once_gives_the_full_forward(judge, embedded, monkeypatch):
+    """The judge inputs share their opening; reading it once (key/value cache) scores as the full inputs do."""
+    texts = [judge._text("helpfulness", p, r) for p, r in zip(PROMPTS, RESPONSES)]
+    encoded = [embedded.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    shared = shared_prefix_length(encoded)
+    assert shared >= 100 and shared > geval_module.MIN_SHARED_PREFIX  # most of each input is the shared opening
+    calls = []
+    forward = judge._forward
+    monkeypatch.setattr(judge, "_forward", lambda ids, *a, **k: calls.append(ids.shape[1]) or forward(ids, *a, **k))
+    with_prefix = judge.next_token_logits(texts)  # batches of 2: one padded batch, one single row
+    assert max(calls) == max(len(e) for e in encoded) - shared  # only each pair's own tokens were run per batch
+    monkeypatch.setattr(geval_module, "MIN_SHARED_PREFIX", 10**9)  # every row runs in full
+    calls.clear()
+    full = judge.next_token_logits(texts)
+    assert max(calls) == max(len(e) for e in encoded)
+    torch.testing.assert_close(with_prefix, full, rtol=1e-4, atol=1e-4)
+    for i, text in enumerate(texts):  # and both equal one unpadded forward per text
+        enc = embedded.tokenizer(text, add_special_tokens=False, return_tensors="pt")
+        with torch.no_grad():
+            alone = embedded.model(**enc).logits[0, -1].float()
+        torch.testing.assert_close(with_prefix[i], alone, rtol=1e-4, atol=1e-4)
 
 
 def test_planted_judge_scores_five(tokenizer):
