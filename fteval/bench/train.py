@@ -56,7 +56,7 @@ from fteval.bench.common import (
     mfu,
 )
 from fteval.bench.train_profile import profile_method as _profile_method
-from fteval.bench.train_ratios import TARGETS, comparisons, median_of_repeats
+from fteval.bench.train_ratios import DEFAULT_METHODS, PLAIN, TARGETS, bench_methods, comparisons, median_of_repeats
 from fteval.bench.train_report import print_longest, print_result
 from fteval.bench.train_runs import (
     GRIT_REPROJECT_EVERY,
@@ -65,10 +65,7 @@ from fteval.bench.train_runs import (
     LORA_ALPHA,
     LORA_DROPOUT,
     LORA_R,
-    DEFAULT_METHODS,
-    PLAIN,
     RunSpec,
-    bench_methods,
     longest_trainable,
     run_method,
 )

@@ -24,7 +24,7 @@ import statistics
 from dataclasses import dataclass
 from typing import Any, Callable, NamedTuple, Optional
 
-__all__ = ["PLAIN", "method_pairs", "OPTION_EFFECTS", "paired_ratios", "PAIR_MEASURES", "TARGETS", "RunKey", "comparisons",
+__all__ = ["DEFAULT_METHODS", "PLAIN", "bench_methods", "method_pairs", "OPTION_EFFECTS", "paired_ratios", "PAIR_MEASURES", "TARGETS", "RunKey", "comparisons",
            "median_of_repeats"]
 
 TARGETS = {"qlora_vs_plain_max": 1.03, "grit_vs_qlora_max": 1.10, "mfu_goal_b4_no_ckpt": 0.5}
@@ -49,6 +49,14 @@ def run_key(row: dict) -> RunKey:
 
 
 PLAIN = "plain"  # the bench's own peft + PyTorch loop, the reference of every method
+DEFAULT_METHODS = ("plain", "qlora", "grit")  # what fteval bench train times unless --methods says otherwise
+
+
+def bench_methods() -> list[str]:
+    """What ``--methods`` accepts: ``plain`` and every registered method (:mod:`fteval.methods`)."""
+    from fteval.methods import method_names
+
+    return [PLAIN, *method_names()]
 
 
 def method_pairs(methods: list[str]) -> list[tuple[str, str]]:

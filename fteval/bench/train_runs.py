@@ -28,27 +28,17 @@ from torch.utils.data import DataLoader, Dataset
 
 from fteval.bench.common import BenchModel, free_memory, peak_memory_gib, reset_peak_memory, synchronize, timing_summary
 from fteval.bench.train_ratios import PLAIN
-from fteval.models.base import DEFAULT_TARGETS
-from fteval.models.base import compile_blocks as _compile_blocks
+from fteval.models.base import DEFAULT_TARGETS, compile_blocks as _compile_blocks
 from fteval.models.cuda_graph import MicroBatchGraphs, graph_safe_checkpointing
 from fteval.models.fused_loss import fused_causal_lm_loss
 from fteval.models.offload import offload_activations
 
-__all__ = ["DEFAULT_METHODS", "PLAIN", "bench_methods", "RunSpec", "StepClock", "SyntheticLM", "longest_trainable", "restore_base", "run_method",
-           "strip_adapters"]
+__all__ = ["RunSpec", "StepClock", "SyntheticLM", "longest_trainable", "restore_base", "run_method", "strip_adapters"]
 
-DEFAULT_METHODS = ("plain", "qlora", "grit")  # what fteval bench train times unless --methods says otherwise
 LORA_R, LORA_ALPHA, LORA_DROPOUT = 16, 32.0, 0.05  # the modules' defaults, used by every method
 GRIT_UPDATE_FREQ = 20  # spec: K-FAC inverse refresh every 20 optimizer steps
 GRIT_REPROJECT_EVERY = 40  # spec: reprojection every 40 optimizer steps
 LEARNING_RATE = 1e-4
-
-
-def bench_methods() -> list[str]:
-    """What ``--methods`` accepts: ``plain`` and every registered method (:mod:`fteval.methods`)."""
-    from fteval.methods import method_names
-
-    return [PLAIN, *method_names()]
 
 
 @dataclass(frozen=True)
