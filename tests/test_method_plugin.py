@@ -71,7 +71,7 @@ def test_registered_toy_method_runs_fit_test_compare_report(in_tmp):
             "model": {"class_path": "fteval.eval.AQIEvaluator",
                       "init_args": {"quantization": "none", "adapters": {"qlora": "output/qlora/adapter",
                                                                          "toy": "output/toy/adapter"},
-                                    "behaviour": False, "n_bootstrap": 0, "save_embeddings": False,
+                                    "behaviour": False, "n_bootstrap": 1, "save_embeddings": False,
                                     "results_dir": "output/aqi"}},
             "data": {"n_per_class": 6, "eval_batch_size": 12}}
     (in_tmp / "aqi.yaml").write_text(yaml.safe_dump(test))
@@ -89,6 +89,11 @@ def test_registered_toy_method_runs_fit_test_compare_report(in_tmp):
         assert not [r for r in db.rows("training_metrics", experiment_id=fits["qlora"]["id"]) if r["name"].startswith("toy/")]
         scored = {r["model"] for r in db.rows("aqi_scores")}
         assert {"baseline", "qlora", "toy"} <= scored
+        # the evaluation tests every pair of its models (toy against qlora too), Holm over the family
+        pairs = {frozenset((t["group_a"], t["group_b"])): t for t in db.rows("statistical_tests")
+                 if t["test"] == "paired_jackknife" and t["metric"] == "aqi_bounded"}
+        assert set(pairs) == {frozenset(p) for p in (("qlora", "baseline"), ("toy", "baseline"), ("toy", "qlora"))}
+        assert all(t["correction"] == "holm" and t["p_adjusted"] >= t["p_value"] for t in pairs.values())
         training_tests = [t for t in db.rows("statistical_tests") if (t["details"] or {}).get("analysis") == "training_comparison"]
         assert any({t["group_a"].split("#")[0], t["group_b"].split("#")[0]} == {"toy", "qlora"} for t in training_tests)
     comparison = (in_tmp / "output" / "compare" / "comparison.md").read_text()
