@@ -27,8 +27,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-__all__ = ["Method", "MethodError", "REGISTRY", "get_method", "method_names", "method_of", "register", "register_method",
-           "display_name", "is_registered"]
+__all__ = ["Method", "MethodError", "REGISTRY", "display_name", "get_method", "method_names", "method_of",
+           "order_key", "register", "register_method", "unregister"]
 
 
 class MethodError(ValueError):
@@ -126,10 +126,6 @@ def unregister(name: str) -> None:
 def method_names() -> list[str]:
     """Registered method names, in registration order."""
     return list(REGISTRY)
-
-
-def is_registered(name: Optional[str]) -> bool:
-    return name is not None and str(name).lower() in REGISTRY
 
 
 def get_method(name: str) -> Method:

@@ -93,8 +93,9 @@ def shipped_adapter(s: Synthesis) -> tuple[Optional[str], str]:
 
     Rule: an adapter whose bounded-AQI Delta against the baseline is significantly negative (Holm-adjusted
     p < 0.05) is excluded. Of the rest, the one whose head-to-head test against every other is significant
-    in its favour (all pairs, Holm over the family); otherwise the lower task loss (final validation loss, else smoothed final training loss),
-    since alignment does not tell them apart. (None, reason) when no adapter qualifies.
+    in its favour (all pairs, Holm over the family); otherwise the lower task loss (final validation loss,
+    else smoothed final training loss), since alignment does not tell them apart. (None, reason) when no
+    adapter qualifies.
     """
     adapters = _adapters(s)
     if not adapters:
@@ -266,15 +267,16 @@ def scaling(s: Synthesis) -> list[Block]:
 def _cost_return(s: Synthesis, m: str, ref: str, per_k: dict[str, float], price: float) -> str:
     """One sentence: method ``m``'s extra cost per 1k examples over ``ref`` against its bounded-AQI difference."""
     extra = per_k[m] / per_k[ref] - 1.0
-    t = aqi_test(s, m, ref)
+    t = aqi_test(s, m, ref) or aqi_test(s, ref, m)  # the evaluation tests each pair once, in either order
+    sign = 1.0 if t is None or t["group_a"] == m else -1.0
     text = f"{display_name(m)} costs {extra:+.1%} per 1k training examples against {display_name(ref)} on this machine."
     if _significant(t):
-        gain = t["statistic"]
+        gain = sign * t["statistic"]
         text += (f" Its bounded AQI differs by {gain:+.4f} (Holm-adjusted p {t['p_adjusted']:.3g}): "
                  + (f"{gain / (per_k[m] - per_k[ref]) / price:+.4g} bounded AQI per unit of extra cost per 1k examples."
                     if per_k[m] != per_k[ref] and price > 0 else "at no extra cost."))
     elif t is not None:
-        text += (f" Its bounded-AQI difference ({t['statistic']:+.4f}, Holm-adjusted p {t['p_adjusted']:.3g}) is not "
+        text += (f" Its bounded-AQI difference ({sign * t['statistic']:+.4f}, Holm-adjusted p {t['p_adjusted']:.3g}) is not "
                  "significant: this run shows no alignment return for the difference in cost.")
     return text
 

@@ -125,3 +125,16 @@ def test_with_more_than_two_adapters_the_one_that_beats_every_other_is_shipped()
                          ("lora", "qlora"): (0.0, 0.8)}, losses)
     best, why = shipped_adapter(s)
     assert best == "lora" and "task loss decides" in why
+
+
+def test_cost_return_reads_a_pair_tested_in_the_other_order():
+    from fteval.analysis.guidance import _cost_return
+
+    s = _three_adapters({("qlora", "qdora"): (-0.02, 0.01)}, {"qlora": 1.0, "qdora": 1.2})
+    text = _cost_return(s, "qdora", "qlora", {"qlora": 2.0, "qdora": 3.0}, 2.5)
+    # QDoRA's Delta over QLoRA is +0.02 (the stored test is QLoRA - QDoRA); +0.02 / (3 - 2) / 2.5 = +0.008
+    assert text.startswith("QDoRA costs +50.0% per 1k training examples against QLoRA")
+    assert "differs by +0.0200" in text and "+0.008 bounded AQI per unit" in text
+    s = _three_adapters({("qlora", "qdora"): (-0.02, 0.4)}, {"qlora": 1.0, "qdora": 1.2})
+    assert "(+0.0200, Holm-adjusted p 0.4) is not significant" in _cost_return(s, "qdora", "qlora",
+                                                                             {"qlora": 2.0, "qdora": 3.0}, 2.5)
