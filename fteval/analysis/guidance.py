@@ -16,11 +16,11 @@ from typing import Any, Optional
 from fteval.analysis.advice import aqi_test
 from fteval.backends.base import BASELINE
 from fteval.eval.power import mde_wald, prompts_for_delta
-from fteval.methods import display_name, order_key
 from fteval.analysis.document import Block, Bullets, Chart, Heading, Para, Table
 from fteval.analysis.document import format_number as _f  # short: used inside many f-strings
 from fteval.analysis.runs import RunSummary
 from fteval.analysis.synthesis import ALPHA, SMALL_SAMPLE, Synthesis, headline
+from fteval.methods import display_name, order_key
 from fteval.models.loading import EMBEDDED_NAME, default_cache_dir, is_embedded
 
 __all__ = ["guidance_blocks", "alignment_over_training", "deployment", "monitoring", "scaling", "open_questions",
