@@ -126,3 +126,16 @@ def test_registry_rejects_conflicts_and_reserved_names():
     finally:
         unregister("tmp-method")
     assert "tmp-method" not in method_names()
+
+
+def test_no_code_outside_the_registry_compares_method_names():
+    """Method names are compared nowhere but in fteval/methods.py (the GRIT ablation's arms are config names,
+    GRIT's ``pairing: grit`` is another concept)."""
+    import re
+
+    pattern = re.compile(r"""(==|!=)\s*["'](qlora|grit|qdora|lora)["']|["'](qlora|grit|qdora|lora)["']\s+(not\s+)?in\s""")
+    allowed = {Path("fteval/methods.py"), Path("fteval/bench/grit_ablation.py")}
+    found = [f"{p}:{i}: {line.strip()}" for folder in ("fteval", "callbacks") for p in sorted((ROOT / folder).rglob("*.py"))
+             if p.relative_to(ROOT) not in allowed and not p.relative_to(ROOT).parts[:2] == ("fteval", "grit")
+             for i, line in enumerate(p.read_text().splitlines(), 1) if pattern.search(line)]
+    assert found == []
