@@ -144,7 +144,7 @@ class AlignmentMonitor(Callback):
             raise ValueError("AlignmentMonitor needs fteval's AlignmentDataModule (it provides the evaluation prompts); "
                              "remove the callback or use --data for the data module")
         if not hasattr(pl_module, "adapters_disabled"):
-            raise ValueError(f"AlignmentMonitor needs a module with adapters (QLoRAModule, GRITModule), got {type(pl_module).__name__}")
+            raise ValueError(f"AlignmentMonitor needs a module with adapters (a method of fteval.methods), got {type(pl_module).__name__}")
         self._loader = dm.alignment_probe_dataloader(self.n_per_class, self.seed, self.batch_size)
         self._base_embeddings = None
 
@@ -216,10 +216,9 @@ class AlignmentMonitor(Callback):
         if self.record_in_database and exp is not None and db_path:
             from fteval.db import ExperimentDB
 
-            table = "grit" if "grit" in str(getattr(pl_module, "method_name", "")).lower() else "qlora"
             try:  # a monitoring row that cannot be written must not end the training run
                 with ExperimentDB(db_path) as db:
-                    db.log_training_metrics(exp, table, [(step, k, v) for k, v in values.items()])
+                    db.log_training_metrics(exp, None, [(step, k, v) for k, v in values.items()])  # under the run's method
             except Exception as err:
                 rank_zero_warn(f"alignment monitor: could not write step {step} to {db_path}: {err}")
 

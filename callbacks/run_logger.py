@@ -25,9 +25,9 @@ What it writes (rank zero only; other ranks never open the database):
   whose process dies is marked ``crashed`` by the next run that opens the database.
 
 Coupling with the LightningModule (all optional, duck-typed):
-``pl_module.method_name`` (str) names the method (else the class name) and picks the
-metrics table (``training_metrics_grit`` when it contains "grit", else
-``training_metrics_qlora``); ``pl_module.experiment_id`` is set to the row id on every
+``pl_module.method_name`` (str) names the method (else the class name): the experiment's
+``method``, under which its per-step metrics go to ``training_metrics`` (any method, registered
+in :mod:`fteval.methods` or not); ``pl_module.experiment_id`` is set to the row id on every
 rank when the attribute exists, and ``pl_module.experiment_db_path`` to this database, so the
 module (and :class:`callbacks.alignment.AlignmentMonitor`) can attach rows with
 ``ExperimentDB(pl_module.experiment_db_path).add_aqi_scores(pl_module.experiment_id, ...)``;
@@ -91,7 +91,6 @@ class ExperimentDBLogger(L.Callback):
         self.experiment_id: Optional[int] = None
         self._restored_id: Optional[int] = None
         self._db: Optional[ExperimentDB] = None
-        self._table_method = "qlora"
         self._pending: dict[int, dict[str, list[float]]] = {}  # step -> name -> [sum, count]
         self._ready: list[tuple[int, str, float]] = []  # complete (step, name, value) rows not yet written
         self._step: Optional[int] = None  # optimizer step the current batch contributes to
@@ -156,7 +155,6 @@ class ExperimentDBLogger(L.Callback):
     def _start(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         log_dir = trainer.log_dir  # a collective call: every rank must make it
         method = self._method(pl_module)
-        self._table_method = "grit" if "grit" in method.lower() else "qlora"
         self._pending, self._ready, self._step = {}, [], None
         self._t_fit = time.perf_counter()
         experiment_id = None
@@ -168,7 +166,7 @@ class ExperimentDBLogger(L.Callback):
                 db.mark_dead_runs()  # rows left 'running' by dead processes -> 'crashed' (create_experiment does it otherwise)
                 with db.transaction():  # resume: same row, drop rows the interrupted run logged past the checkpoint
                     db.finish_experiment(restored, "running")
-                    db.truncate_training_metrics(restored, self._table_method, trainer.global_step)
+                    db.truncate_training_metrics(restored, trainer.global_step)
                 experiment_id = restored
             else:
                 if restored is not None:
@@ -220,7 +218,7 @@ class ExperimentDBLogger(L.Callback):
     def _flush(self) -> None:
         if self._db is None or self.experiment_id is None or not self._ready:
             return
-        self._db.log_training_metrics(self.experiment_id, self._table_method, self._ready)
+        self._db.log_training_metrics(self.experiment_id, None, self._ready)
         self._db.heartbeat(self.experiment_id)
         self._ready = []
 

@@ -1,6 +1,6 @@
 """LightningCLI for the Trainer subcommands (fit, validate, test).
 
-Models are chosen by ``class_path`` in the config (QLoRAModule, GRITModule, AQIEvaluator); the data
+Models are chosen by ``class_path`` in the config (a method's module from fteval.methods, or AQIEvaluator); the data
 module is always :class:`fteval.data.AlignmentDataModule`, and its tokenizer follows the model's
 ``model_name_or_path`` through an argument link. Optimisers are injected into the module as an
 ``OptimizerCallable`` (``auto_configure_optimizers=False``) so the module decides which parameters

@@ -40,7 +40,7 @@ def test_schema_created_with_settings(tmp_path):
     db = ExperimentDB(tmp_path / "sub" / "c.db")
     tables = {r[0] for r in db.conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     assert set(TABLES) <= tables
-    assert _version(db) == LATEST_VERSION == 4
+    assert _version(db) == LATEST_VERSION == 5
     assert db.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert db.conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
     assert db.conn.execute("PRAGMA busy_timeout").fetchone()[0] == 60_000
@@ -48,14 +48,63 @@ def test_schema_created_with_settings(tmp_path):
     # foreign keys are enforced: a metric row for a missing experiment is refused by SQLite itself
     with pytest.raises(sqlite3.IntegrityError):
         with db.transaction():
-            db.conn.execute("INSERT INTO training_metrics_qlora (experiment_id, step, name, value, created_at)"
-                            " VALUES (99, 1, 'loss', 1.0, 'now')")
+            db.conn.execute("INSERT INTO training_metrics (experiment_id, method, step, name, value, created_at)"
+                            " VALUES (99, 'qlora', 1, 'loss', 1.0, 'now')")
     db.close()
     # reopening applies nothing and writes no backup
     again = ExperimentDB(tmp_path / "sub" / "c.db")
-    assert _version(again) == 4 and again.backup_path is None
-    assert len(again.rows("schema_version")) == 4
+    assert _version(again) == 5 and again.backup_path is None
+    assert len(again.rows("schema_version")) == 5
     again.close()
+
+
+def _old_database(path: Path, version: int) -> None:
+    """A database at ``version`` built with that version's own DDL (the migrations up to it)."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("BEGIN")
+    conn.execute(SCHEMA_VERSION_DDL)
+    for m in MIGRATIONS[:version]:
+        for statement in m.statements:
+            conn.execute(statement)
+        conn.execute("INSERT INTO schema_version VALUES (?, ?, '2025-01-01')", (m.version, m.description))
+    conn.execute("COMMIT")
+    conn.close()
+
+
+def test_migration_v4_to_v5_moves_per_method_tables_into_one(tmp_path):
+    path = tmp_path / "v4.db"
+    _old_database(path, 4)
+    conn = sqlite3.connect(path, isolation_level=None)
+    tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    assert {"training_metrics_qlora", "training_metrics_grit"} <= tables and "training_metrics" not in tables
+    conn.execute("BEGIN")
+    for name, method in (("q", "qlora"), ("g", "grit"), ("x", "QLoRAModule")):  # the last: a class-named run
+        conn.execute("INSERT INTO experiments (name, method, started_at) VALUES (?, ?, 't0')", (name, method))
+    old = {1: ("qlora", [(1, "loss", 3.0), (2, "loss", 2.5), (2, "lr", 1e-4)]),
+           2: ("grit", [(1, "loss", 2.9), (1, "grit/kfac_refreshes", 1.0)]),
+           3: ("qlora", [(5, "loss", 1.25)])}
+    for exp, (table, rows) in old.items():
+        conn.executemany(f"INSERT INTO training_metrics_{table} (experiment_id, step, name, value, created_at)"
+                         " VALUES (?, ?, ?, ?, 't')", [(exp, *r) for r in rows])
+    conn.execute("COMMIT")
+    conn.close()
+
+    with ExperimentDB(path) as db:
+        assert _version(db) == 5 and db.backup_path == tmp_path / "v4.db.bak-v4"
+        names = {r[0] for r in db.conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        assert "training_metrics_qlora" not in names and "training_metrics_grit" not in names
+        for exp, (_, rows) in old.items():
+            got = [(m["step"], m["name"], m["value"]) for m in db.metrics(exp)]
+            assert got == sorted(rows, key=lambda r: (r[1], r[0]))
+        by_exp = {r["experiment_id"]: r["method"] for r in db.rows("training_metrics")}
+        assert by_exp == {1: "qlora", 2: "grit", 3: "QLoRAModule"}  # the experiment's own method
+        assert len(db.rows("training_metrics")) == 6
+        # new rows of the migrated database go to the same table and extend a run's curve
+        db.log_training_metrics(1, "qlora", [(3, "loss", 2.0)])
+        assert [m["value"] for m in db.metrics(1, name="loss")] == [3.0, 2.5, 2.0]
+    bak = sqlite3.connect(tmp_path / "v4.db.bak-v4")  # the backup still reads as version 4
+    assert bak.execute("SELECT COUNT(*) FROM training_metrics_grit").fetchone()[0] == 2
+    bak.close()
 
 
 def test_migration_from_v1_writes_backup_and_keeps_rows(tmp_path):
@@ -74,7 +123,7 @@ def test_migration_from_v1_writes_backup_and_keeps_rows(tmp_path):
     v1_bytes = path.read_bytes()
 
     db = ExperimentDB(path)
-    assert _version(db) == 4
+    assert _version(db) == 5
     assert db.backup_path == tmp_path / "old.db.bak-v1"
     # the migrated database kept the rows and gained the v2 column (default 'fit') and table
     exp = db.experiment(1)
@@ -169,13 +218,13 @@ def test_four_processes_write_concurrently_without_losing_rows(tmp_path):
     exps = db.experiments()
     assert sorted(e["name"] for e in exps) == [f"worker-{w}" for w in range(n_proc)]
     assert all(e["status"] == "finished" for e in exps)
-    assert _count(path, "training_metrics_qlora") == n_proc * n_rows
+    assert _count(path, "training_metrics") == n_proc * n_rows
     for e in exps:
         rows = db.metrics(e["id"])
         w = e["seed"]
         assert [r["step"] for r in rows] == list(range(n_rows))
         assert [r["value"] for r in rows] == pytest.approx([w + s / n_rows for s in range(n_rows)])
-    assert _version(db) == 4 and len(db.rows("schema_version")) == 4  # migrated once, not four times
+    assert _version(db) == 5 and len(db.rows("schema_version")) == 5  # migrated once, not five times
     db.close()
 
 
@@ -187,7 +236,7 @@ def test_exception_inside_transaction_leaves_nothing(tmp_path):
             db.log_training_metrics(exp, "grit", [(s, "loss", 1.0) for s in range(100)])
             db.add_aqi_scores(exp, [{"model": "grit", "metric": "aqi", "value": 0.5}])
             raise RuntimeError("crash in the middle of a write")
-    for table in ("experiments", "training_metrics_grit", "aqi_scores"):
+    for table in ("experiments", "training_metrics", "aqi_scores"):
         assert _count(db.path, table) == 0
     # a failing inner block rolls back alone when the caller handles it
     with db.transaction():
@@ -217,9 +266,13 @@ def test_insert_helpers_and_queries(tmp_path):
     assert db.log_training_metrics(exp, "QLoRA", [(1, "loss", 2.0), (1, "lr", 1e-4), (2, "loss", float("nan"))]) == 3
     assert [(m["step"], m["name"], m["value"]) for m in db.metrics(exp)] == [(1, "loss", 2.0), (2, "loss", None),
                                                                              (1, "lr", 1e-4)]
-    assert db.truncate_training_metrics(exp, "qlora", after_step=1) == 1
-    with pytest.raises(ValueError, match="No training-metrics table"):
-        db.log_training_metrics(exp, "sft", [(1, "loss", 1.0)])
+    assert {m["method"] for m in db.rows("training_metrics", experiment_id=exp)} == {"qlora"}  # the run's own name
+    assert db.truncate_training_metrics(exp, after_step=1) == 1
+    with pytest.raises(ValueError, match="is a 'qlora' run, not 'grit'"):  # never filed as another method's
+        db.log_training_metrics(exp, "grit", [(1, "loss", 1.0)])
+    other = db.create_experiment("sft-run", "sft")  # any method, registered or not, has its rows in the one table
+    assert db.log_training_metrics(other, None, [(1, "loss", 1.0)]) == 1
+    assert [(m["method"], m["value"]) for m in db.rows("training_metrics", experiment_id=other)] == [("sft", 1.0)]
     with pytest.raises(ValueError, match="No experiment with id 999"):
         db.log_training_metrics(999, "qlora", [(1, "loss", 1.0)])
     with pytest.raises(ValueError, match="status"):
@@ -286,7 +339,7 @@ def test_export_round_trips(tmp_path, capsys):
         db.add_statistical_test("bootstrap", "delta_aqi", p_value=1e-12, ci_low=-0.1, ci_high=0.3)
     out = tmp_path / "export"
     export(path, out, ["csv", "json", "parquet"])
-    assert "training_metrics_grit" in capsys.readouterr().out
+    assert "training_metrics" in capsys.readouterr().out
 
     conn = sqlite3.connect(path)
     conn.row_factory = sqlite3.Row
@@ -305,7 +358,7 @@ def test_export_round_trips(tmp_path, capsys):
         back = pq.read_table(out / f"{table}.parquet")
         assert back.column_names == cols and back.to_pylist() == rows
     conn.close()
-    metrics = json.loads((out / "training_metrics_grit.json").read_text())
+    metrics = json.loads((out / "training_metrics.json").read_text())
     assert [m["value"] for m in metrics] == [math.pi / s for s in range(1, 6)]  # floats exact through JSON
     assert not list(out.glob(".*"))  # no temporary files left
 

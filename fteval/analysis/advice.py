@@ -1,7 +1,7 @@
 """The recommendation matrix of ``fteval report``: one choice per use case, each with the evidence behind it.
 
 Besides the use cases, every pair of adapters of the latest ``fteval test`` run gets a head-to-head
-row ("GRIT vs QLORA") from that run's paired tests: the bounded-AQI Delta (paired jackknife), the
+row ("GRIT vs QLoRA") from that run's paired tests: the bounded-AQI Delta (paired jackknife), the
 refusal and over-refusal rates (exact McNemar) and G-Eval (paired t), each corrected in its family.
 
 Every recommendation names the measured numbers it rests on (``evidence``: text plus the
@@ -24,6 +24,7 @@ from typing import Any, Optional
 
 from fteval.analysis.document import format_number as _f  # short: used inside many f-strings
 from fteval.analysis.synthesis import ALPHA, SMALL_SAMPLE, Recommendation, Synthesis, headline
+from fteval.methods import display_name
 
 __all__ = ["aqi_test", "recommend", "training_test_rows", "confidence", "format_evidence"]
 
@@ -272,7 +273,7 @@ def aqi_test(s: Synthesis, a: str, b: str) -> Optional[dict[str, Any]]:
 
 
 def _head_to_head(s: Synthesis) -> list[Recommendation]:
-    """One recommendation per pair of adapters of the latest test run ("GRIT vs QLORA"), from its paired tests."""
+    """One recommendation per pair of adapters of the latest test run ("GRIT vs QLoRA"), from its paired tests."""
     ev = s.evaluation
     if ev is None:
         return []
@@ -319,7 +320,7 @@ def _head_to_head(s: Synthesis) -> list[Recommendation]:
                     "correction on these prompts; the run's power line says how large a difference it could have seen")
         else:
             text = f"{a} vs {b}: not tested"
-        out.append(Recommendation(f"Head to head: {a.upper()} vs {b.upper()}", text,
+        out.append(Recommendation(f"Head to head: {display_name(a)} vs {display_name(b)}", text,
                                   confidence(True, tested, bool(wins), small), evidence))
     return out
 

@@ -10,6 +10,7 @@ import numpy as np
 
 from fteval.analysis.runs import RunSummary, smooth
 from fteval.io import write_atomic
+from fteval.methods import display_name, order_key
 
 __all__ = ["matplotlib_available", "loss_curves_png", "efficiency_png", "effective_rank_png", "alignment_png"]
 
@@ -121,7 +122,7 @@ def alignment_png(curves: dict, methods: dict[str, str], path: Path) -> Optional
     if not curves:
         return None
     plt = _pyplot()
-    panels = sorted({methods[label] for label in curves}, key=lambda m: (m != "qlora", m))  # QLoRA, then GRIT
+    panels = sorted({methods[label] for label in curves}, key=order_key)  # in fteval.methods' order
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.8), sharey=True, squeeze=False)
     labels = list(methods)
     for ax, method in zip(axes[0], panels):
@@ -139,7 +140,7 @@ def alignment_png(curves: dict, methods: dict[str, str], path: Path) -> Optional
                 ax.plot([choice.check.step], [choice.check.delta], marker="o", markersize=12, fillstyle="none",
                         color="black", linestyle="none", label=f"{label} chosen step {choice.check.step}")
         ax.axhline(0.0, color="grey", linestyle=":", linewidth=1)
-        ax.set_title(method.upper())
+        ax.set_title(display_name(method))
         ax.set_xlabel("optimizer step")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)

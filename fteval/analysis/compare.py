@@ -1,4 +1,5 @@
-"""``fteval compare`` (pipeline step m04): QLoRA vs GRIT, and any number of training runs, from the database.
+"""``fteval compare`` (pipeline step m04): every training method against the others (QLoRA, GRIT, QDoRA, LoRA,
+any method of :mod:`fteval.methods`), and any number of training runs, from the database.
 
 Reads the ``fit`` experiments and the adapter folders they point to (:mod:`fteval.analysis.runs`),
 tests the differences between methods (:func:`training_tests`), and writes:
@@ -214,7 +215,7 @@ def _run_rows(run: RunSummary, threshold: float) -> list[dict[str, Any]]:
         if metric == "peak_memory_gib":
             details["memory_kind"] = run.memory_kind
         rows.append({"subject": run.label, "metric": metric, "value": float(value), "details": details})
-    for name, value in run.grit.items():  # GRIT's own per-step figures, last logged value
+    for name, value in run.method_metrics.items():  # GRIT's own per-step figures, last logged value
         rows.append({"subject": run.label, "metric": name, "value": value,
                      "details": {"method": run.method, "run": run.label, "aggregate": "last logged step"}})
     if math.isfinite(threshold):
@@ -314,8 +315,8 @@ def comparison_markdown(runs: list[RunSummary], threshold: float, tests: list[Tr
         if metric == "peak_memory_gib":
             shown_unit = f" ({', '.join(sorted({r.memory_kind for r in runs if r.memory_kind}))}, GiB)"
         lines.append(f"| {metric}{shown_unit} | " + " | ".join(cells) + " |")
-    for name in sorted({n for r in runs for n in r.grit}):
-        lines.append(f"| {name} (last step) | " + " | ".join(_fmt(r.grit.get(name)) for r in runs) + " |")
+    for name in sorted({n for r in runs for n in r.method_metrics}):
+        lines.append(f"| {name} (last step) | " + " | ".join(_fmt(r.method_metrics.get(name)) for r in runs) + " |")
     lines += ["", f"Loss threshold for steps-to-threshold: **{_fmt(threshold)}** nats "
               "(the highest smoothed final loss among the runs unless --loss_threshold was given).", ""]
     lines += ["## Significance tests", ""]
@@ -355,7 +356,7 @@ def compare(
     experiments: Optional[list[int]] = None,
     loss_threshold: Optional[float] = None,
 ) -> int:
-    """Compare training runs (QLoRA vs GRIT, any number of runs): convergence, speed, memory, adapter size, tests.
+    """Compare training runs (every pair of methods, any number of runs): convergence, speed, memory, adapter size, tests.
 
     Writes comparative_analysis and statistical_tests rows (replacing an earlier compare's),
     comparison.md and PNG charts (loss curves, efficiency, GRIT effective rank).

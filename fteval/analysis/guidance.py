@@ -20,6 +20,7 @@ from fteval.analysis.document import Block, Bullets, Chart, Heading, Para, Table
 from fteval.analysis.document import format_number as _f  # short: used inside many f-strings
 from fteval.analysis.runs import RunSummary
 from fteval.analysis.synthesis import ALPHA, SMALL_SAMPLE, Synthesis, headline
+from fteval.methods import display_name, order_key
 from fteval.models.loading import EMBEDDED_NAME, default_cache_dir, is_embedded
 
 __all__ = ["guidance_blocks", "alignment_over_training", "deployment", "monitoring", "scaling", "open_questions",
@@ -61,7 +62,7 @@ def alignment_over_training(s: Synthesis) -> list[Block]:
                        "checkpoints that did not erode alignment."))
     rows, colours = [], ["#2b6cb0", "#dd6b20", "#2f855a", "#b83280", "#6b46c1", "#c53030"]
     labels = [r.label for r in s.runs]
-    methods = sorted({label.split("#")[0] for label in s.alignment}, key=lambda m: (m != "qlora", m))
+    methods = sorted({label.split("#")[0] for label in s.alignment}, key=order_key)  # registry order
     for method in methods:
         series = []
         for label, (checks, choice) in s.alignment.items():
@@ -78,7 +79,7 @@ def alignment_over_training(s: Synthesis) -> list[Block]:
                              Path(k.checkpoint).name if k.checkpoint else "not saved", choice.reason])
         blocks.append(Chart({"id": f"chart-align-{method}", "kind": "line", "small": len(methods) > 1,
                              "width": 560 if len(methods) > 1 else 860, "height": 320,
-                             "title": f"{method.upper()}: Delta AQI (bounded) over training", "xlabel": "optimizer step",
+                             "title": f"{display_name(method)}: Delta AQI (bounded) over training", "xlabel": "optimizer step",
                              "ylabel": "Delta AQI (bounded)", "integerX": True, "series": series,
                              "hlines": [{"y": 0.0, "label": "no change"}]}))
     blocks.append(Table(["run", "checks", "last Delta", "lowest Delta at step", "first eroded step", "chosen step",
@@ -91,9 +92,10 @@ def shipped_adapter(s: Synthesis) -> tuple[Optional[str], str]:
     """The adapter to ship and why.
 
     Rule: an adapter whose bounded-AQI Delta against the baseline is significantly negative (Holm-adjusted
-    p < 0.05) is excluded. Of the rest, when two remain and their head-to-head test is significant, the
-    better one; otherwise the lower task loss (final validation loss, else smoothed final training loss),
-    since alignment does not tell them apart. (None, reason) when no adapter qualifies.
+    p < 0.05) is excluded. Of the rest, the one whose head-to-head test against every other is significant
+    in its favour (all pairs, Holm over the family); otherwise the lower task loss (final validation loss,
+    else smoothed final training loss), since alignment does not tell them apart. (None, reason) when no
+    adapter qualifies.
     """
     adapters = _adapters(s)
     if not adapters:
@@ -104,15 +106,19 @@ def shipped_adapter(s: Synthesis) -> tuple[Optional[str], str]:
         return None, (f"every adapter ({', '.join(eroded)}) lowered the safe/unsafe separation significantly; ship the "
                       "baseline, or retrain with the alignment monitor's stop_if_delta_below set")
     note = f" ({', '.join(eroded)} excluded: alignment significantly lowered)" if eroded else ""
-    if len(kept) == 2:
-        a, b = kept
-        t = aqi_test(s, a, b) or aqi_test(s, b, a)
-        if _significant(t):
-            better = t["group_a"] if t["statistic"] > 0 else t["group_b"]
-            return better, (f"its bounded AQI is higher than {b if better == a else a}'s by "
-                            f"{abs(t['statistic']):.4f} [{_f(abs(t['ci_low']) if t['statistic'] > 0 else abs(t['ci_high']))}, "
-                            f"{_f(abs(t['ci_high']) if t['statistic'] > 0 else abs(t['ci_low']))}] (Holm-adjusted p "
-                            f"{t['p_adjusted']:.3g})" + note)
+    for a in kept if len(kept) > 1 else ():
+        wins = []
+        for b in (m for m in kept if m != a):
+            t = aqi_test(s, a, b) or aqi_test(s, b, a)
+            if not _significant(t) or (t["statistic"] > 0) != (t["group_a"] == a):
+                break
+            wins.append((b, t))
+        else:
+            b, t = min(wins, key=lambda w: abs(w[1]["statistic"]))  # the closest rival
+            lo, hi = sorted((abs(t["ci_low"]), abs(t["ci_high"]))) if t.get("ci_low") is not None else (None, None)
+            return a, (f"its bounded AQI is higher than {b}'s by {abs(t['statistic']):.4f} [{_f(lo)}, {_f(hi)}] "
+                       f"(Holm-adjusted p {t['p_adjusted']:.3g})" + (" and significantly above every other adapter's"
+                                                                      if len(kept) > 2 else "") + note)
 
     def loss(m: str) -> float:
         run = s.adapter_runs.get(m)
@@ -220,8 +226,9 @@ def _examples_per_step(s: Synthesis, run: RunSummary) -> Optional[int]:
 def scaling(s: Synthesis) -> list[Block]:
     """Measured throughput turned into hours and cost: per 1M training tokens (median tokens/s), per 1k training
     examples (fit time / examples seen, examples = optimizer steps x batch x accumulation x devices, when the run's
-    config records its batch size) and per 1M generated tokens (the inference benchmarks), and
-    GRIT's return over QLoRA: its extra cost per 1k examples against its head-to-head bounded-AQI Delta."""
+    config records its batch size) and per 1M generated tokens (the inference benchmarks), and each
+    method's return over the first method in :mod:`fteval.methods` order that was measured (QLoRA when
+    it was): its extra cost per 1k examples against its head-to-head bounded-AQI Delta."""
     blocks: list[Block] = [Heading(2, "Scaling and cost", "scaling")]
     price, rows, per_k = s.price_per_hour, [], {}
     for run in s.runs:
@@ -248,23 +255,30 @@ def scaling(s: Synthesis) -> list[Block]:
                             (1, 2, 3)))
     else:
         blocks.append(Para("Generation cost not measured: `python -m fteval bench generation` fills inference_benchmarks."))
-    if "grit" in per_k and "qlora" in per_k:
-        extra = per_k["grit"] / per_k["qlora"] - 1.0
-        t = aqi_test(s, "grit", "qlora")
-        text = f"GRIT costs {extra:+.1%} per 1k training examples against QLoRA on this machine."
-        if _significant(t):
-            gain = t["statistic"]
-            text += (f" Its bounded AQI differs by {gain:+.4f} (Holm-adjusted p {t['p_adjusted']:.3g}): "
-                     + (f"{gain / (per_k['grit'] - per_k['qlora']) / price:+.4g} bounded AQI per unit of extra cost per 1k examples."
-                        if per_k['grit'] != per_k['qlora'] and price > 0 else "at no extra cost."))
-        elif t is not None:
-            text += (f" Its bounded-AQI difference ({t['statistic']:+.4f}, Holm-adjusted p {t['p_adjusted']:.3g}) is not "
-                     "significant: this run shows no alignment return for the difference in cost.")
-        blocks.append(Para(text))
+    ranked = sorted(per_k, key=order_key)
+    for ref, m in ((ranked[0], m) for m in ranked[1:]):
+        blocks.append(Para(_cost_return(s, m, ref, per_k, price)))
     if s.runs and all(r.device == "cpu" for r in s.runs):
         blocks.append(Para("These runs used a CPU: they say nothing about GPU hours (BENCHMARKS.md has the H200 "
                            "throughput at Llama-3-8B shape).", note=True))
     return blocks
+
+
+def _cost_return(s: Synthesis, m: str, ref: str, per_k: dict[str, float], price: float) -> str:
+    """One sentence: method ``m``'s extra cost per 1k examples over ``ref`` against its bounded-AQI difference."""
+    extra = per_k[m] / per_k[ref] - 1.0
+    t = aqi_test(s, m, ref) or aqi_test(s, ref, m)  # the evaluation tests each pair once, in either order
+    sign = 1.0 if t is None or t["group_a"] == m else -1.0
+    text = f"{display_name(m)} costs {extra:+.1%} per 1k training examples against {display_name(ref)} on this machine."
+    if _significant(t):
+        gain = sign * t["statistic"]
+        text += (f" Its bounded AQI differs by {gain:+.4f} (Holm-adjusted p {t['p_adjusted']:.3g}): "
+                 + (f"{gain / (per_k[m] - per_k[ref]) / price:+.4g} bounded AQI per unit of extra cost per 1k examples."
+                    if per_k[m] != per_k[ref] and price > 0 else "at no extra cost."))
+    elif t is not None:
+        text += (f" Its bounded-AQI difference ({sign * t['statistic']:+.4f}, Holm-adjusted p {t['p_adjusted']:.3g}) is not "
+                 "significant: this run shows no alignment return for the difference in cost.")
+    return text
 
 
 # ------------------------------------------------------------------------------------ open questions

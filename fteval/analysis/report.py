@@ -31,7 +31,7 @@ from fteval.io import write_text_atomic
 
 __all__ = ["report", "build_blocks", "TITLE"]
 
-TITLE = "fteval results synthesis: baseline vs QLoRA vs GRIT"
+TITLE = "fteval results synthesis: the baseline against its fine-tuned adapters"
 _AQI_COLUMNS = ("aqi", "aqi_bounded", "xbi", "chi", "db", "dunn")
 
 
@@ -123,8 +123,8 @@ def _training(s: Synthesis) -> list[Block]:
                ("LoRA rank r", lambda r: _f(r.lora_rank)),
                ("GRIT mean effective rank", lambda r: _f(r.effective_rank_mean)),
                ("GRIT effective parameters", lambda r: _f(r.effective_params))]
-    for name in sorted({n for r in s.runs for n in r.grit}):
-        figures.append((f"{name} (last step)", lambda r, n=name: _f(r.grit.get(n))))
+    for name in sorted({n for r in s.runs for n in r.method_metrics}):
+        figures.append((f"{name} (last step)", lambda r, n=name: _f(r.method_metrics.get(n))))
     rows = [[name] + [get(r) for r in s.runs] for name, get in figures]
     blocks.append(Table(["figure"] + [r.label for r in s.runs], rows, tuple(range(1, len(s.runs) + 1))))
     colors = _palette(s)

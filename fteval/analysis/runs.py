@@ -1,7 +1,7 @@
 """Training runs as the experiment database recorded them: curves, convergence, speed, memory, adapter size.
 
-:func:`load_runs` reads every ``fit`` experiment with per-step metrics (``training_metrics_qlora``
-/ ``training_metrics_grit``) and the adapter folder its ``model_artifacts`` row points to, and
+:func:`load_runs` reads every ``fit`` experiment with per-step metrics (``training_metrics``, any
+method of :mod:`fteval.methods`) and the adapter folder its ``model_artifacts`` row points to, and
 returns one :class:`RunSummary` per run. ``fteval compare`` tabulates and tests them;
 ``fteval report`` reuses them for the cost analysis. Nothing here writes.
 
@@ -35,6 +35,7 @@ import numpy as np
 
 from fteval.db import ExperimentDB
 from fteval.db.connection import inspect_file
+from fteval.methods import REGISTRY
 
 __all__ = [
     "RunSummary", "SMOOTH_WINDOW", "STABILITY_WINDOW", "open_database", "load_runs", "smooth", "steps_to_threshold",
@@ -85,7 +86,7 @@ class RunSummary:
     effective_rank_mean: Optional[float] = None
     effective_params: Optional[int] = None
     effective_ranks: Optional[dict[str, dict[str, Any]]] = field(default=None, repr=False)
-    grit: dict[str, float] = field(default_factory=dict)  # last value of each grit/* metric
+    method_metrics: dict[str, float] = field(default_factory=dict)  # last value of each of its method's own metrics (grit/*)
 
     @property
     def label(self) -> str:
@@ -268,9 +269,10 @@ def _summarise(db: ExperimentDB, exp: dict[str, Any]) -> RunSummary:
         run.fit_seconds = float(fit_s[-1])
     elif raw_step_s.size:
         run.fit_seconds = float(raw_step_s.sum())
+    prefixes = tuple(p for m in REGISTRY.values() for p in m.metric_prefixes)  # methods' own metrics
     for name, (_, values) in curves.items():
-        if name.startswith("grit/") and values.size:
-            run.grit[name] = float(values[-1])
+        if prefixes and name.startswith(prefixes) and values.size:
+            run.method_metrics[name] = float(values[-1])
     adapters = [a for a in db.artifacts(run.id) if a["kind"] == "adapter"]
     if adapters:
         art = adapters[-1]

@@ -56,7 +56,7 @@ from fteval.bench.common import (
     mfu,
 )
 from fteval.bench.train_profile import profile_method as _profile_method
-from fteval.bench.train_ratios import TARGETS, comparisons, median_of_repeats
+from fteval.bench.train_ratios import DEFAULT_METHODS, PLAIN, TARGETS, bench_methods, comparisons, median_of_repeats
 from fteval.bench.train_report import print_longest, print_result
 from fteval.bench.train_runs import (
     GRIT_REPROJECT_EVERY,
@@ -65,12 +65,12 @@ from fteval.bench.train_runs import (
     LORA_ALPHA,
     LORA_DROPOUT,
     LORA_R,
-    METHODS,
     RunSpec,
     longest_trainable,
     run_method,
 )
 from fteval.io import write_json_atomic
+from fteval.methods import get_method
 from fteval.models.base import DEFAULT_TARGETS
 
 __all__ = ["TrainBenchSettings", "bench_train"]
@@ -88,7 +88,7 @@ class TrainBenchSettings:
     """
 
     model_config: str = "llama3-8b"
-    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
     batch_sizes: list[int] = field(default_factory=lambda: [4])
     seq_len: int = 1024
     gradient_checkpointing: list[bool] = field(default_factory=lambda: [True, False])
@@ -122,8 +122,13 @@ class TrainBenchSettings:
         if self.model_config not in MODEL_CONFIGS:
             return f"model_config={self.model_config!r} is not one of {list(MODEL_CONFIGS)}"
         methods = list(self.methods)
-        if not methods or any(m not in METHODS for m in methods):
-            return f"methods={methods} must be a non-empty subset of {list(METHODS)}"
+        known = bench_methods()
+        if not methods or any(m not in known for m in methods):
+            return f"methods={methods} must be a non-empty subset of {known}"
+        full = [m for m in methods if m != PLAIN and not get_method(m).quantises_base]
+        if full and self.quantization != "none":
+            return (f"methods {full} train on a full-precision base, but quantization={self.quantization!r}; pass "
+                    "--quantization none (every method then runs unquantised) or time them in a run of their own")
         if not self.batch_sizes or any(int(b) < 1 for b in self.batch_sizes):
             return f"batch_sizes={list(self.batch_sizes)} must be a non-empty list of positive integers"
         for name in ("gradient_checkpointing", "padding_free", "compile_blocks", "activation_offload", "cuda_graph"):
@@ -189,7 +194,7 @@ class TrainBenchSettings:
             "lora": {"r": LORA_R, "alpha": LORA_ALPHA, "dropout": LORA_DROPOUT, "target_modules": list(DEFAULT_TARGETS)},
             "learning_rate": LEARNING_RATE,
             "precision": "bf16 autocast (Lightning bf16-mixed)" if device.type == "cuda" else "fp32",
-            "grit": {"update_freq": GRIT_UPDATE_FREQ, "every_n_steps": GRIT_REPROJECT_EVERY},
+            "kfac_callbacks": {"update_freq": GRIT_UPDATE_FREQ, "every_n_steps": GRIT_REPROJECT_EVERY},
             "float32_matmul_precision": torch.get_float32_matmul_precision(),
         }
 
@@ -307,7 +312,8 @@ def bench_train(
         model_config: 'llama3-8b' (Meta-Llama-3-8B's architecture, 8.03B parameters; GPU),
             'smollm2-135m', 'tiny' (2 layers, hidden 64; CPU tests) or 'tiny-deep' (32 such layers: on a CPU
             a stand-in for host-bound GPU shapes, where per-layer Python overhead decides the step).
-        methods: any of 'plain', 'qlora', 'grit'.
+        methods: 'plain' (a minimal peft + PyTorch loop) and any method of fteval.methods ('qlora', 'grit',
+            'qdora', 'lora', ...); 'lora' trains on a full-precision base and needs quantization 'none'.
         batch_sizes: sequences per optimizer step, one run per value.
         seq_len: tokens per sequence.
         gradient_checkpointing: one run per value (non-reentrant checkpointing on / off).

@@ -3,14 +3,16 @@
 Runs are grouped by their setting (:class:`RunKey`: batch size, checkpointing, padding-free, compiled,
 fused loss, offload). Per setting, :func:`comparisons` gives one row of ratios:
 
-* between methods (:data:`METHOD_PAIRS` x :data:`PAIR_MEASURES`): ``qlora_vs_plain_step_mean`` = qlora's
-  mean step time / plain's, likewise p50, tokens/s and peak memory, for qlora/plain, grit/qlora,
-  grit/plain; ``grit_vs_qlora_amortised``: GRIT's p50 with its periodic work amortised / QLoRA's p50;
+* between methods (:func:`method_pairs` x :data:`PAIR_MEASURES`): ``qlora_vs_plain_step_mean`` = qlora's
+  mean step time / plain's, likewise p50, tokens/s and peak memory, for every method against plain and
+  every pair of methods (the later in :mod:`fteval.methods` order over the earlier: grit/qlora,
+  qdora/qlora, ...); ``<a>_vs_<b>_amortised``: a method's p50 with its periodic work amortised (GRIT's
+  K-FAC refresh and reprojection) / the other's p50;
 * what an option bought each method (:data:`OPTION_EFFECTS`): the same method's run without the option
   as the reference (``<method>_padding_free_speedup``, ``<method>_compile_speedup``,
   ``<method>_memory_vs_default`` / ``<method>_speed_vs_default`` for the fused loss and offload), and
   fteval compiled against the eager plain loop;
-* with repeats (:data:`PAIRED_RATIOS`): the ratio within each repeat, whose methods ran back to back,
+* with repeats (:func:`paired_ratios`): the ratio within each repeat, whose methods ran back to back,
   and their median (``*_paired``, ``*_paired_median``), on which the targets are judged.
 
 The key names are those of the benchmark's JSON file.
@@ -22,7 +24,7 @@ import statistics
 from dataclasses import dataclass
 from typing import Any, Callable, NamedTuple, Optional
 
-__all__ = ["METHOD_PAIRS", "OPTION_EFFECTS", "PAIRED_RATIOS", "PAIR_MEASURES", "TARGETS", "RunKey", "comparisons",
+__all__ = ["DEFAULT_METHODS", "PLAIN", "bench_methods", "method_pairs", "OPTION_EFFECTS", "paired_ratios", "PAIR_MEASURES", "TARGETS", "RunKey", "comparisons",
            "median_of_repeats"]
 
 TARGETS = {"qlora_vs_plain_max": 1.03, "grit_vs_qlora_max": 1.10, "mfu_goal_b4_no_ckpt": 0.5}
@@ -46,8 +48,27 @@ def run_key(row: dict) -> RunKey:
                   bool(row.get("activation_offload", False)), bool(row.get("cuda_graph", False)))
 
 
-# Methods compared at the same setting: (numerator, denominator).
-METHOD_PAIRS = (("qlora", "plain"), ("grit", "qlora"), ("grit", "plain"))
+PLAIN = "plain"  # the bench's own peft + PyTorch loop, the reference of every method
+DEFAULT_METHODS = ("plain", "qlora", "grit")  # what fteval bench train times unless --methods says otherwise
+
+
+def bench_methods() -> list[str]:
+    """What ``--methods`` accepts: ``plain`` and every registered method (:mod:`fteval.methods`)."""
+    from fteval.methods import method_names
+
+    return [PLAIN, *method_names()]
+
+
+def method_pairs(methods: list[str]) -> list[tuple[str, str]]:
+    """Methods compared at the same setting, (numerator, denominator): every method over ``plain``, then
+    every pair of methods, the later in :mod:`fteval.methods` order over the earlier."""
+    from fteval.methods import order_key
+
+    ranked = sorted((m for m in set(methods) if m != PLAIN), key=order_key)
+    pairs = [(m, PLAIN) for m in ranked] if PLAIN in methods else []
+    return pairs + [(b, a) for i, a in enumerate(ranked) for b in ranked[i + 1:]]
+
+
 # Ratio name suffix -> the run's value divided.
 PAIR_MEASURES = {"step_mean": "step_mean_ms", "step_p50": "step_p50_ms", "tokens_per_s": "tokens_per_s",
                  "peak_mem": "peak_mem_gib"}
@@ -75,12 +96,14 @@ OPTION_EFFECTS = (
                  {"cuda_graph_speedup": "tokens_per_s", "cuda_graph_memory": "peak_mem_gib"}),
 )
 
-# Within each repeat, then the median: name -> (numerator method, its per-repeat values, denominator, its values).
-PAIRED_RATIOS = {
-    "qlora_vs_plain": ("qlora", "repeat_step_mean_ms", "plain", "repeat_step_mean_ms"),
-    "grit_vs_qlora": ("grit", "repeat_step_mean_ms", "qlora", "repeat_step_mean_ms"),
-    "grit_vs_qlora_amortised": ("grit", "repeat_amortised_step_ms", "qlora", "repeat_step_p50_ms"),
-}
+def paired_ratios(methods: list[str]) -> dict[str, tuple[str, str, str, str]]:
+    """Ratios within each repeat, then their median: name -> (numerator method, its per-repeat values,
+    denominator, its values); the amortised ones are computed where the numerator has them."""
+    out = {}
+    for num, den in method_pairs(methods):
+        out[f"{num}_vs_{den}"] = (num, "repeat_step_mean_ms", den, "repeat_step_mean_ms")
+        out[f"{num}_vs_{den}_amortised"] = (num, "repeat_amortised_step_ms", den, "repeat_step_p50_ms")
+    return out
 
 
 def median_of_repeats(rows: list[dict]) -> dict:
@@ -135,19 +158,17 @@ def comparisons(runs: list[dict]) -> list[dict]:
                         row[f"{m}_{suffix}"] = _ratio(r[value], reference[m][value])
         if key.compile_blocks:  # fteval compiled against the eager plain loop
             eager = _succeeded(runs, key._replace(compile_blocks=False))
-            if "qlora" in by and "plain" in eager:
-                row["qlora_compiled_vs_plain_eager_step_mean"] = _ratio(by["qlora"]["step_mean_ms"],
-                                                                        eager["plain"]["step_mean_ms"])
-        for num, den in METHOD_PAIRS:
-            if num in by and den in by:
-                for name, value in PAIR_MEASURES.items():
-                    row[f"{num}_vs_{den}_{name}"] = _ratio(by[num][value], by[den][value])
-        if "grit" in by and "qlora" in by and by["grit"].get("amortised_step_ms") is not None:
-            row["grit_vs_qlora_amortised"] = _ratio(by["grit"]["amortised_step_ms"], by["qlora"]["step_p50_ms"])
+            for m in (m for m in by if m != PLAIN and PLAIN in eager):
+                row[f"{m}_compiled_vs_plain_eager_step_mean"] = _ratio(by[m]["step_mean_ms"], eager[PLAIN]["step_mean_ms"])
+        for num, den in method_pairs(list(by)):
+            for name, value in PAIR_MEASURES.items():
+                row[f"{num}_vs_{den}_{name}"] = _ratio(by[num][value], by[den][value])
+            if by[num].get("amortised_step_ms") is not None:  # a method with periodic work (GRIT)
+                row[f"{num}_vs_{den}_amortised"] = _ratio(by[num]["amortised_step_ms"], by[den]["step_p50_ms"])
         # With repeats: the ratio within each repeat (its methods ran back to back, in rotated order), then
         # the median over repeats. A shared host drifts by tens of percent over minutes; pairing cancels the
         # drift that comparing each method's median run (above) keeps.
-        for name, (num, nkey, den, dkey) in PAIRED_RATIOS.items():
+        for name, (num, nkey, den, dkey) in paired_ratios(list(by)).items():
             if num in by and den in by and by[num].get(nkey) and by[den].get(dkey):
                 ratios = _paired_ratios(by[num][nkey], by[den][dkey])
                 if ratios:

@@ -59,6 +59,13 @@ def print_result(result: dict, device: torch.device, peak_tflops: float, output:
     print(format_table(runs, RUN_COLUMNS))
     print()
     print(format_table(comparisons, RATIO_COLUMNS))
+    shown = {c[0] for c in RATIO_COLUMNS}
+    extra = sorted({k for row in comparisons for k, v in row.items() if "_vs_" in k and k not in shown
+                    and isinstance(v, float)})
+    if extra:  # the pairs of the other methods (qdora, lora, ...)
+        print()
+        print(format_table(comparisons, (("batch_size", "batch", "d"), ("gradient_checkpointing", "ckpt", ""),
+                                         *((k, k.replace("_vs_", "/"), ".3f") for k in extra))))
     if prof and not prof.get("error"):
         print()
         print(f"profile of {prof['method']} ({prof['sort_by']}, per step; total {prof['total_ms_per_step']:.1f} ms):")

@@ -2,8 +2,8 @@
 
 * :class:`RunSpec`: what one run is (method, batch, sequence, options);
 * :func:`run_method`: builds the synthetic batches (:class:`SyntheticLM`), runs ``plain`` (peft +
-  PyTorch, :func:`_plain_run`) or ``qlora``/``grit`` (fteval's module in a Lightning ``Trainer``,
-  :func:`_lightning_run`), marks the end of every optimizer step (:class:`StepClock`) and returns the
+  PyTorch, :func:`_plain_run`) or a method of :mod:`fteval.methods` (its module in a Lightning
+  ``Trainer``, :func:`_lightning_run`), marks the end of every optimizer step (:class:`StepClock`) and returns the
   run's row (step times, tokens/s, memory, losses, GRIT's periodic costs);
 * :func:`strip_adapters` / :func:`restore_base`: the bare base back after each run;
 * :func:`longest_trainable`: the longest sequence a method trains at (doubling, then bisection).
@@ -27,17 +27,15 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from fteval.bench.common import BenchModel, free_memory, peak_memory_gib, reset_peak_memory, synchronize, timing_summary
-from fteval.models.base import DEFAULT_TARGETS
-from fteval.models.base import compile_blocks as _compile_blocks
+from fteval.bench.train_ratios import PLAIN
+from fteval.models.base import DEFAULT_TARGETS, compile_blocks as _compile_blocks
 from fteval.models.cuda_graph import MicroBatchGraphs, graph_safe_checkpointing
 from fteval.models.fused_loss import fused_causal_lm_loss
 from fteval.models.offload import offload_activations
 
-__all__ = ["METHODS", "RunSpec", "StepClock", "SyntheticLM", "longest_trainable", "restore_base", "run_method",
-           "strip_adapters"]
+__all__ = ["RunSpec", "StepClock", "SyntheticLM", "longest_trainable", "restore_base", "run_method", "strip_adapters"]
 
-METHODS = ("plain", "qlora", "grit")
-LORA_R, LORA_ALPHA, LORA_DROPOUT = 16, 32.0, 0.05  # QLoRAModule's defaults, used by every method
+LORA_R, LORA_ALPHA, LORA_DROPOUT = 16, 32.0, 0.05  # the modules' defaults, used by every method
 GRIT_UPDATE_FREQ = 20  # spec: K-FAC inverse refresh every 20 optimizer steps
 GRIT_REPROJECT_EVERY = 40  # spec: reprojection every 40 optimizer steps
 LEARNING_RATE = 1e-4
@@ -304,13 +302,11 @@ def _lightning_run(spec: RunSpec, bm: BenchModel, loader: DataLoader, clock: Ste
     from callbacks.kfac import KFACPreconditioner
     from callbacks.perf import GarbageCollection
     from callbacks.reprojection import NeuralReprojection
-    from fteval.models.grit import GRITModule
-    from fteval.models.qlora import QLoRAModule
+    from fteval.methods import get_method
 
     ClockCallback, GritCostProbe = _lightning_callbacks()
-    method = spec.method
-    cls = QLoRAModule if method == "qlora" else GRITModule
-    module = cls(
+    method, entry = spec.method, get_method(spec.method)
+    module = entry.module_class()(
         model_name_or_path=f"random:{bm.name}", quantization=bm.quantization, r=LORA_R, alpha=LORA_ALPHA,
         dropout=LORA_DROPOUT, target_modules=DEFAULT_TARGETS, optimizer=_optimizer_factory(bm.device, spec.lr),
         lr_schedule="constant", warmup_steps=0, gradient_checkpointing=spec.gradient_checkpointing,
@@ -322,7 +318,7 @@ def _lightning_run(spec: RunSpec, bm: BenchModel, loader: DataLoader, clock: Ste
     module._cuda_graph_capture = bm.device.type == "cuda"  # on a CPU: the cuda_graph path without capture
     callbacks: list = [GarbageCollection()] if spec.gc_freeze else []  # as the training configs list it
     probe = None
-    if method == "grit":
+    if entry.kfac_callbacks:
         kfac = KFACPreconditioner(update_freq=GRIT_UPDATE_FREQ)
         reproj = NeuralReprojection(every_n_steps=GRIT_REPROJECT_EVERY)
         probe = GritCostProbe(kfac, reproj, bm.device)
@@ -382,7 +378,7 @@ def run_method(spec: RunSpec, bm: BenchModel, workdir: Path, profiler: Any = Non
         counters.clear()
     t0 = time.perf_counter()
     try:
-        if method == "plain":
+        if method == PLAIN:
             row.update(_plain_run(spec, bm, loader, clock))
         else:
             row.update(_lightning_run(spec, bm, loader, clock, workdir))
@@ -413,7 +409,7 @@ def run_method(spec: RunSpec, bm: BenchModel, workdir: Path, profiler: Any = Non
             row["tokens_per_s_p50"] = row["tokens_per_step"] / (t["p50_ms"] / 1000.0)
             losses = [float(x) for x in torch.stack(clock.losses).float().cpu()] if clock.losses else []
             row["loss_first"], row["loss_last"] = (losses[0], losses[-1]) if losses else (None, None)
-            if method == "grit" and "kfac_refresh_ms" in row:
+            if "kfac_refresh_ms" in row:  # a method with periodic work: its cost amortised per step
                 row["amortised_step_ms"] = (row["step_p50_ms"] + row["kfac_refresh_ms"] / GRIT_UPDATE_FREQ
                                             + row["reprojection_ms"] / GRIT_REPROJECT_EVERY)
     return row

@@ -12,6 +12,10 @@ Version 3 adds ``experiments.pid``, ``host`` and ``heartbeat_at``, so a run whos
 without recording a status is marked ``crashed`` when the next run starts, and
 ``model_responses.refusal_judge`` (which judge labelled each response). Version 4 adds
 ``model_responses.source_row``: the row of the source data file a response's prompt came from.
+Version 5 replaces the two per-method tables ``training_metrics_qlora`` / ``training_metrics_grit``
+with one ``training_metrics`` table for every method (``method`` is the experiment's method, as
+:mod:`fteval.methods` names it); the migration copies the old rows over, in their order, and
+drops the old tables, so a database of an older fteval reads the same after it.
 
 Where the measured quantities vary by method or by stage, rows are long and narrow,
 ``(experiment_id, step, name, value)`` or ``(experiment_id, model, metric, value)``, so a
@@ -28,7 +32,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["Migration", "MIGRATIONS", "LATEST_VERSION", "TABLES", "METRIC_TABLES"]
+__all__ = ["Migration", "MIGRATIONS", "LATEST_VERSION", "TABLES", "METRICS_TABLE"]
 
 
 @dataclass(frozen=True)
@@ -51,7 +55,7 @@ SCHEMA_VERSION_DDL = (
 
 
 def _metric_table(name: str) -> tuple[str, ...]:
-    # Long format: one row per (experiment, optimizer step, metric name).
+    # Version 1's per-method tables (long format: one row per experiment, optimizer step, metric name).
     return (
         f"CREATE TABLE {name} ("
         " id INTEGER PRIMARY KEY,"
@@ -238,11 +242,33 @@ _V3 = (
 # Tracing a response to its prompt's row in the source data file (the evaluation set's ``source_row``).
 _V4 = ("ALTER TABLE model_responses ADD COLUMN source_row INTEGER",)
 
+# One per-step metrics table for every method; the old rows are copied in their order (the two old
+# tables numbered rows independently, so the copies get new ids: the qlora table's, then the grit table's).
+_V5 = (
+    "CREATE TABLE training_metrics ("
+    " id INTEGER PRIMARY KEY,"
+    " experiment_id INTEGER NOT NULL REFERENCES experiments(id) ON DELETE CASCADE,"
+    " method TEXT NOT NULL,"  # the experiment's method (fteval.methods)
+    " step INTEGER NOT NULL,"  # optimizer step
+    " name TEXT NOT NULL,"
+    " value REAL,"
+    " created_at TEXT NOT NULL)",
+    "CREATE INDEX idx_training_metrics_exp_name_step ON training_metrics(experiment_id, name, step)",
+    "CREATE INDEX idx_training_metrics_method ON training_metrics(method, name)",
+    *(f"INSERT INTO training_metrics (experiment_id, method, step, name, value, created_at)"
+      f" SELECT t.experiment_id, COALESCE(e.method, '{old}'), t.step, t.name, t.value, t.created_at"
+      f" FROM training_metrics_{old} t LEFT JOIN experiments e ON e.id = t.experiment_id ORDER BY t.id"
+      for old in ("qlora", "grit")),
+    "DROP TABLE training_metrics_qlora",
+    "DROP TABLE training_metrics_grit",
+)
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "initial schema: the spec's tables", _V1),
     Migration(2, "experiments.stage and the environment table", _V2),
     Migration(3, "experiments.pid, host and heartbeat_at; model_responses.refusal_judge", _V3),
     Migration(4, "model_responses.source_row", _V4),
+    Migration(5, "one training_metrics table for every method (replaces training_metrics_qlora/_grit)", _V5),
 )
 LATEST_VERSION = MIGRATIONS[-1].version
 
@@ -251,8 +277,7 @@ LATEST_VERSION = MIGRATIONS[-1].version
 TABLES: tuple[str, ...] = (
     "schema_version",
     "experiments",
-    "training_metrics_qlora",
-    "training_metrics_grit",
+    "training_metrics",
     "model_artifacts",
     "datasets",
     "aqi_scores",
@@ -267,5 +292,5 @@ TABLES: tuple[str, ...] = (
     "environment",
 )
 
-# Which long-format table holds a training method's per-step metrics.
-METRIC_TABLES: dict[str, str] = {"qlora": "training_metrics_qlora", "grit": "training_metrics_grit"}
+# The long-format table of every method's per-step metrics.
+METRICS_TABLE = "training_metrics"

@@ -28,7 +28,7 @@ from typing import Any, Optional, Union
 
 from fteval.db.connection import open_and_migrate, utc_now
 from fteval.db.records import RecordWriters
-from fteval.db.schema import METRIC_TABLES, TABLES
+from fteval.db.schema import METRICS_TABLE, TABLES
 from fteval.db.values import as_float, redact_secrets, to_json
 
 __all__ = ["ExperimentDB", "STATUSES"]
@@ -234,23 +234,26 @@ class ExperimentDB(RecordWriters):
         return experiment_id
 
     # -- training metrics -----------------------------------------------------------------
-    @staticmethod
-    def metrics_table(method: str) -> str:
-        """Name of the per-step metrics table for a training method (``qlora`` or ``grit``)."""
-        table = METRIC_TABLES.get(str(method).lower())
-        if table is None:
-            raise ValueError(f"No training-metrics table for method {method!r}; use one of {sorted(METRIC_TABLES)}.")
-        return table
+    def _experiment_method(self, experiment_id: int, method: Optional[str]) -> str:
+        """The experiment's recorded method; ``method``, when given, must name the same one."""
+        self._require_experiment(experiment_id)
+        recorded = self.conn.execute("SELECT method FROM experiments WHERE id = ?", (experiment_id,)).fetchone()[0]
+        if method is not None and str(method).strip().lower() != str(recorded).lower():
+            raise ValueError(f"Experiment {experiment_id} is a {recorded!r} run, not {method!r}; its metrics are "
+                             f"recorded under its own method (pass method=None).")
+        return str(recorded)
 
     def log_training_metrics(
-        self, experiment_id: int, method: str, rows: Iterable[Sequence[Any]]
+        self, experiment_id: int, method: Optional[str], rows: Iterable[Sequence[Any]]
     ) -> int:
-        """Append ``(step, name, value)`` rows to the method's metrics table in one transaction.
+        """Append ``(step, name, value)`` rows to ``training_metrics`` in one transaction.
+
+        Every row is stored under the experiment's own method (its ``experiments.method``); ``method``
+        may be None, or must name that method (a check against writing one run's metrics as another's).
 
         Returns:
             The number of rows written.
         """
-        table = self.metrics_table(method)
         now, data = utc_now(), []
         for row in rows:
             if len(row) != 3:
@@ -260,28 +263,25 @@ class ExperimentDB(RecordWriters):
                 raise ValueError(f"Metric name must be a non-empty string, got {name!r}.")
             if int(step) < 0:
                 raise ValueError(f"Metric step must be >= 0, got {step!r} for {name!r}.")
-            data.append((experiment_id, int(step), name, as_float(value, f"metric {name!r}"), now))
+            data.append((int(step), name, as_float(value, f"metric {name!r}"), now))
         with self.transaction():
-            self._require_experiment(experiment_id)
+            recorded = self._experiment_method(experiment_id, method)
             self.conn.executemany(
-                f"INSERT INTO {table} (experiment_id, step, name, value, created_at) VALUES (?, ?, ?, ?, ?)", data
-            )
+                f"INSERT INTO {METRICS_TABLE} (experiment_id, method, step, name, value, created_at)"
+                " VALUES (?, ?, ?, ?, ?, ?)", [(experiment_id, recorded, *d) for d in data])
         return len(data)
 
-    def truncate_training_metrics(self, experiment_id: int, method: str, after_step: int) -> int:
+    def truncate_training_metrics(self, experiment_id: int, after_step: int) -> int:
         """Delete metric rows with ``step > after_step`` (a resumed run re-logs them); returns the count."""
-        table = self.metrics_table(method)
         with self.transaction():
             cur = self.conn.execute(
-                f"DELETE FROM {table} WHERE experiment_id = ? AND step > ?", (experiment_id, int(after_step))
+                f"DELETE FROM {METRICS_TABLE} WHERE experiment_id = ? AND step > ?", (experiment_id, int(after_step))
             )
         return cur.rowcount
 
     def metrics(self, experiment_id: int, name: Optional[str] = None) -> list[dict[str, Any]]:
-        """Per-step metrics of an experiment (from whichever method table holds them), by name then step."""
-        out: list[dict[str, Any]] = []
-        for table in METRIC_TABLES.values():
-            out += self.rows(table, experiment_id=experiment_id, name=name)
+        """Per-step metrics of an experiment, by name then step."""
+        out = self.rows(METRICS_TABLE, experiment_id=experiment_id, name=name)
         return sorted(out, key=lambda r: (r["name"], r["step"], r["id"]))
 
     # -- generic query --------------------------------------------------------------------

@@ -29,13 +29,14 @@ from fteval.grit import (
     kept_ranks,
     save_kfac_artifacts,
 )
+from fteval.methods import GRIT
 from fteval.models.base import AdapterModule
 
 
 class GRITModule(AdapterModule):
     """GRIT fine-tuning. Takes the arguments of :class:`fteval.models.base.AdapterModule`."""
 
-    method_name = "grit"
+    method_name = GRIT.name
 
     def attach_adapters(self, model: torch.nn.Module) -> torch.nn.Module:
         hp = self.hparams

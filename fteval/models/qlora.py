@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from fteval.io import atomic_directory
+from fteval.methods import QLORA
 from fteval.models.base import AdapterModule
 
 
@@ -21,7 +22,9 @@ class QLoRAModule(AdapterModule):
     Takes the arguments of :class:`fteval.models.base.AdapterModule`.
     """
 
-    method_name = "qlora"
+    method_name = QLORA.name
+    #: extra ``peft.LoraConfig`` arguments of a method built on this one (QDoRA: ``use_dora``)
+    lora_options: dict = {}
 
     def attach_adapters(self, model: torch.nn.Module) -> torch.nn.Module:
         from peft import LoraConfig, get_peft_model
@@ -35,6 +38,7 @@ class QLoRAModule(AdapterModule):
             use_rslora=hp.use_rslora,
             bias="none",
             task_type="CAUSAL_LM",
+            **self.lora_options,
         )
         try:
             peft_model = get_peft_model(model, config)

@@ -68,7 +68,7 @@ def test_the_rule_when_every_check_eroded_and_with_saved_checkpoints(tmp_path):
 def _add_curve(db_path, method: str, deltas: list[float]) -> tuple[int, list[int]]:
     with ExperimentDB(db_path) as db:
         exp = next(e for e in db.experiments() if e["method"] == method)
-        steps = db.rows(db.metrics_table(method), experiment_id=exp["id"])
+        steps = db.rows("training_metrics", experiment_id=exp["id"])
         last = max(r["step"] for r in steps)
         marks = np.linspace(last // 3, last, 3).astype(int)
         rows = []

@@ -100,3 +100,41 @@ def test_report_has_the_generated_sections(run_db, tmp_path):
                     "## Alignment over training"):
         assert heading in md
     assert "vllm serve" in md and "--lora-modules" in md and "llama-server" in md
+
+
+def _three_adapters(tests: dict[tuple[str, str], tuple[float, float]], losses: dict[str, float]):
+    """A synthesis with the baseline and qlora, qdora, lora adapters; ``tests``: ``{(a, b): (Delta, p_adjusted)}``."""
+    from types import SimpleNamespace
+
+    rows = [{"experiment_id": 7, "test": "paired_jackknife", "metric": "aqi_bounded", "group_a": a, "group_b": b,
+             "statistic": d, "p_adjusted": p, "ci_low": d - 0.01, "ci_high": d + 0.01} for (a, b), (d, p) in tests.items()]
+    runs = {m: SimpleNamespace(final_val_loss=v, final_train_loss_smoothed=v) for m, v in losses.items()}
+    scores = {m: {} for m in ("baseline", *losses)}
+    return SimpleNamespace(evaluation=SimpleNamespace(experiment={"id": 7}, scores=scores), tests=rows, adapter_runs=runs)
+
+
+def test_with_more_than_two_adapters_the_one_that_beats_every_other_is_shipped():
+    losses = {"qlora": 1.0, "qdora": 1.2, "lora": 0.9}
+    base = {(m, "baseline"): (0.0, 0.9) for m in losses}
+    s = _three_adapters({**base, ("qdora", "qlora"): (0.03, 0.01), ("qdora", "lora"): (0.05, 0.002),
+                         ("lora", "qlora"): (0.0, 0.8)}, losses)
+    best, why = shipped_adapter(s)
+    assert best == "qdora" and "higher than qlora's by 0.0300" in why and "every other adapter" in why
+    # beating one rival but not the other is not enough: the task loss decides among all three
+    s = _three_adapters({**base, ("qdora", "qlora"): (0.03, 0.01), ("qdora", "lora"): (0.01, 0.3),
+                         ("lora", "qlora"): (0.0, 0.8)}, losses)
+    best, why = shipped_adapter(s)
+    assert best == "lora" and "task loss decides" in why
+
+
+def test_cost_return_reads_a_pair_tested_in_the_other_order():
+    from fteval.analysis.guidance import _cost_return
+
+    s = _three_adapters({("qlora", "qdora"): (-0.02, 0.01)}, {"qlora": 1.0, "qdora": 1.2})
+    text = _cost_return(s, "qdora", "qlora", {"qlora": 2.0, "qdora": 3.0}, 2.5)
+    # QDoRA's Delta over QLoRA is +0.02 (the stored test is QLoRA - QDoRA); +0.02 / (3 - 2) / 2.5 = +0.008
+    assert text.startswith("QDoRA costs +50.0% per 1k training examples against QLoRA")
+    assert "differs by +0.0200" in text and "+0.008 bounded AQI per unit" in text
+    s = _three_adapters({("qlora", "qdora"): (-0.02, 0.4)}, {"qlora": 1.0, "qdora": 1.2})
+    assert "(+0.0200, Holm-adjusted p 0.4) is not significant" in _cost_return(s, "qdora", "qlora",
+                                                                             {"qlora": 2.0, "qdora": 3.0}, 2.5)

@@ -255,7 +255,7 @@ def test_loss_chart_zooms_and_shows_hover_values(rendered, tmp_path):
 
 def test_head_to_head_recommendation_from_stored_pair_tests(run_db, tmp_path):
     """The pair tests fteval test stores (here: of a summary of synthetic representations, written by the same
-    store_tests) give a "Head to head: GRIT vs QLORA" row citing them, and the Delta rows come from the jackknife."""
+    store_tests) give a "Head to head: GRIT vs QLoRA" row citing them, and the Delta rows come from the jackknife."""
     from fteval.eval.outputs import store_tests
     from tests.eval.test_module import _synthetic_run
 
@@ -271,7 +271,7 @@ def test_head_to_head_recommendation_from_stored_pair_tests(run_db, tmp_path):
     assert report(run_db, tmp_path / "m07") == 0
     with ExperimentDB(run_db) as db:
         recs = {r["use_case"]: r for r in db.rows("recommendations")}
-    head = recs["Head to head: GRIT vs QLORA"]
+    head = recs["Head to head: GRIT vs QLoRA"]
     refusal = res["comparisons"]["grit vs qlora"]["behaviour"]["refusal"]
     significant = refusal["p_adjusted"] < 0.05
     assert head["recommendation"].startswith("grit vs qlora: ")
@@ -279,7 +279,7 @@ def test_head_to_head_recommendation_from_stored_pair_tests(run_db, tmp_path):
     cited = {ref["id"] for item in head["evidence"]["items"] for ref in item["refs"]}
     assert cited == set(stored)
     md = (tmp_path / "m07" / "report.md").read_text()
-    assert "Head to head: GRIT vs QLORA" in md and "paired_jackknife" in md
+    assert "Head to head: GRIT vs QLoRA" in md and "paired_jackknife" in md
 
 
 def test_bias_corrected_estimates_lead_the_aqi_table_and_chart(run_db, tmp_path):

@@ -155,6 +155,29 @@ def test_bench_train_tiny_all_methods(tmp_path, capsys):
 
 
 
+def test_bench_train_qdora_and_lora_beside_qlora(tmp_path, capsys):
+    """Every registered method runs in the bench; the ratios cover every pair (full-precision base: lora needs it)."""
+    out = tmp_path / "train.json"
+    rc = bench_train(model_config="tiny", methods=["plain", "qlora", "qdora", "lora"], batch_sizes=[1], seq_len=8,
+                     gradient_checkpointing=[False], steps=2, warmup=1, quantization="none", output=out)
+    assert rc == 0
+    data = json.loads(out.read_text())
+    runs = {r["method"]: r for r in data["runs"]}
+    assert set(runs) == {"plain", "qlora", "qdora", "lora"} and all(r["error"] is None for r in runs.values())
+    lora_params = 2 * 16 * (128 + 96 + 96 + 128 + 192 + 192 + 192)
+    assert runs["lora"]["trainable_params"] == runs["qlora"]["trainable_params"] == lora_params
+    # DoRA adds one magnitude per output row of each adapted layer: 2 layers x (q, k, v, o, gate, up, down) outputs
+    assert runs["qdora"]["trainable_params"] == lora_params + 2 * (64 + 32 + 32 + 64 + 128 + 128 + 64)
+    for m in ("qlora", "qdora", "lora"):  # B = 0 at the start: the base model's loss (DoRA's m = ||W|| at init)
+        assert runs[m]["loss_first"] == pytest.approx(runs["plain"]["loss_first"], abs=1e-4)
+    (cmp,) = data["comparisons"]
+    for num, den in (("qlora", "plain"), ("qdora", "plain"), ("lora", "plain"), ("qdora", "qlora"), ("lora", "qlora"),
+                     ("lora", "qdora")):
+        assert cmp[f"{num}_vs_{den}_step_mean"] == pytest.approx(runs[num]["step_mean_ms"] / runs[den]["step_mean_ms"])
+    assert not any(k.startswith(("qlora_vs_qdora", "qlora_vs_lora", "qdora_vs_lora")) for k in cmp)  # one order a pair
+    printed = capsys.readouterr().out
+    assert "lora/qdora_step_mean" in printed
+
 def test_bench_train_ragged_lengths_padded_vs_padding_free(tmp_path, capsys):
     out = tmp_path / "train.json"
     rc = bench_train(model_config="tiny", methods=["plain", "qlora"], batch_sizes=[3], seq_len=24, min_seq_len=6,
@@ -270,7 +293,8 @@ def test_bench_train_profile_plain(tmp_path):
         ({"model_config": "gpt-9"}, "model_config='gpt-9'"),
         ({"steps": 0}, "steps=0"),
         ({"warmup": 0}, "warmup=0"),
-        ({"methods": ["plain", "lora"]}, "methods="),
+        ({"methods": ["plain", "sft"]}, "methods="),
+        ({"methods": ["plain", "lora"], "quantization": "nf4"}, "methods ['lora'] train on a full-precision base"),
         ({"batch_sizes": [0]}, "batch_sizes="),
         ({"seq_len": 4096}, "seq_len=4096"),
         ({"quantization": "int3"}, "quantization='int3'"),

@@ -38,7 +38,7 @@ def _fit(module, dm, tmp_path, monitor=None, max_steps=4):
 
 def _rows(tmp_path, name):
     with sqlite3.connect(tmp_path / "c.db") as con:
-        return con.execute("SELECT step, value FROM training_metrics_qlora WHERE name = ? ORDER BY step", (name,)).fetchall()
+        return con.execute("SELECT step, value FROM training_metrics WHERE name = ? ORDER BY step", (name,)).fetchall()
 
 
 def test_adapters_disabled_is_the_base_model(one_thread):

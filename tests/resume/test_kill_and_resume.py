@@ -54,7 +54,7 @@ def _fit(config: Path, cwd: Path, *extra: str) -> subprocess.CompletedProcess:
 
 def _losses(tmp: Path, method: str) -> list[tuple[int, float]]:
     with sqlite3.connect(tmp / "db.sqlite") as con:
-        return con.execute(f"SELECT step, value FROM training_metrics_{method} WHERE name = 'loss' ORDER BY step").fetchall()
+        return con.execute("SELECT step, value FROM training_metrics WHERE method = ? AND name = 'loss' ORDER BY step", (method,)).fetchall()
 
 
 @pytest.mark.slow
