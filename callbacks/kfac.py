@@ -29,6 +29,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from fteval.grit import KFAC, GRITOptimizer, damped_cholesky, token_mask_from_batch
 from fteval.models.base import is_logging_step
+from fteval.models.engine import MicroBatchObserver, training_engine
 
 __all__ = ["KFACPreconditioner", "damped_cholesky", "grit_optimizer", "token_mask_from_batch"]
 
@@ -96,20 +97,21 @@ class KFACPreconditioner(KFAC, L.Callback):
         # The step's metrics are logged right after GRIT's step (inside Lightning's optimizer_step), so every
         # callback's on_train_batch_end, wherever it stands in the list, already sees this step's values.
         self._log_handle = optimizer.register_step_post_hook(lambda opt, args, kwargs: self._log(opt, pl_module))
-        self._graph_hook = None
-        if getattr(pl_module, "cuda_graph_enabled", False):
+        self._observer, self._engine = None, training_engine(pl_module)
+        if self._engine is not None and self._engine.runs_backward_in_step:
             # Forward and backward run inside training_step (and a CUDA graph): the statistics are
             # started and added there, on the micro-batch tensors the graph reads.
-            self._graph_hook = _MicroBatchHook(self, trainer)
-            pl_module.add_micro_batch_hook(self._graph_hook)
+            self._observer = _StatisticsObserver(self, trainer)
+            self._engine.add_micro_batch_observer(self._observer)
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         handle, self._log_handle = getattr(self, "_log_handle", None), None
         if handle is not None:
             handle.remove()
-        hook, self._graph_hook = getattr(self, "_graph_hook", None), None
-        if hook is not None and hasattr(pl_module, "remove_micro_batch_hook"):
-            pl_module.remove_micro_batch_hook(hook)
+        observer, self._observer = getattr(self, "_observer", None), None
+        if observer is not None:
+            self._engine.remove_micro_batch_observer(observer)
+        self._engine = None
         self.detach()
 
     def _begin(self, trainer: L.Trainer, batch: Any) -> None:
@@ -123,7 +125,7 @@ class KFACPreconditioner(KFAC, L.Callback):
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        if getattr(self, "_graph_hook", None) is None:
+        if getattr(self, "_observer", None) is None:
             self._begin(trainer, batch)
 
     def on_before_optimizer_step(
@@ -145,15 +147,15 @@ class KFACPreconditioner(KFAC, L.Callback):
             pl_module.log(key, value, on_step=True, on_epoch=False)
 
 
-class _MicroBatchHook:
-    """The K-FAC statistics around one micro-batch under ``cuda_graph`` (``AdapterModule.add_micro_batch_hook``):
-    started on the batch the forward reads, added to the pending sums right after its backward."""
+class _StatisticsObserver(MicroBatchObserver):
+    """The K-FAC statistics around one micro-batch while the module's engine runs forward and backward
+    (``cuda_graph``): started on the batch the forward reads, added to the pending sums right after its backward."""
 
     def __init__(self, kfac: KFACPreconditioner, trainer: L.Trainer) -> None:
         self.kfac, self.trainer = kfac, trainer
 
-    def before(self, batch: Any) -> None:
+    def before_micro_batch(self, batch: Any) -> None:
         self.kfac._begin(self.trainer, batch)
 
-    def after(self) -> None:
+    def after_micro_batch(self) -> None:
         self.kfac.flush()

@@ -16,33 +16,26 @@ TRAINER_COMMANDS = ("fit", "validate", "test")
 
 
 def _commands() -> dict:
-    """Non-Trainer commands: name -> function (or nested dict for groups)."""
-    from fteval import db
-    from fteval.analysis.compare import compare
-    from fteval.analysis.report import report
-    from fteval.bench import bench_eval, bench_generation, bench_stats, bench_train
-    from fteval.bench.grit_ablation import bench_grit_ablation
-    from fteval.bench.pipeline import bench_pipeline
-    from fteval.controls import bench_controls
-    from fteval.eval.refusal import classify_refusals
-    from fteval.data.stats_command import data_stats
-    from fteval.envinfo import env
-    from fteval.models.export import export
-    from fteval.models.merge import merge
+    """Non-Trainer commands: name -> function (or nested dict for groups); a command whose module fails to
+    import is an :class:`fteval.commands.Unavailable` instead."""
+    from fteval.commands import load_commands
 
-    return {
-        "env": env,
-        "data-stats": data_stats,
-        "merge": merge,
-        "export": export,
-        "compare": compare,
-        "report": report,
-        "classify-refusals": classify_refusals,
-        "db": {"export": db.export},
-        "bench": {"train": bench_train, "eval": bench_eval, "generation": bench_generation,
-                  "grit-ablation": bench_grit_ablation, "stats": bench_stats, "controls": bench_controls,
-                  "pipeline": bench_pipeline},
-    }
+    return load_commands()
+
+
+def _available(commands: dict) -> dict:
+    """``commands`` without the unavailable ones (groups left with no command dropped too)."""
+    from fteval.commands import Unavailable
+
+    out = {}
+    for name, fn in commands.items():
+        if isinstance(fn, dict):
+            fn = {sub: f for sub, f in fn.items() if not isinstance(f, Unavailable)}
+            if fn:
+                out[name] = fn
+        elif not isinstance(fn, Unavailable):
+            out[name] = fn
+    return out
 
 
 def _overview() -> str:
@@ -57,21 +50,38 @@ def _overview() -> str:
         "",
         "Tools:",
     ]
-    for name, fn in _commands().items():
-        doc = (fn.__doc__ or "").strip().splitlines()[0] if not isinstance(fn, dict) else "subcommands: " + ", ".join(fn)
+    from fteval.commands import Unavailable
+
+    commands = _commands()
+    for name, fn in commands.items():
+        if isinstance(fn, Unavailable):
+            doc = f"(unavailable) {fn.message()}"
+        elif isinstance(fn, dict):
+            doc = "subcommands: " + ", ".join(sub + (" (unavailable)" if isinstance(f, Unavailable) else "")
+                                              for sub, f in fn.items())
+        else:
+            doc = (fn.__doc__ or "").strip().splitlines()[0]
         lines.append(f"  {name:<10} {doc}")
+    for fn in (f for group in commands.values() if isinstance(group, dict) for f in group.values()):
+        if isinstance(fn, Unavailable):
+            lines.append(f"  {'':<10} {fn.command}: {fn.message()}")
     lines += ["", "TensorBoard: tensorboard --logdir lightning_logs"]
     return "\n".join(lines)
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from lightning.fabric.utilities.exceptions import MisconfigurationException
+    from fteval.commands import CommandUnavailable
 
-    from fteval.backends.base import BackendError
-    from fteval.data.sources import DataSourceError
-    from fteval.models.loading import ModelLoadError
+    errors: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, FileExistsError, CommandUnavailable)
+    try:
+        from lightning.fabric.utilities.exceptions import MisconfigurationException
 
-    return (ValueError, FileNotFoundError, FileExistsError, DataSourceError, ModelLoadError, BackendError,
+        from fteval.backends.base import BackendError
+        from fteval.data.sources import DataSourceError
+        from fteval.models.loading import ModelLoadError
+    except Exception:  # a broken install: the error being handled is reported without these classes
+        return errors
+    return (*errors, DataSourceError, ModelLoadError, BackendError,
             MisconfigurationException)  # Lightning's own checks of Trainer arguments
 
 
@@ -146,9 +156,16 @@ def main(argv: list[str] | None = None) -> None:
     command = " ".join(a for a in argv[:2] if not a.startswith("-")) or "COMMAND"
     try:
         if argv and argv[0] in TRAINER_COMMANDS:
-            from lightning.pytorch.utilities.exceptions import SIGTERMException
+            try:
+                from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-            from fteval.cli import FTEvalCLI
+                from fteval.cli import FTEvalCLI
+            except Exception as exc:  # a missing or half-installed package the Trainer commands import
+                from fteval.commands import unavailable
+
+                if os.environ.get("FTEVAL_TRACEBACK"):
+                    raise
+                unavailable(argv[0], exc).raise_()
 
             argv = resolve_config_args(argv)
             if from_sys:  # LightningCLI reads sys.argv itself (and warns when given both)
@@ -166,6 +183,21 @@ def main(argv: list[str] | None = None) -> None:
         if argv[0] not in commands and not argv[0].startswith("-"):
             raise ValueError(f"unknown command {argv[0]!r}; the commands are {', '.join([*TRAINER_COMMANDS, *commands])} "
                              "(python -m fteval --help)")
+        from fteval.commands import Unavailable
+
+        wanted = commands.get(argv[0])
+        if isinstance(wanted, dict):
+            missing = [f for f in wanted.values() if isinstance(f, Unavailable)]
+            if len(argv) > 1 and argv[1] in wanted:
+                wanted = wanted[argv[1]]
+            elif missing and len(missing) == len(wanted):  # the whole group is unavailable: the first reason
+                wanted = missing[0]
+            else:
+                for f in missing:  # the group's help lists the others
+                    print(f"fteval: {f.message()}", file=sys.stderr)
+        if isinstance(wanted, Unavailable):  # say which package failed, and how to install it
+            wanted.raise_()
+        commands = _available(commands)
         from jsonargparse import CLI
 
         # exit_on_error=False: a parse error raises instead of printing the whole usage first.

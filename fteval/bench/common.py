@@ -44,7 +44,7 @@ __all__ = [
     "timing_summary",
 ]
 
-#: Peak dense bf16 tensor throughput the issue's H200 reference table divides by (FLOP/s).
+#: Peak dense bf16 tensor throughput the H200 reference table of BENCHMARKS.md divides by (FLOP/s).
 PEAK_FLOPS = 790e12
 
 #: Names accepted by ``model_config`` (architecture hyper-parameters written out below).

@@ -5,10 +5,8 @@ through ``fteval test``'s own :func:`fteval.eval.results.summarise`) over every 
 prompts per class x hidden size, then the exact behaviour rows (Wilson interval, McNemar size).
 Prints one table (rate with its Wilson 95% interval) and a verdict line per failed criterion
 (:func:`setting_verdicts`). Cost per replication grows with N^2 D (Gram matrices, pairwise
-distances of three models): on the 2-core development machine the eight settings at hidden size
-576 (500 replications each) took 1136 s of simulation and the four at 4096 with 100 prompts per
-class 1118 s; one replication at 500 prompts per class and hidden size 4096 takes several
-seconds. ``--workers`` runs chunks of replications in parallel processes (docs/statistics.md).
+distances of three models); docs/statistics.md has the measured times. ``--workers`` runs chunks
+of replications in parallel processes (docs/statistics.md).
 
 Planning (``--plan RESULTS``): reads an ``aqi_results.json`` of ``fteval test`` and prints, for
 every compared pair, the prompts per class needed to detect each bounded-AQI change in

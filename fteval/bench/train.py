@@ -326,7 +326,7 @@ def bench_train(
             kernels by CUDA time, or CPU ops by CPU time on a CPU.
         profile_method: the method to profile.
         profile_steps: optimizer steps recorded by the profiler.
-        peak_tflops: accelerator peak for MFU, TFLOP/s (790 = the issue's H200 reference).
+        peak_tflops: accelerator peak for MFU, TFLOP/s (790 = the H200 reference of BENCHMARKS.md).
         attn_implementation: 'sdpa' (PyTorch's fused attention, as the reference loop), 'flash_attention_2'
             (needs flash-attn), 'eager' or 'auto'.
         seed: data and adapter-initialisation seed.

@@ -28,10 +28,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from fteval.bench.common import BenchModel, free_memory, peak_memory_gib, reset_peak_memory, synchronize, timing_summary
 from fteval.bench.train_ratios import PLAIN
-from fteval.models.base import DEFAULT_TARGETS, compile_blocks as _compile_blocks
-from fteval.models.cuda_graph import MicroBatchGraphs, graph_safe_checkpointing
-from fteval.models.fused_loss import fused_causal_lm_loss
-from fteval.models.offload import offload_activations
+from fteval.models.base import DEFAULT_TARGETS
+from fteval.models.engine import TrainingEngine
 
 __all__ = ["RunSpec", "StepClock", "SyntheticLM", "longest_trainable", "restore_base", "run_method", "strip_adapters"]
 
@@ -242,8 +240,17 @@ def _optimizer_factory(device: torch.device, lr: float):
     return partial(torch.optim.AdamW, lr=lr, weight_decay=0.0, **kwargs)
 
 
+def _engine(spec: RunSpec, bm: BenchModel) -> TrainingEngine:
+    """The engine of a run's options; on a CPU the ``cuda_graph`` path runs without capture."""
+    return TrainingEngine(compile_blocks=spec.compile_blocks, fused_loss=spec.fused_loss,
+                          activation_offload=spec.activation_offload, cuda_graph=spec.cuda_graph,
+                          capture=bm.device.type == "cuda")
+
+
 def _plain_run(spec: RunSpec, bm: BenchModel, loader: DataLoader, clock: StepClock) -> dict:
-    """The reference loop: peft + PyTorch, nothing else (``compile_blocks``: the blocks compiled as fteval's are)."""
+    """The reference loop: peft + PyTorch, with the run's options from the same
+    :class:`~fteval.models.engine.TrainingEngine` as fteval's module (compiled blocks, fused loss,
+    offload, graphs), driven through its public methods."""
     from peft import LoraConfig, get_peft_model
 
     base = bm.model
@@ -257,37 +264,27 @@ def _plain_run(spec: RunSpec, bm: BenchModel, loader: DataLoader, clock: StepClo
     if spec.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    if spec.compile_blocks:
-        _compile_blocks(model)
+    engine = _engine(spec, bm)
+    engine.prepare(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = _optimizer_factory(bm.device, spec.lr)(params)
     amp = bm.device.type == "cuda"
-
-    def forward_backward(batch: dict) -> torch.Tensor:
-        with offload_activations(spec.activation_offload):
-            if spec.fused_loss == "off":
-                loss = model(**batch).loss
-            else:
-                loss = fused_causal_lm_loss(model, batch, spec.fused_loss)
-        loss.backward()
-        return loss
-
-    graphs = None
-    if spec.cuda_graph:  # as AdapterModule(cuda_graph=True) runs its micro-batches
-        capture = bm.device.type == "cuda"
-        rng = graph_safe_checkpointing(model) if spec.gradient_checkpointing and capture else None
-        graphs = MicroBatchGraphs(forward_backward, params, checkpointing=rng, capture=capture)
+    engine.start(model, params)  # as AdapterModule(cuda_graph=True) runs its micro-batches
+    in_step = engine.runs_backward_in_step
     if spec.gc_freeze:  # what callbacks.perf.GarbageCollection does for the Lightning methods
         gc.collect()
         gc.freeze()
     for batch in loader:
         batch = {k: v.to(bm.device, non_blocking=True) for k, v in batch.items() if isinstance(v, torch.Tensor)}
         with torch.autocast(bm.device.type, dtype=torch.bfloat16, enabled=amp):
-            loss = forward_backward(batch) if graphs is None else graphs.step(batch)
+            loss = engine.training_loss(model, batch)
+            if not in_step:  # under cuda_graph training_loss ran backward and zeroed in place
+                loss.backward()
         optimizer.step()
-        if graphs is None:
+        if not in_step:
             optimizer.zero_grad(set_to_none=True)
-        clock.mark(loss)
+        clock.mark(loss.detach())
+    engine.stop()
     if spec.gc_freeze:
         gc.unfreeze()
     n_train = sum(p.numel() for p in params)
@@ -315,7 +312,7 @@ def _lightning_run(spec: RunSpec, bm: BenchModel, loader: DataLoader, clock: Ste
         activation_offload=spec.activation_offload, cuda_graph=spec.cuda_graph,
     )
     module.setup_base_model(bm.model, attn_implementation=bm.attn_implementation)
-    module._cuda_graph_capture = bm.device.type == "cuda"  # on a CPU: the cuda_graph path without capture
+    module.engine.capture = bm.device.type == "cuda"  # on a CPU: the cuda_graph path without capture
     callbacks: list = [GarbageCollection()] if spec.gc_freeze else []  # as the training configs list it
     probe = None
     if entry.kfac_callbacks:

@@ -14,7 +14,6 @@ steps (de-duplication, the balanced sample, length summaries) are :mod:`fteval.d
 
 from __future__ import annotations
 
-import json
 import logging
 from collections import Counter
 from pathlib import Path
@@ -35,10 +34,11 @@ from fteval.data.formatting import (
     prompt_token_limit,
     tokenize_example,
 )
+from fteval.data.provenance import split_provenance
 from fteval.data.safety import keyword_agreement
 from fteval.data.sampling import SOURCE_ROW, balanced_stratified_sample, deduplicate, length_stats, normalise_text
 from fteval.io import write_json_atomic, write_text_atomic
-from fteval.data.sources import DataSourceError, bundled_path, describe_source, load_records, require_columns
+from fteval.data.sources import DataSourceError, describe_source, load_records, require_columns
 
 log = logging.getLogger(__name__)
 
@@ -346,24 +346,14 @@ class AlignmentDataModule(L.LightningDataModule):
 
     # ------------------------------------------------------------ provenance
     def _add_provenance(self, kind: str, split: str, source: str, processed: list[dict], details: dict) -> None:
-        """Describe one processed split: where it came from (file sha256 or hub id), its rows and their hash.
+        """Describe one processed split (:func:`fteval.data.provenance.split_provenance`).
 
         ``self.provenance`` holds one entry per split (the run logger stores them in the database's
         ``datasets`` table); the processed rows themselves are written once per content hash under
         ``<output_dir>/processed/`` when a loop asks for data (:meth:`write_statistics`), each row
         with its ``source_row`` so any prompt can be traced back to its source.
         """
-        import hashlib
-
-        from fteval.db.values import path_digest
-
-        path = bundled_path(kind) if source == "sample" else Path(source).expanduser()
-        file_sha = path_digest(path)[1] if path.is_file() else None
-        body = "".join(json.dumps(r, sort_keys=True, ensure_ascii=False) + "\n" for r in processed)
-        content_sha = hashlib.sha256(body.encode("utf-8")).hexdigest()
-        entry = {"name": kind, "split": split, "n_rows": len(processed), "source": describe_source(source, kind),
-                 "sha256": file_sha, "metadata": {**details, "content_sha256": content_sha,
-                                                  "processed_file": f"processed/{kind}-{split}-{content_sha[:12]}.jsonl"}}
+        entry, body = split_provenance(kind, split, source, processed, details)
         self.provenance = [p for p in getattr(self, "provenance", []) if (p["name"], p["split"]) != (kind, split)]
         self.provenance.append(entry)
         self._processed[(kind, split)] = body

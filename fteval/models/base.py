@@ -3,6 +3,8 @@ step, adapter-only checkpoints with checks on resume, optimiser/schedule set-up,
 adapter export at the end of ``fit``.
 
 Subclasses implement :meth:`AdapterModule.attach_adapters` and :meth:`AdapterModule.export_adapter`.
+How the micro-batches run (compiled blocks, fused loss, activation offload, CUDA graphs) is the
+module's :class:`fteval.models.engine.TrainingEngine`, ``module.engine``.
 """
 
 from __future__ import annotations
@@ -19,12 +21,15 @@ import torch
 from lightning.pytorch.cli import OptimizerCallable
 
 from fteval.io import write_json_atomic
-from fteval.models.cuda_graph import MicroBatchGraphs, graph_safe_checkpointing
-from fteval.models.fused_loss import FusedLoss, fused_causal_lm_loss
+from fteval.models.compile import compile_blocks, transformer_blocks
+from fteval.models.engine import TrainingEngine
+from fteval.models.fused_loss import FusedLoss
 from fteval.models.loading import Quantization, load_causal_lm
-from fteval.models.offload import offload_activations
 
 log = logging.getLogger(__name__)
+
+__all__ = ["DEFAULT_TARGETS", "AdapterModule", "compile_blocks", "is_logging_step", "rng_states", "sequences_in_batch",
+           "set_rng_states", "transformer_blocks"]  # compile_blocks, transformer_blocks: from fteval.models.compile
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -39,63 +44,6 @@ def is_logging_step(trainer) -> bool:
     """
     connector = getattr(trainer, "_logger_connector", None)
     return bool(getattr(connector, "should_update_logs", True))
-
-
-def transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The repeated transformer blocks of a transformers model (or a peft model around one).
-
-    The block classes are the model's ``_no_split_modules`` (e.g. ``LlamaDecoderLayer``), the
-    classes transformers itself treats as units when it shards a model.
-    """
-    names: set[str] = set()
-    for m in model.modules():
-        names.update(getattr(m, "_no_split_modules", None) or ())
-    blocks = [m for m in model.modules() if type(m).__name__ in names]
-    # Only the outermost matches (a block class nested in another block is compiled with it).
-    inside = {id(c) for b in blocks for c in b.modules() if c is not b}
-    return [b for b in blocks if id(b) not in inside]
-
-
-def _check_compiler(model: torch.nn.Module) -> None:
-    """Fail before training when inductor's code generator for the model's device is missing."""
-    import importlib.util
-    import os
-    import shutil
-
-    param = next(model.parameters(), None)
-    device = param.device.type if param is not None else "cpu"
-    if device == "cuda" and importlib.util.find_spec("triton") is None:
-        raise ValueError(
-            "compile_blocks: torch.compile on a CUDA device needs Triton, which is not installed; "
-            "pip install triton (it ships with PyTorch's CUDA wheels) or set compile_blocks: false."
-        )
-    if device == "cpu" and not any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "g++", "clang++", "c++")):
-        raise ValueError(
-            "compile_blocks: torch.compile on the CPU needs a C++ compiler (g++ or clang++) on PATH; "
-            "install one (e.g. apt-get install g++) or set compile_blocks: false."
-        )
-
-
-def compile_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """``torch.compile`` every transformer block of ``model`` in place (``nn.Module.compile``: parameter
-    names and ``state_dict`` keys are unchanged). Returns the blocks.
-
-    Raises ValueError when the model declares no blocks (no ``_no_split_modules``) or when the
-    compiler toolchain for its device is missing (Triton on CUDA, a C++ compiler on the CPU).
-    """
-    _check_compiler(model)
-    blocks = transformer_blocks(model)
-    if not blocks:
-        raise ValueError(
-            f"compile_blocks: {type(model).__name__} declares no transformer blocks (_no_split_modules is empty); "
-            "set compile_blocks: false for this model."
-        )
-    for block in blocks:
-        for m in block.modules():  # GRIT layers hand their K-FAC statistics over differently when compiled
-            if hasattr(m, "in_compiled_block"):
-                m.in_compiled_block = True
-        block.compile()
-    return blocks
 
 
 def sequences_in_batch(batch: dict) -> int:
@@ -139,6 +87,9 @@ def set_rng_states(state: dict) -> None:
 
 class AdapterModule(L.LightningModule):
     """Base for adapter fine-tuning modules (not used directly).
+
+    ``compile_blocks``, ``fused_loss``, ``loss_chunk_tokens``, ``activation_offload`` and ``cuda_graph``
+    configure the module's :class:`~fteval.models.engine.TrainingEngine` (``self.engine``).
 
     Args:
         model_name_or_path: 'embedded', a local model folder or a hub id.
@@ -214,10 +165,10 @@ class AdapterModule(L.LightningModule):
             raise ValueError("target_modules is empty; name at least one linear layer (e.g. q_proj)")
         if warmup_steps < 0:
             raise ValueError(f"warmup_steps={warmup_steps} must be >= 0")
-        if fused_loss not in ("off", "chunked", "liger"):
-            raise ValueError(f"fused_loss={fused_loss!r} must be 'off', 'chunked' or 'liger'")
-        if loss_chunk_tokens < 1:
-            raise ValueError(f"loss_chunk_tokens={loss_chunk_tokens} must be >= 1")
+        # how the micro-batches run (compiled blocks, fused loss, offload, graphs): fteval.models.engine
+        self.engine = TrainingEngine(compile_blocks=compile_blocks, fused_loss=fused_loss,
+                                     loss_chunk_tokens=loss_chunk_tokens, activation_offload=activation_offload,
+                                     cuda_graph=cuda_graph)
         self.save_hyperparameters(ignore=["optimizer"])
         self.optimizer_factory = optimizer
         self.model: Optional[torch.nn.Module] = None
@@ -228,10 +179,6 @@ class AdapterModule(L.LightningModule):
         self.experiment_id: Optional[int] = None  # set by callbacks.run_logger.ExperimentDBLogger
         self.experiment_db_path: Optional[str] = None  # the database that experiment is in (same logger)
         self.artifact_paths: dict[str, str] = {}  # recorded by the run logger at the end of fit
-        self.micro_batch_hooks: list = []  # work around each graphed micro-batch (add_micro_batch_hook)
-        self._graphs: Optional[MicroBatchGraphs] = None  # cuda_graph: the captured micro-batches of this fit
-        self._graph_rng = None  # cuda_graph with checkpointing: the blocks' generator states
-        self._cuda_graph_capture = True  # False: the same path without capture (CPU tests)
 
     # ------------------------------------------------------------- model set-up
     def configure_model(self) -> None:
@@ -239,13 +186,10 @@ class AdapterModule(L.LightningModule):
             return
         hp = self.hparams
         device = self.trainer.strategy.root_device if self._trainer is not None else None
-        attn = hp.attn_implementation
-        if attn == "auto" and hp.get("cuda_graph", False):
-            attn = "sdpa"  # graphed batches carry a 4D mask, which flash_attention_2 does not take
         loaded = load_causal_lm(
             hp.model_name_or_path,
             quantization=hp.quantization,
-            attn_implementation=attn,
+            attn_implementation=self.engine.attention(hp.attn_implementation),
             cache_dir=Path(hp.cache_dir) if hp.cache_dir else None,
             device=device,
         )
@@ -270,8 +214,8 @@ class AdapterModule(L.LightningModule):
         if hp.gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             self.model.enable_input_require_grads()
-        if hp.get("compile_blocks", False):
-            blocks = compile_blocks(self.model)
+        blocks = self.engine.prepare(self.model)
+        if blocks:
             log.info("%s: torch.compile on %d transformer blocks (%s)", self.method_name, len(blocks),
                      ", ".join(sorted({type(b).__name__ for b in blocks})))
         n_train = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
@@ -292,109 +236,24 @@ class AdapterModule(L.LightningModule):
         return self.model(**batch)
 
     def _lm_loss(self, batch: dict) -> tuple[torch.Tensor, int]:
-        """Mean next-token loss over the labelled tokens, and the number of sequences in the batch.
+        """Mean next-token loss over the labelled tokens (:meth:`TrainingEngine.loss`), and the number of
+        sequences in the batch.
 
         Padded batches carry ``attention_mask`` ``[batch, seq]``; padding-free batches
         (``AlignmentDataModule(padding_free=True)``) are one row ``[1, tokens]`` with
         ``position_ids`` restarting at 0 for every sequence, which transformers turns into
         per-sequence attention.
         """
-        fused = self.hparams.get("fused_loss", "off")
-        if fused != "off":
-            loss = fused_causal_lm_loss(self.model, batch, fused, self.hparams.get("loss_chunk_tokens", 2048))
-            return loss, sequences_in_batch(batch)
-        kwargs = {k: batch[k] for k in ("attention_mask", "position_ids") if k in batch}
-        out = self.model(input_ids=batch["input_ids"], labels=batch["labels"], **kwargs)
-        return out.loss, sequences_in_batch(batch)
+        return self.engine.loss(self.model, batch), sequences_in_batch(batch)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        if self._graphs is not None:
-            loss, n_seq = self._graphed_step(batch, batch_idx), sequences_in_batch(batch)
-        else:
-            with offload_activations(bool(self.hparams.get("activation_offload", False))):
-                loss, n_seq = self._lm_loss(batch)
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=n_seq)
+        loss = self.engine.training_loss(self.model, batch, batch_idx)
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=sequences_in_batch(batch))
         return loss
 
-    # ------------------------------------------------------------- cuda_graph
-    def add_micro_batch_hook(self, hook) -> None:
-        """Have ``hook.before(batch)`` and ``hook.after()`` run around every training micro-batch's
-        forward and backward under ``cuda_graph`` (inside the captured region: device work in them
-        repeats at every replay, their Python runs while capturing). GRIT's K-FAC statistics use it."""
-        if hook not in self.micro_batch_hooks:
-            self.micro_batch_hooks.append(hook)
-
-    def remove_micro_batch_hook(self, hook) -> None:
-        if hook in self.micro_batch_hooks:
-            self.micro_batch_hooks.remove(hook)
-
-    @property
-    def cuda_graph_enabled(self) -> bool:
-        """Whether training micro-batches run forward and backward in ``training_step`` (``cuda_graph``)."""
-        return bool(self.hparams.get("cuda_graph", False))
-
-    def _check_cuda_graph(self) -> None:
-        trainer = self.trainer
-        if self.device.type != "cuda" and self._cuda_graph_capture:
-            raise ValueError(f"cuda_graph: true needs a CUDA device, but this fit runs on {self.device.type}; "
-                             "set --model.init_args.cuda_graph false")
-        if str(trainer.precision).startswith("16"):
-            raise ValueError(f"cuda_graph: true cannot run under precision {trainer.precision!r} (its loss scale "
-                             "changes between steps); use bf16-mixed or set cuda_graph: false")
-        if trainer.world_size > 1:
-            raise ValueError(f"cuda_graph: true runs in one process, but this fit has {trainer.world_size} (the "
-                             "gradient all-reduce runs inside backward); set cuda_graph: false for multi-GPU fits")
-        if self.attn_implementation not in (None, "sdpa"):
-            raise ValueError(f"cuda_graph: true needs attn_implementation sdpa (graphed batches carry their causal mask "
-                             f"as a 4D tensor), but the model uses {self.attn_implementation!r}; set "
-                             "--model.init_args.attn_implementation sdpa or cuda_graph: false")
-        if self.hparams.get("activation_offload", False):
-            raise ValueError("cuda_graph and activation_offload cannot both be on (offload copies to host memory "
-                             "on a side stream); turn one of them off")
-
-    def on_fit_start(self) -> None:
-        if not self.cuda_graph_enabled:
-            return
-        self._check_cuda_graph()
-        if self.hparams.gradient_checkpointing and self._cuda_graph_capture:
-            self._graph_rng = graph_safe_checkpointing(self.model)
-        self._graphs = MicroBatchGraphs(self._forward_backward, self.trainable_parameters(),
-                                        checkpointing=self._graph_rng, capture=self._cuda_graph_capture)
-
-    def on_fit_end(self) -> None:
-        graphs, self._graphs = self._graphs, None  # frees the graphs' memory pool
-        rng, self._graph_rng = self._graph_rng, None
-        if rng is not None:
-            rng.restore()  # the blocks' own checkpoint function back
-        if graphs is not None and self.trainer.is_global_zero:
-            c = graphs.counts
-            print(f"[fteval] cuda_graph: {c['replayed']} micro-batches replayed, {len(graphs.graphs)} batch shapes "
-                  f"captured, {c['eager'] + c['eager_unsupported']} run eagerly (warm-up, uncaptured shapes, "
-                  "padding-free batches)")
-
-    def _forward_backward(self, batch: dict) -> torch.Tensor:
-        """One micro-batch's forward and backward (with the registered hooks); the loss, unnormalised."""
-        for hook in self.micro_batch_hooks:
-            hook.before(batch)
-        loss, _ = self._lm_loss(batch)
-        (loss / self.trainer.accumulate_grad_batches).backward()  # as Lightning normalises before its backward
-        for hook in self.micro_batch_hooks:
-            hook.after()
-        return loss
-
-    def _graphed_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        # gradients zeroed in place where Lightning would zero them: the accumulation window's first micro-batch
-        return self._graphs.step(batch, zero_grads=batch_idx % self.trainer.accumulate_grad_batches == 0)
-
-    def backward(self, loss: torch.Tensor, *args, **kwargs) -> None:
-        if self._graphs is not None:
-            return  # cuda_graph: training_step ran this micro-batch's backward
-        super().backward(loss, *args, **kwargs)
-
-    def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer) -> None:
-        if self._graphs is not None:
-            return  # cuda_graph: zeroed in place at the accumulation window's first micro-batch (training_step)
-        super().optimizer_zero_grad(epoch, batch_idx, optimizer)
+    def configure_callbacks(self) -> list[L.Callback]:
+        """The engine, when it runs backward itself (``cuda_graph``): its fit hooks set up and release the graphs."""
+        return [self.engine] if self.engine.runs_backward_in_step else []
 
     def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss, n_seq = self._lm_loss(batch)
@@ -404,7 +263,7 @@ class AdapterModule(L.LightningModule):
     def on_before_optimizer_step(self, optimizer) -> None:
         # The loss gradients, before any clipping and before a method's own step (GRIT's preconditioning).
         # One foreach reduction instead of a norm kernel per adapter tensor (448 at Llama-3-8B): at
-        # small batches the step is bound by kernel launches, and per-tensor norms cost ~10% there.
+        # small batches the step is bound by kernel launches (BENCHMARKS.md has what per-tensor norms cost).
         if not is_logging_step(self.trainer):
             return  # Lightning writes on_step values only on logging steps: skip the work in between
         grads = [p.grad.detach() for p in self.trainable_parameters() if p.grad is not None]
@@ -432,8 +291,8 @@ class AdapterModule(L.LightningModule):
 
     # ------------------------------------------------------------- optimiser
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        """The adapter parameters (``requires_grad``). Cached per model: walking an 8B model's
-        parameters costs milliseconds, and the gradient-norm log needs them every step."""
+        """The adapter parameters (``requires_grad``). Cached per model: walking all of an 8B model's
+        parameters is host time, and the gradient-norm log needs them every step."""
         cached = getattr(self, "_trainable_cache", None)
         if cached is not None and cached[0] is self.model:
             return list(cached[1])

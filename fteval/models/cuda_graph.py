@@ -150,6 +150,7 @@ class MicroBatchGraphs:
         self.pool = None
         self.counts = Counter()  # "eager", "captured", "replayed"
         self._warned_full = False
+        self.unbound = False  # unbind_grads took the gradients off the parameters
 
     # ------------------------------------------------------------------ gradients
     def _bind_grads(self) -> list[torch.Tensor]:
@@ -171,11 +172,30 @@ class MicroBatchGraphs:
         if grads:
             torch._foreach_zero_(grads)
 
+    def unbind_grads(self) -> None:
+        """Take the gradient tensors off the parameters (``.grad`` None), values kept in the graphs' tensors.
+
+        An ``optimizer.zero_grad()`` that follows (set to None or in place) then leaves the micro-batch's
+        gradients alone; :meth:`rebind_grads` puts them back.
+        """
+        self._bind_grads()
+        for p in self.params:
+            p.grad = None
+        self.unbound = True
+
+    def rebind_grads(self) -> None:
+        """Undo :meth:`unbind_grads`: every parameter's ``.grad`` is its graph tensor again, values as they were."""
+        if self.unbound and self.grads is not None:
+            for p, g in zip(self.params, self.grads):
+                p.grad = g
+        self.unbound = False
+
     # ------------------------------------------------------------------ running
     def step(self, batch: Mapping, zero_grads: bool = True) -> torch.Tensor:
         """One training micro-batch: zero the gradients first (``zero_grads``: the first micro-batch of
         an accumulation window), then :meth:`run` on :func:`graphable_batch` of ``batch``, or ``fn``
         eagerly on ``batch`` itself when a graph cannot take it (counted as ``eager_unsupported``)."""
+        self.rebind_grads()  # a step after unbind_grads without rebind_grads: the gradients as they were
         if zero_grads:
             self.zero_grads()
         else:

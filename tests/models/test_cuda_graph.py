@@ -145,7 +145,7 @@ def _fit(method: str, cuda_graph: bool, steps: int = 4, accumulate: int = 2, che
                  optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2), lr_schedule="constant",
                  gradient_checkpointing=checkpointing, cuda_graph=cuda_graph)
     module.setup_base_model(tiny())
-    module._cuda_graph_capture = False  # the path without the capture: CPU
+    module.engine.capture = False  # the path without the capture: CPU
     callbacks = []
     if method == "grit":
         callbacks = [KFACPreconditioner(min_samples=1, update_freq=2),
@@ -158,7 +158,7 @@ def _fit(method: str, cuda_graph: bool, steps: int = 4, accumulate: int = 2, che
     trainer.fit(module, DataLoader(_batches(steps * accumulate), batch_size=None))
     params = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
     return {"params": params, "loss": float(trainer.callback_metrics["train/loss"]),
-            "counts": dict(module._graphs.counts) if module._graphs is not None else None}
+            "counts": dict(module.engine.counts)}
 
 
 @pytest.mark.parametrize("method", ["qlora", "grit"])
@@ -177,16 +177,13 @@ def test_module_runs_batches_of_one_shape_from_the_captured_graph(capsys):
     module = QLoRAModule(quantization="none", r=4, alpha=8, dropout=0.0, target_modules=("q_proj",),
                          lr_schedule="constant", cuda_graph=True)
     module.setup_base_model(tiny())
-    module._cuda_graph_capture = False
+    module.engine.capture = False
     module.on_train_end = lambda: None
     trainer = L.Trainer(max_steps=6, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, accelerator="cpu", devices=1, limit_val_batches=0)
-    seen = {}
-    end = module.on_fit_end
-    module.on_fit_end = lambda: (seen.update(module._graphs.counts), end())
     trainer.fit(module, DataLoader(_batches(6), batch_size=None))
-    assert seen == {"eager": 2, "captured": 1, "replayed": 3}
-    assert module._graphs is None  # the graphs (and their memory) are released at the end of fit
+    assert module.engine.counts == {"eager": 2, "captured": 1, "replayed": 3}
+    assert module.engine.graphs is None  # the graphs (and their memory) are released at the end of fit
     assert "[fteval] cuda_graph: 3 micro-batches replayed, 1 batch shapes captured, 2 run eagerly" in capsys.readouterr().out
 
 
@@ -206,7 +203,7 @@ def test_cuda_graph_on_a_cpu_fit_is_refused_with_the_fix():
 def test_cuda_graph_conflicts_are_refused(kwargs, attn, match):
     module = QLoRAModule(quantization="none", r=4, target_modules=("q_proj",), cuda_graph=True, **kwargs)
     module.setup_base_model(tiny(attn), attn_implementation=attn)
-    module._cuda_graph_capture = False
+    module.engine.capture = False
     trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, accelerator="cpu", devices=1, limit_val_batches=0)
     with pytest.raises(ValueError, match=match):
