@@ -13,6 +13,7 @@ import contextlib
 import logging
 import math
 import shutil
+import sys
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -252,7 +253,18 @@ class AdapterModule(L.LightningModule):
         return loss
 
     def configure_callbacks(self) -> list[L.Callback]:
-        """The engine, when it runs backward itself (``cuda_graph``): its fit hooks set up and release the graphs."""
+        """The engine, when it runs backward itself (``cuda_graph``): its fit hooks set up and release the graphs.
+
+        Where a graph cannot run (CPU, several processes, non-SDPA attention) the fit runs eagerly instead,
+        with a one-line notice."""
+        if self._trainer is not None:
+            attn = getattr(self, "attn_implementation", None) or self.hparams.get("attn_implementation")
+            reason = self.engine.graph_fallback_reason(self.trainer.strategy.root_device.type, self.trainer.world_size,
+                                                       attn)
+            if reason is not None:
+                notice = self.engine.fall_back_to_eager(reason)
+                if self.trainer.is_global_zero:
+                    print(notice, file=sys.stderr)
         return [self.engine] if self.engine.runs_backward_in_step else []
 
     def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:

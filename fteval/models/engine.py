@@ -191,6 +191,25 @@ class TrainingEngine(L.Callback):
         return self.counts
 
     # ------------------------------------------------------------------ Lightning hooks
+    def graph_fallback_reason(self, device_type: str, world_size: int, attn_implementation: Optional[str]) -> Optional[str]:
+        """Why ``cuda_graph`` cannot run in this fit, where eager micro-batches compute the same thing (None when
+        it can): not on a CUDA device (with capture on), several processes (the gradient all-reduce runs inside
+        backward), or an attention other than SDPA (graphed batches carry their causal mask as a 4D tensor)."""
+        if not self.cuda_graph:
+            return None
+        if device_type != "cuda" and self.capture:
+            return f"this fit runs on {device_type}, and graphs need a CUDA device"
+        if world_size > 1:
+            return f"this fit runs in {world_size} processes, and graphs run in one"
+        if attn_implementation not in (None, "auto", "sdpa"):
+            return f"the model uses attention {attn_implementation!r}, and graphs need sdpa"
+        return None
+
+    def fall_back_to_eager(self, reason: str) -> str:
+        """Turn ``cuda_graph`` off for this run; returns the one-line notice to show."""
+        self.cuda_graph = False
+        return f"[fteval] cuda_graph: off for this fit ({reason}); micro-batches run eagerly"
+
     def check(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Refuse a fit ``cuda_graph`` cannot run, naming the setting to change."""
         device = pl_module.device.type

@@ -187,27 +187,49 @@ def test_module_runs_batches_of_one_shape_from_the_captured_graph(capsys):
     assert "[fteval] cuda_graph: 3 micro-batches replayed, 1 batch shapes captured, 2 run eagerly" in capsys.readouterr().out
 
 
-def test_cuda_graph_on_a_cpu_fit_is_refused_with_the_fix():
-    module = QLoRAModule(quantization="none", r=4, target_modules=("q_proj",), cuda_graph=True)
-    module.setup_base_model(tiny())
+def _fit_one_step(module):
+    torch.manual_seed(1)  # the same dropout masks in every fit
     trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, accelerator="cpu", devices=1, limit_val_batches=0)
-    with pytest.raises(ValueError, match=r"needs a CUDA device.*cuda_graph false"):
-        trainer.fit(module, DataLoader(_batches(1), batch_size=None))
+    trainer.fit(module, DataLoader(_batches(1), batch_size=None))
+    return trainer
 
 
-@pytest.mark.parametrize("kwargs,attn,match", [
-    ({"activation_offload": True}, "sdpa", "activation_offload"),
-    ({}, "eager", "attn_implementation sdpa"),
+@pytest.mark.parametrize("attn,capture,reason", [
+    ("sdpa", True, "this fit runs on cpu, and graphs need a CUDA device"),
+    ("eager", False, "the model uses attention 'eager', and graphs need sdpa"),
 ])
-def test_cuda_graph_conflicts_are_refused(kwargs, attn, match):
-    module = QLoRAModule(quantization="none", r=4, target_modules=("q_proj",), cuda_graph=True, **kwargs)
+def test_cuda_graph_falls_back_to_eager_with_one_notice(attn, capture, reason, capsys):
+    module = QLoRAModule(quantization="none", r=4, target_modules=("q_proj",), cuda_graph=True)
     module.setup_base_model(tiny(attn), attn_implementation=attn)
+    module.engine.capture = capture
+    reference = QLoRAModule(quantization="none", r=4, target_modules=("q_proj",), cuda_graph=False)
+    reference.setup_base_model(tiny(attn), attn_implementation=attn)
+    _fit_one_step(module)
+    err = capsys.readouterr().err
+    assert err.count("[fteval] cuda_graph: off for this fit") == 1
+    assert f"({reason}); micro-batches run eagerly" in err
+    assert not module.engine.cuda_graph and module.engine.graphs is None and not module.engine.counts
+    _fit_one_step(reference)  # the same step as a fit without the option
+    params, expected = module.trainable_parameters(), reference.trainable_parameters()
+    assert len(params) == len(expected) == 4
+    for a, b in zip(params, expected):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_several_processes_fall_back_too():
+    engine = QLoRAModule(quantization="none", r=4, target_modules=("q_proj",), cuda_graph=True).engine
+    assert engine.graph_fallback_reason("cuda", 2, "sdpa") == "this fit runs in 2 processes, and graphs run in one"
+    assert engine.graph_fallback_reason("cuda", 1, "auto") is None
+    assert engine.graph_fallback_reason("cuda", 1, "flash_attention_2").startswith("the model uses attention")
+
+
+def test_cuda_graph_with_activation_offload_is_refused():
+    module = QLoRAModule(quantization="none", r=4, target_modules=("q_proj",), cuda_graph=True, activation_offload=True)
+    module.setup_base_model(tiny("sdpa"), attn_implementation="sdpa")
     module.engine.capture = False
-    trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, accelerator="cpu", devices=1, limit_val_batches=0)
-    with pytest.raises(ValueError, match=match):
-        trainer.fit(module, DataLoader(_batches(1), batch_size=None))
+    with pytest.raises(ValueError, match="activation_offload"):
+        _fit_one_step(module)
 
 
 def test_grit_statistics_are_added_inside_each_micro_batch(monkeypatch):
