@@ -36,7 +36,8 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from fteval.eval.metrics import cluster_scores
 from fteval.eval.pooling import LayerPooling, SinkMode, pool_layers, pool_over_layers
-from fteval.eval.separation import paired_separation_deltas, separation_intervals
+from fteval.eval.separation import separation_intervals
+from fteval.eval.separation_paired import paired_separation_deltas
 
 __all__ = ["AlignmentMonitor"]
 
@@ -48,7 +49,7 @@ def check_values(sep: dict, raw: dict, delta: dict) -> dict[str, float]:
     the plug-in score, the bias-corrected Delta (adapter on - off) and its interval's finite ends.
 
     ``sep``: :func:`fteval.eval.separation.separation_intervals` of the adapter-on embeddings; ``raw``:
-    their plug-in scores; ``delta``: :func:`fteval.eval.separation.paired_separation_deltas` (on - off).
+    their plug-in scores; ``delta``: :func:`fteval.eval.separation_paired.paired_separation_deltas` (on - off).
     XBI has no Delta when a model's separation is <= 0, and its interval can be unbounded on one side.
     """
     values: dict[str, float] = {}

@@ -5,7 +5,7 @@ Pairs: for variants ``[baseline, m_1, ..., m_k]`` in that order, every (later, e
 
 * separation (:func:`embedding_comparison`): paired bias-corrected Deltas (``delta``) of aqi,
   aqi_bounded, xbi and chi with jackknife CIs and p-values of that same Delta
-  (:func:`fteval.eval.separation.paired_from_fits`), the plug-in Delta of each as computed
+  (:func:`fteval.eval.separation_paired.paired_from_fits`), the plug-in Delta of each as computed
   (``delta_plugin``), the Delta of the mean silhouette with its paired jackknife test
   (:func:`fteval.eval.stats.paired_silhouette_test`), and the smallest bounded-AQI Delta detectable
   at 80% power;
@@ -28,7 +28,8 @@ from torch import Tensor
 
 from fteval.eval.bootstrap import paired_bootstrap_deltas
 from fteval.eval.power import mcnemar_mde, mde_wald
-from fteval.eval.separation import SeparationFit, heavy_tailed, paired_from_fits
+from fteval.eval.separation import SeparationFit, heavy_tailed
+from fteval.eval.separation_paired import paired_from_fits
 from fteval.eval.stats import (
     SilhouetteFit,
     cohens_d_paired,

@@ -62,8 +62,6 @@ __all__ = [
     "fit_separation",
     "heavy_tailed",
     "intervals_from_fit",
-    "paired_from_fits",
-    "paired_separation_deltas",
     "scores_from_ratio",
     "separation_intervals",
     "tail_share",
@@ -362,11 +360,3 @@ def intervals_from_fit(fit: SeparationFit, confidence: float = 0.95, lam: float 
             "heavy_tailed": heavy_tailed(kurt, fit.tail_share),
             "estimate": {k: est[k] for k in SCORES}, "ci": {k: ci[k] for k in SCORES}}
 
-
-def __getattr__(name: str):
-    """The paired Deltas live in :mod:`fteval.eval.separation_paired`; importable from here as well."""
-    if name in ("paired_from_fits", "paired_separation_deltas"):
-        from fteval.eval import separation_paired
-
-        return getattr(separation_paired, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -7,13 +7,12 @@ import pytest
 import torch
 
 from fteval.eval.metrics import cluster_scores
+from fteval.eval.separation_paired import paired_from_fits, paired_separation_deltas
 from fteval.eval.separation import (
     SCORES,
     derivative,
     fit_separation,
     heavy_tailed,
-    paired_from_fits,
-    paired_separation_deltas,
     scores_from_ratio,
     separation_intervals,
     tail_share,
