@@ -20,6 +20,7 @@ from lightning.pytorch.cli import OptimizerCallable
 
 from fteval.io import write_json_atomic
 from fteval.models.cuda_graph import MicroBatchGraphs, graph_safe_checkpointing
+from fteval.models.dense4bit import dense_4bit_inference, fits_in_memory
 from fteval.models.fused_loss import FusedLoss, fused_causal_lm_loss
 from fteval.models.loading import Quantization, load_causal_lm
 from fteval.models.offload import offload_activations
@@ -353,6 +354,9 @@ class AdapterModule(L.LightningModule):
                              "on a side stream); turn one of them off")
 
     def on_fit_start(self) -> None:
+        self._dense = contextlib.ExitStack()
+        if fits_in_memory(self.model):  # CPU 4-bit base: dequantised once per fit, same outputs and gradients
+            self._dense.enter_context(dense_4bit_inference(self.model, grad=True))
         if not self.cuda_graph_enabled:
             return
         self._check_cuda_graph()
@@ -362,6 +366,8 @@ class AdapterModule(L.LightningModule):
                                         checkpointing=self._graph_rng, capture=self._cuda_graph_capture)
 
     def on_fit_end(self) -> None:
+        if getattr(self, "_dense", None) is not None:
+            self._dense.close()
         graphs, self._graphs = self._graphs, None  # frees the graphs' memory pool
         rng, self._graph_rng = self._graph_rng, None
         if rng is not None:
