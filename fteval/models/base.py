@@ -355,7 +355,8 @@ class AdapterModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         self._dense = contextlib.ExitStack()
-        if fits_in_memory(self.model):  # CPU 4-bit base: dequantised once per fit, same outputs and gradients
+        # CPU 4-bit base: dequantised once per fit, same outputs and gradients (eager blocks only)
+        if not self.hparams.get("compile_blocks", False) and fits_in_memory(self.model):
             self._dense.enter_context(dense_4bit_inference(self.model, grad=True))
         if not self.cuda_graph_enabled:
             return
