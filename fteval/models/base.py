@@ -23,6 +23,7 @@ from lightning.pytorch.cli import OptimizerCallable
 
 from fteval.io import write_json_atomic
 from fteval.models.compile import compile_blocks, transformer_blocks
+from fteval.models.dense4bit import dense_4bit_inference, fits_in_memory
 from fteval.models.engine import TrainingEngine
 from fteval.models.fused_loss import FusedLoss
 from fteval.models.loading import Quantization, load_causal_lm
@@ -266,6 +267,23 @@ class AdapterModule(L.LightningModule):
                 if self.trainer.is_global_zero:
                     print(notice, file=sys.stderr)
         return [self.engine] if self.engine.runs_backward_in_step else []
+
+    def on_fit_start(self) -> None:
+        # a CPU 4-bit base is dequantised once per fit: the same outputs and gradients (eager blocks only)
+        self._dense = contextlib.ExitStack()
+        if not self.engine.compile_blocks and fits_in_memory(self.model):
+            self._dense.enter_context(dense_4bit_inference(self.model, grad=True))
+
+    def on_fit_end(self) -> None:
+        self._close_dense()
+
+    def teardown(self, stage: str) -> None:
+        self._close_dense()  # a fit that failed before on_fit_end puts bitsandbytes' layers back too
+
+    def _close_dense(self) -> None:
+        dense, self._dense = getattr(self, "_dense", None), None
+        if dense is not None:
+            dense.close()
 
     def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss, n_seq = self._lm_loss(batch)

@@ -157,3 +157,23 @@ def test_bad_settings_fail_before_training(tmp_path):
         bad.configure_model()
     with pytest.raises(ValueError, match="rank"):
         QLoRAModule(r=0)
+
+
+def test_fit_keeps_the_4bit_base_dense_from_start_to_end():
+    from fteval.models.dense4bit import dense_4bit_layers
+    from fteval.models.loading import load_causal_lm
+
+    module = QLoRAModule(quantization="nf4", r=4, alpha=8, target_modules=("q_proj",), optimizer=sgd(1e-3))
+    module.setup_base_model(load_causal_lm("embedded", quantization="nf4").model)
+    layers = dense_4bit_layers(module.model)
+    module.on_fit_start()
+    try:
+        assert len(layers) == 30 * 7 and all(layer._fteval_dense_grad for layer in layers)
+    finally:
+        module.on_fit_end()
+    assert not any(hasattr(layer, "_fteval_dense_grad") or "forward" in layer.__dict__ for layer in layers)
+    compiled = QLoRAModule(quantization="nf4", r=4, target_modules=("q_proj",), compile_blocks=True)
+    compiled.model = module.model
+    compiled.on_fit_start()  # compiled blocks keep bitsandbytes' layers
+    assert not any(hasattr(layer, "_fteval_dense_grad") for layer in layers)
+    compiled.on_fit_end()
