@@ -44,7 +44,7 @@ def _overview() -> str:
         "",
         "Training and evaluation (LightningCLI, take --config FILE.yaml; a bare NAME.yaml that is not a",
         "path is looked up in configs/, e.g. --config grit.yaml):",
-        "  fit        fine-tune (configs/qlora.yaml, configs/grit.yaml)",
+        "  fit        fine-tune (configs/qlora.yaml, grit.yaml, qdora.yaml, lora.yaml)",
         "  validate   validation loss of a model/checkpoint",
         "  test       AQI + behavioural evaluation (configs/aqi.yaml)",
         "",
