@@ -88,13 +88,14 @@ class _PeakMemory:
                 pass
             self._stop.wait(self.interval)
 
-    def __enter__(self) -> "_PeakMemory":
+    def start(self) -> "_PeakMemory":
         self._thread.start()
         return self
 
-    def __exit__(self, *exc) -> None:
+    def stop(self) -> float:
         self._stop.set()
         self._thread.join()
+        return self.peak
 
 
 def build_random_checkpoint(architecture: str, tokenizer: str, output: Path, seed: int = 0) -> Path:
@@ -139,12 +140,12 @@ def _run_stages(stages: list[tuple[str, list[str]]], cwd: Path, logs: Path) -> l
         print(f"[pipeline] {name}: {' '.join(argv)}", flush=True)
         out = open(log_file, "w")
         proc = subprocess.Popen(argv, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, env=env)
-        running.append((name, log_file, out, proc, _PeakMemory(proc.pid).__enter__(), time.perf_counter()))
+        running.append((name, log_file, out, proc, _PeakMemory(proc.pid).start(), time.perf_counter()))
     rows = []
     for name, log_file, out, proc, mem, start in running:
         rc = proc.wait()
         seconds = time.perf_counter() - start
-        mem.__exit__()
+        mem.stop()
         out.close()
         rows.append(StageResult(stage=name, rc=rc, seconds=round(seconds, 1), peak_gib=round(mem.peak, 2),
                                 memory=mem.kind, tokens_per_s=None, log=str(log_file)))
